@@ -1,0 +1,48 @@
+"""bnexport: batch-normalized Keras models from training to fast, verified GPU inference.
+
+``import bnexport`` is light: TensorFlow, onnxruntime and TensorRT are imported only
+when the attribute that needs them is first used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from bnexport.errors import BnexportError
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it (imported on first access)
+_LAZY: dict[str, str] = {
+    "BatchNormalization": "bnexport.layers.batch_normalization",
+    "SyncBatchNormalization": "bnexport.layers.batch_normalization",
+    "recalibrate": "bnexport.layers.recalibrate",
+    "export": "bnexport.export.keras_export",
+    "ExportReport": "bnexport.export.report",
+    "fold_batchnorm": "bnexport.export.passes.fold_batchnorm",
+    "Session": "bnexport.runtime.session",
+}
+
+__all__ = ["BnexportError", "__version__", *_LAZY]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from bnexport.export.keras_export import export
+    from bnexport.export.passes.fold_batchnorm import fold_batchnorm
+    from bnexport.export.report import ExportReport
+    from bnexport.layers.batch_normalization import BatchNormalization, SyncBatchNormalization
+    from bnexport.layers.recalibrate import recalibrate
+    from bnexport.runtime.session import Session
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bnexport' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

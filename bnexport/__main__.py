@@ -1,0 +1,5 @@
+import sys
+
+from bnexport.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,148 @@
+"""The main job on the built-in default: train, save, export, verify a digits CNN.
+
+``bnexport quickstart`` runs :func:`run_quickstart`: it trains a small CNN built
+with :class:`bnexport.BatchNormalization` on scikit-learn's digits (nothing to
+download), reports test accuracy, saves ``digits.keras``, exports
+``digits.onnx`` with the batch norms folded, and checks parity of the ONNX graph
+against the Keras model (terminal table + HTML report).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+from bnexport.data.digits import DigitsSplit, load_digits
+
+
+@dataclasses.dataclass
+class QuickstartResult:
+    """Paths and figures of one quickstart run."""
+
+    keras_path: Path
+    onnx_path: Path | None
+    test_accuracy: float
+    export_report: Any = None
+    parity_report: Any = None
+    html_path: Path | None = None
+
+
+def build_digits_model(seed: int = 0) -> Any:
+    """A small CNN for ``[N, 8, 8, 1]`` digits with a BN after every linear layer.
+
+    Layout: (Conv3×3 → BN → ReLU) ×2 → MaxPool → Conv3×3 → BN → ReLU →
+    GlobalAvgPool → Dense(32) → BN → ReLU → Dense(10) logits.
+    """
+    import keras
+
+    from bnexport.layers.batch_normalization import BatchNormalization
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((8, 8, 1), name="image")
+    x = inputs
+    for i, filters in enumerate((16, 32)):
+        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"conv{i}")(x)
+        x = BatchNormalization(name=f"bn{i}")(x)
+        x = keras.layers.ReLU(name=f"relu{i}")(x)
+    x = keras.layers.MaxPooling2D(name="pool")(x)
+    x = keras.layers.Conv2D(64, 3, padding="same", use_bias=False, name="conv2")(x)
+    x = BatchNormalization(name="bn2")(x)
+    x = keras.layers.ReLU(name="relu2")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    x = keras.layers.Dense(32, name="fc")(x)
+    x = BatchNormalization(name="bn_fc")(x)
+    x = keras.layers.ReLU(name="relu_fc")(x)
+    outputs = keras.layers.Dense(10, name="logits")(x)
+    return keras.Model(inputs, outputs, name="digits_cnn")
+
+
+def train_digits(
+    data: DigitsSplit, *, epochs: int = 10, batch_size: int = 64, seed: int = 0
+) -> tuple[Any, float]:
+    """Train :func:`build_digits_model` with Adam; return ``(model, test_accuracy)``."""
+    import keras
+
+    from bnexport.cli.progress import KerasProgress
+
+    model = build_digits_model(seed)
+    model.compile(
+        optimizer=keras.optimizers.Adam(3e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    model.fit(
+        data.x_train,
+        data.y_train,
+        epochs=epochs,
+        batch_size=batch_size,
+        shuffle=True,
+        verbose=0,
+        callbacks=[KerasProgress(epochs, "training digits CNN")],
+    )
+    _, accuracy = model.evaluate(data.x_test, data.y_test, verbose=0)
+    return model, float(accuracy)
+
+
+def run_quickstart(
+    out_dir: str | os.PathLike[str] = "bnexport-out",
+    *,
+    epochs: int = 10,
+    seed: int = 0,
+    export: bool = True,
+    html: bool = True,
+    console: Any = None,
+) -> QuickstartResult:
+    """Train, save, export and verify the digits model under ``out_dir``.
+
+    Returns:
+        A :class:`QuickstartResult`; every file is written atomically.
+    """
+    from rich.console import Console
+
+    console = console or Console()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_digits(seed=seed)
+    console.print(
+        f"[bold]digits[/bold]: {len(data.y_train)} train / {len(data.y_test)} test images, 8×8"
+    )
+    model, accuracy = train_digits(data, epochs=epochs, seed=seed)
+    console.print(f"test accuracy: [bold]{accuracy:.2%}[/bold]")
+
+    keras_path = out / "digits.keras"
+    _save_keras_atomically(model, keras_path)
+    console.print(f"saved {keras_path}")
+    result = QuickstartResult(keras_path=keras_path, onnx_path=None, test_accuracy=accuracy)
+    if not export:
+        return result
+
+    from bnexport.export.keras_export import export as export_model
+
+    onnx_path = out / "digits.onnx"
+    report = export_model(model, onnx_path)
+    console.print(report.table())
+    console.print(f"exported {onnx_path}")
+    result.onnx_path, result.export_report = onnx_path, report
+
+    from bnexport.parity.check import check_parity
+
+    parity = check_parity(model, onnx_path, inputs={model.inputs[0].name: data.x_test})
+    console.print(parity.table())
+    result.parity_report = parity
+    if html:
+        result.html_path = out / "parity.html"
+        parity.write_html(result.html_path)
+        console.print(f"parity report: {result.html_path}")
+    return result
+
+
+def _save_keras_atomically(model: Any, path: Path) -> None:
+    """Save ``model`` to ``path`` through a temporary file in the same directory."""
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
