@@ -1,0 +1,132 @@
+"""``bnexport fold IN.onnx -o OUT.onnx``: the batch-norm folding pass on any ONNX file."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+from pathlib import Path
+from typing import Any
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register the ``fold`` subcommand."""
+    parser = sub.add_parser(
+        "fold",
+        help="fold batch normalization in an ONNX file",
+        description=(
+            "Fold inference BatchNormalization nodes and per-channel constant Mul/Add chains "
+            "into neighbouring Conv/ConvTranspose/Gemm/MatMul weights; whatever cannot fold "
+            "becomes one node. Prints what became of each BN."
+        ),
+    )
+    parser.add_argument("input", metavar="IN.onnx", help="ONNX model to fold")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="folded model")
+    parser.add_argument(
+        "--fused-norm",
+        choices=("onnx", "plugin"),
+        default="onnx",
+        help="an unfoldable BN becomes one standard ONNX node (onnx, default) or one "
+        "bnexport::FusedNorm node for the TensorRT plugin (plugin)",
+    )
+    parser.add_argument(
+        "--keep-float16-overflow",
+        choices=("float32", "error"),
+        default="float32",
+        help="float16 graphs: run an op whose folded weights overflow float16 in float32 "
+        "(default) or fail",
+    )
+    parser.add_argument("--json", metavar="REPORT.json", help="also write the report as JSON")
+    return parser
+
+
+def _load(path: Path) -> Any:
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    from bnexport.errors import UsageError
+
+    if path.is_dir():
+        raise UsageError(f"{path}: is a folder, not an ONNX file")
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file")
+    try:
+        model = onnx.load(str(path))
+    except (DecodeError, ValueError, RuntimeError, OSError) as exc:
+        raise UsageError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from exc
+    if not model.graph.node and not model.opset_import:
+        raise UsageError(f"{path}: not an ONNX model (empty graph, no opset_import)")
+    return model
+
+
+def _check(model: Any, fused_norm: str) -> None:
+    import onnx
+
+    from bnexport.errors import FoldError
+
+    if fused_norm == "plugin":
+        from bnexport_plugins.fused_norm.onnx_node import register_onnx_schema
+
+        register_onnx_schema()
+    try:
+        if model.ByteSize() < 2**31 - 1:
+            onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FoldError(f"folded graph fails onnx.checker: {first}") from exc
+
+
+def _print_report(records: list, before: int, after: int, out: Path) -> dict[str, int]:
+    from rich.console import Console
+    from rich.table import Table
+
+    counts = collections.Counter(r.action for r in records)
+    console = Console()
+    if records:
+        table = Table(title="batch normalizations")
+        for column in ("BN", "action", "target", "reason"):
+            table.add_column(column, overflow="fold")
+        for r in records:
+            table.add_row(r.name, r.action, r.target or "-", r.reason)
+        console.print(table)
+    summary = ", ".join(
+        f"{counts.get(a, 0)} {a.replace('_', ' ')}"
+        for a in ("folded_forward", "folded_backward", "fused", "kept")
+    )
+    head = f"{len(records)} BN: {summary}" if records else "no batch normalization found"
+    console.print(
+        f"{head}; nodes {before} -> {after}; wrote {out}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    return dict(counts)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load, fold, check and write the model (and the JSON report); return 0."""
+    from bnexport.export.atomic_write import check_writable, write_bytes_atomic
+    from bnexport.export.passes.fold_batchnorm import fold_batchnorm_with_report
+
+    src, dst = Path(args.input), Path(args.output)
+    model = _load(src)
+    check_writable(dst)  # fail before the work, creating nothing
+    if args.json:
+        check_writable(args.json)
+    folded, records = fold_batchnorm_with_report(
+        model, fused_norm=args.fused_norm, keep_float16_overflow=args.keep_float16_overflow
+    )
+    _check(folded, args.fused_norm)
+    report = {
+        "input": str(src),
+        "output": str(dst),
+        "fused_norm": args.fused_norm,
+        "nodes_before": len(model.graph.node),
+        "nodes_after": len(folded.graph.node),
+        "records": [r.to_dict() for r in records],
+    }
+    write_bytes_atomic(dst, folded.SerializeToString())
+    counts = _print_report(records, report["nodes_before"], report["nodes_after"], dst)
+    if args.json:
+        report["summary"] = counts
+        write_bytes_atomic(args.json, (json.dumps(report, indent=2) + "\n").encode())
+    return 0

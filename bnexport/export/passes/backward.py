@@ -1,0 +1,200 @@
+"""Backward fold: a normalization into the linear op that consumes its output.
+
+With ``x' = x · s + t`` per input channel ``i`` feeding ``y = W ⊛ x' + B``::
+
+    y = Σ_{i,k} W[o,i,k] · (x[i] · s[i] + t[i]) + B[o]
+      = Σ_{i,k} (W[o,i,k] · s[i]) · x[i] + (B[o] + Σ_{i,k} W[o,i,k] · t[i])
+
+so ``W'[o,i,…] = W[o,i,…] · s[i]`` and ``B'[o] = B[o] + Σ_{i,k} W[o,i,k] · t[i]``. For a
+grouped Conv (``W[M, C/g, k…]``) input channel ``i`` of output ``o`` is
+``(o // (M/g))·(C/g) + i``. Gemm ``Y = α·A·B + β·C`` (A ``[M,K]``, or ``[K,M]`` with
+``transA``): ``B'[k,n] = B[k,n]·s[k]``, ``C' = β·C + α·(t·B)``, ``β' = 1``. MatMul with a
+constant ``W[K,N]``: same, the bias term goes to a bias ``Add`` / ``Gemm`` / new ``Add``.
+
+**Exactness.** The bias identity needs *every* term of the sum to be a normalized input.
+A Conv that zero-pads feeds raw zeros at the border, where the unfolded graph would have
+fed ``0 · s + t = t`` — the border outputs would change. So a Conv is a target only when
+its padding is zero (``pads`` all 0 / ``auto_pad=VALID``, or ``SAME_*`` that works out to
+zero), or when ``t`` is all zero. The normalized value must feed only that op (else the
+other consumers would lose the normalization) and not be a graph output. One
+``Transpose`` in between (``Mul/Add → Transpose → Conv`` in NHWC graphs) is looked
+through: the channel axis moves to where ``perm`` puts it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import onnx_ir as ir
+
+from bnexport.export.fold_math import fold_into_consumer_weights
+from bnexport.export.passes.context import AffineSpec, FoldContext, placeholders, spec_of
+from bnexport.export.passes.graph_utils import (
+    add_initializer,
+    attr_float,
+    attr_int,
+    attr_ints,
+    attr_str,
+    cast_folded,
+    const_array,
+    np_dtype,
+    single_consumer,
+    static_dim,
+    transpose_perm,
+)
+from bnexport.export.passes.rewrite import attach_bias, run_in_float32
+
+TARGET_OPS = ("Conv", "Gemm", "MatMul")
+
+
+@dataclasses.dataclass
+class Plan:
+    """A checked backward fold: new float64 weight and bias (C for Gemm) of ``node``."""
+
+    node: ir.Node
+    weight: np.ndarray
+    bias: np.ndarray
+    old_weight: np.ndarray
+    through: ir.Node | None = None  # a Transpose between the normalization and ``node``
+
+
+def conv_padding_is_zero(conv: ir.Node, x: ir.Value, weight: np.ndarray) -> bool:
+    """Whether ``conv`` reads no padded element (explicit, VALID, or SAME that needs none)."""
+    auto_pad = attr_str(conv, "auto_pad", "NOTSET")
+    if auto_pad == "VALID":
+        return True
+    if auto_pad == "NOTSET":
+        pads = attr_ints(conv, "pads")
+        return pads is None or all(p == 0 for p in pads)
+    spatial = weight.ndim - 2
+    kernel = attr_ints(conv, "kernel_shape") or weight.shape[2:]
+    strides = attr_ints(conv, "strides") or (1,) * spatial
+    dilations = attr_ints(conv, "dilations") or (1,) * spatial
+    for d in range(spatial):
+        size = static_dim(x, 2 + d)
+        if size is None:
+            if kernel[d] != 1:
+                return False
+            continue  # a 1-wide kernel never needs SAME padding
+        out = math.ceil(size / strides[d])
+        total = max((out - 1) * strides[d] + (kernel[d] - 1) * dilations[d] + 1 - size, 0)
+        if total:
+            return False
+    return True
+
+
+def check(ph: ir.Node, spec: AffineSpec) -> Plan | str:
+    """Check the backward fold of placeholder ``ph``; return a plan or the refusal reason."""
+    y = ph.outputs[0]
+    if y.is_graph_output():
+        return "BN output is a graph output"
+    consumer = single_consumer(y)
+    if consumer is None:
+        return "BN output has another consumer" if y.uses() else "BN output is unused"
+    through, axis = None, spec.axis
+    if consumer.op_type == "Transpose" and consumer.domain == "":
+        after = single_consumer(consumer.outputs[0])
+        if after is not None and after.op_type in TARGET_OPS and after.domain == "":
+            perm = transpose_perm(consumer, spec.rank)
+            through, axis = consumer, perm.index(spec.positive_axis) - spec.rank
+            y, consumer = consumer.outputs[0], after
+    op, name = consumer.op_type, consumer.name
+    if consumer.domain != "" or op not in TARGET_OPS:
+        return f"BN output feeds {op} '{name}', not Conv/Gemm/MatMul"
+    if consumer.inputs[0] is not y:
+        return f"BN output is not the data input of {op} '{name}'"
+    weight = const_array(consumer.inputs[1])
+    if weight is None:
+        return f"W of {op} '{name}' is not a constant initializer"
+    bias_value = consumer.inputs[2] if len(consumer.inputs) > 2 else None
+    bias = const_array(bias_value)
+    if bias_value is not None and bias is None:
+        return f"bias of {op} '{name}' is not a constant initializer"
+    if op == "Conv":
+        if axis != 1 - weight.ndim:
+            return f"normalized axis is not Conv '{name}''s input channel axis"
+        groups = attr_int(consumer, "group", 1)
+        if weight.shape[1] * groups != spec.channels:
+            return f"Conv '{name}' has {weight.shape[1] * groups} input channels"
+        if spec.shift.any() and not conv_padding_is_zero(consumer, y, weight):
+            return f"Conv '{name}' has nonzero padding (backward fold inexact)"
+        w, b = fold_into_consumer_weights(
+            weight, bias, spec.scale, spec.shift, in_axis=1, out_axis=0, groups=groups
+        )
+        return Plan(consumer, w, b, weight, through)
+    if weight.ndim != 2:
+        return f"W of {op} '{name}' is not 2-D"
+    trans_a = op == "Gemm" and attr_int(consumer, "transA", 0) == 1
+    if axis != (-2 if trans_a else -1) or spec.rank < 2:
+        return f"normalized axis is not the reduced (K) axis of {op} '{name}'"
+    in_axis, out_axis = (1, 0) if op == "Gemm" and attr_int(consumer, "transB", 0) else (0, 1)
+    if weight.shape[in_axis] != spec.channels:
+        return f"{op} '{name}' has K={weight.shape[in_axis]}, BN {spec.channels} channels"
+    w, added = fold_into_consumer_weights(
+        weight, None, spec.scale, spec.shift, in_axis=in_axis, out_axis=out_axis
+    )
+    if op == "MatMul":
+        return Plan(consumer, w, added, weight, through)
+    alpha, beta = attr_float(consumer, "alpha", 1.0), attr_float(consumer, "beta", 1.0)
+    effective = np.float64(0.0) if bias is None or beta == 0 else beta * bias.astype(np.float64)
+    return Plan(consumer, w, effective + alpha * added, weight, through)
+
+
+def rewrite(graph: ir.Graph, ph: ir.Node, plan: Plan, ctx: FoldContext) -> str:
+    """Apply ``plan``: the consumer reads ``x`` with new weights; return the target name."""
+    spec = spec_of(ph)
+    node, namer = plan.node, ctx.namer(graph)
+    name = node.name or node.op_type
+    wdtype = node.inputs[1].dtype or spec.dtype
+    w = cast_folded(plan.weight, wdtype, what="weight", node=name, policy=ctx.float16_policy,
+                    reference=plan.old_weight)  # fmt: skip
+    b = cast_folded(plan.bias, spec.dtype, what="bias", node=name, policy=ctx.float16_policy)
+    island = w.float32 or b.float32
+    dtype = np.dtype(np.float32) if island else np_dtype(spec.dtype)
+    (plan.through or node).replace_input_with(0, ph.inputs[0])
+    graph.remove(ph, safe=True)
+    node.replace_input_with(
+        1, add_initializer(graph, namer, plan.weight.astype(dtype), f"{name}_W")
+    )
+    last = node
+    if node.op_type == "MatMul":
+        if plan.bias.any() or island:
+            last = attach_bias(graph, namer, node, plan.bias, dtype, rank=spec.rank)
+            node = last if last.op_type == "Gemm" else node
+    else:
+        if len(node.inputs) < 3:
+            node.resize_inputs(3)
+        node.replace_input_with(
+            2, add_initializer(graph, namer, plan.bias.astype(dtype), f"{name}_B")
+        )
+        if node.op_type == "Gemm":
+            node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
+    if island:
+        run_in_float32(graph, namer, node, last, spec.dtype)
+        spec.refusals.append(f"{node.op_type} kept in float32: {w.why or b.why}")
+    return node.name or name
+
+
+class BackwardFoldPass(ir.passes.InPlacePass):
+    """Fold each remaining placeholder into the Conv/Gemm/MatMul consuming its output."""
+
+    def __init__(self, ctx: FoldContext) -> None:
+        super().__init__()
+        self.ctx = ctx
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        """Fold what is exact; remember the reason for the rest."""
+        graph = model.graph
+        modified = False
+        for ph in placeholders(graph):
+            spec = spec_of(ph)
+            plan = check(ph, spec)
+            if isinstance(plan, str):
+                spec.refusals.append(f"backward: {plan}")
+                continue
+            target = rewrite(graph, ph, plan, self.ctx)
+            self.ctx.record(spec.labels, "folded_backward", target, "; ".join(spec.refusals))
+            modified = True
+        return ir.passes.PassResult(model, modified)
