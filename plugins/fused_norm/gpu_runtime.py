@@ -1,0 +1,250 @@
+"""Run the FusedNorm kernels on a CUDA GPU with cuda-python's driver API.
+
+:class:`FusedNormCuda` compiles (NVRTC, cached) a cubin for the current device,
+loads it with ``cuModuleLoadData`` and launches the :mod:`launch` plan on raw
+device pointers; :func:`run_numpy` is the host-array convenience the GPU tests
+and the benchmark use. ``cuda`` is imported inside functions, so this module
+imports on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from bnexport_plugins.fused_norm import spec
+from bnexport_plugins.fused_norm.checks import check_inputs, dtype_name
+from bnexport_plugins.fused_norm.launch import Plan, plan
+from bnexport_plugins.fused_norm.nvrtc_build import compile_kernels
+
+
+def _driver():
+    try:
+        from cuda.bindings import driver
+    except ImportError as exc:
+        from bnexport.errors import BackendUnavailableError
+
+        raise BackendUnavailableError("the FusedNorm GPU runtime needs cuda-python") from exc
+    return driver
+
+
+def check(result: Any, what: str) -> Any:
+    """Unwrap a cuda-python ``(err, *values)`` result; raise on error."""
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        from bnexport.errors import BackendUnavailableError
+
+        raise BackendUnavailableError(f"CUDA {what} failed: {err!r}")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def gpu_available() -> bool:
+    """True when cuda-python finds at least one CUDA device."""
+    try:
+        drv = _driver()
+        check(drv.cuInit(0), "cuInit")
+        return check(drv.cuDeviceGetCount(), "cuDeviceGetCount") > 0
+    except Exception:  # noqa: BLE001 - any failure means no usable GPU
+        return False
+
+
+class FusedNormCuda:
+    """The FusedNorm kernels loaded on one device (primary context made current).
+
+    Args:
+        device: CUDA device ordinal.
+    """
+
+    def __init__(self, device: int = 0):
+        drv = _driver()
+        check(drv.cuInit(0), "cuInit")
+        self.device = check(drv.cuDeviceGet(device), "cuDeviceGet")
+        self.context = check(drv.cuDevicePrimaryCtxRetain(self.device), "cuDevicePrimaryCtxRetain")
+        check(drv.cuCtxSetCurrent(self.context), "cuCtxSetCurrent")
+        attr = drv.CUdevice_attribute
+        major = check(
+            drv.cuDeviceGetAttribute(
+                attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, self.device
+            ),
+            "attr",
+        )
+        minor = check(
+            drv.cuDeviceGetAttribute(
+                attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, self.device
+            ),
+            "attr",
+        )
+        self.num_sms = check(
+            drv.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, self.device),
+            "attr",
+        )
+        self.arch = f"sm_{major}{minor}"
+        self.name = (
+            check(drv.cuDeviceGetName(256, self.device), "cuDeviceGetName").split(b"\0")[0].decode()
+        )
+        self.kernels = compile_kernels(self.arch)  # cubin, or PTX for an unknown newer arch
+        # NUL-terminated copy kept alive for the driver (PTX must be a C string; harmless for ELF)
+        self._image = np.frombuffer(self.kernels.image + b"\0", dtype=np.uint8)
+        self.module = check(drv.cuModuleLoadData(self._image.ctypes.data), "cuModuleLoadData")
+        self._functions: dict[str, Any] = {}
+
+    def function(self, name: str) -> Any:
+        """The ``CUfunction`` of kernel ``name``."""
+        if name not in self._functions:
+            drv = _driver()
+            self._functions[name] = check(
+                drv.cuModuleGetFunction(self.module, name.encode()), f"cuModuleGetFunction({name})"
+            )
+        return self._functions[name]
+
+    def launch(self, p: Plan, buffers: dict[str, int], stream: int = 0) -> None:
+        """Enqueue every launch of ``p`` on ``stream``.
+
+        Args:
+            p: From :func:`launch.plan`.
+            buffers: Device pointer of each buffer the plan names (``x``, ``scale``,
+                ``shift``, ``y``, and ``mean``/``var``/``ws`` where used).
+            stream: ``CUstream`` handle (0 = legacy default stream).
+        """
+        drv = _driver()
+        for launch in p.launches:
+            values = []
+            for arg in launch.args:
+                if arg.kind == "ptr":
+                    values.append(np.array([int(buffers[arg.value]) + arg.offset], np.uint64))
+                elif arg.kind == "null":
+                    values.append(np.array([0], np.uint64))
+                else:
+                    values.append(np.array([arg.value], np.int32))
+            addresses = np.array([v.ctypes.data for v in values], np.uint64)
+            check(
+                drv.cuLaunchKernel(
+                    self.function(launch.kernel),
+                    *launch.grid,
+                    *launch.block,
+                    0,
+                    drv.CUstream(stream),
+                    addresses.ctypes.data,
+                    0,
+                ),
+                f"cuLaunchKernel({launch.kernel})",
+            )
+
+    # ------------------------------------------------------------ device memory helpers
+    def alloc(self, nbytes: int) -> int:
+        """``cuMemAlloc`` (at least 1 byte); returns the device pointer as an int."""
+        return int(check(_driver().cuMemAlloc(max(int(nbytes), 1)), "cuMemAlloc"))
+
+    def free(self, ptr: int) -> None:
+        """``cuMemFree``."""
+        check(_driver().cuMemFree(ptr), "cuMemFree")
+
+    def upload(self, host: np.ndarray) -> int:
+        """Copy a host array to new device memory; returns the pointer."""
+        host = np.ascontiguousarray(host)
+        ptr = self.alloc(host.nbytes)
+        if host.nbytes:
+            check(
+                _driver().cuMemcpyHtoD(ptr, host.ctypes.data, host.nbytes),
+                "cuMemcpyHtoD",
+            )
+        return ptr
+
+    def copy_in(self, ptr: int, host: np.ndarray) -> None:
+        """Copy a host array into existing device memory at ``ptr``."""
+        host = np.ascontiguousarray(host)
+        if host.nbytes:
+            src = host.ctypes.data
+            check(_driver().cuMemcpyHtoD(ptr, src, host.nbytes), "cuMemcpyHtoD")
+
+    def download(self, ptr: int, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        """Copy device memory into a new host array."""
+        out = np.empty(shape, dtype)
+        if out.nbytes:
+            check(
+                _driver().cuMemcpyDtoH(out.ctypes.data, ptr, out.nbytes),
+                "cuMemcpyDtoH",
+            )
+        return out
+
+    def synchronize(self) -> None:
+        """``cuCtxSynchronize``."""
+        check(_driver().cuCtxSynchronize(), "cuCtxSynchronize")
+
+
+_DEFAULT: FusedNormCuda | None = None
+
+
+def default_runtime() -> FusedNormCuda:
+    """A process-wide :class:`FusedNormCuda` on device 0."""
+    global _DEFAULT
+    if _DEFAULT is None:
+        _DEFAULT = FusedNormCuda(0)
+    return _DEFAULT
+
+
+def run_numpy(
+    x: np.ndarray,
+    scale: np.ndarray,
+    shift: np.ndarray,
+    *,
+    strategy: str = "split",
+    runtime: FusedNormCuda | None = None,
+    x_byte_offset: int = 0,
+    **attrs: Any,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Run FusedNorm on the GPU for host arrays; same signature and results as the reference.
+
+    Args:
+        x: Input, as for :func:`reference.fused_norm`.
+        scale: ``[C]`` parameters.
+        shift: ``[C]`` parameters.
+        strategy: ``"split"`` or ``"fused"`` (batch_stats).
+        runtime: Loaded kernels (default: :func:`default_runtime`); anything with the same
+            methods (``alloc``, ``free``, ``upload``, ``copy_in``, ``download``, ``launch``,
+            ``synchronize``, ``num_sms``) works, e.g. the tests' CPU emulation.
+        x_byte_offset: Place X and Y this many bytes past an aligned allocation (tests the
+            unaligned scalar path).
+        **attrs: FusedNorm attributes (defaults from ``spec.ATTRIBUTE_DEFAULTS``).
+    """
+    rt = runtime or default_runtime()
+    full = {**spec.ATTRIBUTE_DEFAULTS, **attrs}
+    full.pop("plugin_namespace", None)
+    if int(full["axis"]) < 0:
+        full["axis"] = int(full["axis"]) + x.ndim
+    geo = check_inputs(x.shape, x.dtype, scale.shape, shift.shape, full)
+    full = spec.validate_attributes(full)
+    dtype = dtype_name(x.dtype)
+    p = plan(geo, dtype, full, rt.num_sms, strategy)
+    xs = np.ascontiguousarray(x)
+    x_base = rt.alloc(xs.nbytes + x_byte_offset)
+    y_base = rt.alloc(xs.nbytes + x_byte_offset)
+    x_ptr, y_ptr = x_base + x_byte_offset, y_base + x_byte_offset
+    rt.copy_in(x_ptr, xs)
+    bufs = {
+        "x": x_ptr,
+        "y": y_ptr,
+        "scale": rt.upload(scale.astype(np.float32)),
+        "shift": rt.upload(shift.astype(np.float32)),
+        "ws": rt.alloc(p.workspace_bytes),
+        "mean": rt.alloc(4 * geo.groups * geo.channels),
+        "var": rt.alloc(4 * geo.groups * geo.channels),
+    }
+    try:
+        if geo.numel:
+            rt.launch(p, bufs)
+        rt.synchronize()
+        y = rt.download(y_ptr, x.shape, x.dtype)
+        if not full["return_stats"]:
+            return y
+        sshape = (geo.channels,) if full["virtual_batch_size"] == 0 else (geo.groups, geo.channels)
+        return (
+            y,
+            rt.download(bufs["mean"], sshape, np.float32),
+            rt.download(bufs["var"], sshape, np.float32),
+        )
+    finally:
+        for name, ptr in bufs.items():
+            rt.free(ptr - x_byte_offset if name in ("x", "y") else ptr)

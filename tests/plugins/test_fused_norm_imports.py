@@ -1,0 +1,41 @@
+"""The plugin package imports anywhere: no TensorFlow, tensorrt/cuda only when used."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+MODULES = [
+    "spec", "checks", "reference", "onnx_node", "ort_cpu", "lowering", "launch",
+    "nvrtc_build", "gpu_runtime", "trt_plugin",
+]  # fmt: skip
+
+
+def test_no_heavy_imports():
+    code = (
+        "import sys\n"
+        + "".join(f"import bnexport_plugins.fused_norm.{m}\n" for m in MODULES)
+        + "heavy = ('tensorflow', 'tensorrt', 'cuda.bindings.driver', 'torch')\n"
+        + "heavy = [m for m in heavy if m in sys.modules]\n"
+        + "print(','.join(heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_tensorrt_missing_is_a_clear_error():
+    pytest.importorskip("bnexport_plugins.fused_norm.trt_plugin")
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("tensorrt is installed")
+    except ImportError:
+        pass
+    from bnexport_plugins.fused_norm.trt_plugin import register_fused_norm_plugin
+
+    from bnexport.errors import BackendUnavailableError
+
+    with pytest.raises(BackendUnavailableError, match="tensorrt >= 10.9"):
+        register_fused_norm_plugin()
