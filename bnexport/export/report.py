@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+import json
+import typing
+from typing import Any, Literal
 
 Action = Literal["folded_forward", "folded_backward", "fused", "kept"]
 
@@ -28,3 +30,151 @@ class FoldRecord:
     def to_dict(self) -> dict[str, str | None]:
         """JSON-ready dict."""
         return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class VerifyResult:
+    """Outcome of comparing the exported graph with the source model.
+
+    The check passes when, for every output ``o``,
+    ``max|onnx_o − ref_o| <= rtol · max|ref_o| + atol``.
+
+    Attributes:
+        passed: every output within its tolerance.
+        max_abs_error: the largest absolute error over all outputs.
+        tolerance: the tolerance of the output with the worst error/tolerance ratio.
+        worst_output: name of that output.
+        rtol: relative part of the tolerance (times ``max|ref|``).
+        atol: absolute part of the tolerance.
+        batch: batch size of the generated inputs.
+        per_output: ``{output: {"max_abs_error", "max_abs_ref", "tolerance"}}``.
+        runtime: what ran the ONNX graph (``"onnxruntime"`` or a plugin CPU path).
+    """
+
+    passed: bool
+    max_abs_error: float
+    tolerance: float
+    worst_output: str
+    rtol: float
+    atol: float
+    batch: int
+    per_output: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    runtime: str = "onnxruntime"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class ExportReport:
+    """Everything an export did: where each BN went, the graph written, the verification.
+
+    Attributes:
+        path: the ONNX file written.
+        opset: default-domain opset of the graph.
+        dtype: ``"float32"`` or ``"float16"`` (weights and compute).
+        io_dtype: dtype of the graph's float inputs and outputs.
+        fused_norm: ``"onnx"`` or ``"plugin"``.
+        dynamic_batch: whether the batch dimension is symbolic.
+        source: what was exported (``"keras"``, ``"tf_keras"``, ``"saved_model"``).
+        inputs: ``{name: shape}`` of the graph inputs (``None`` for a dynamic dimension).
+        outputs: ``{name: shape}`` of the graph outputs.
+        records: one :class:`FoldRecord` per batch normalization found.
+        layer_outputs: ``{keras layer: onnx tensor}`` carrying that layer's output
+            (also written to the model's metadata as ``bnexport.layer_outputs``).
+        layer_output_perms: ``{keras layer: perm}`` for mapped tensors stored in
+            another layout: ``keras_output = onnx_tensor.transpose(perm)``.
+        float32_nodes: nodes kept in float32 in a float16 export (folded weights overflow).
+        node_count: nodes in the final graph.
+        op_counts: ``{op_type: count}`` of the final graph.
+        verify: the verification result, or ``None`` when ``verify=False``.
+        timings: seconds per phase (``load``, ``convert``, ``fold``, ``float16``,
+            ``verify``, ``write``, ``total``).
+        notes: remarks (e.g. that the model has no batch normalization).
+    """
+
+    path: str
+    opset: int
+    dtype: str
+    io_dtype: str
+    fused_norm: str
+    dynamic_batch: bool
+    source: str = "keras"
+    inputs: dict[str, list[int | None]] = dataclasses.field(default_factory=dict)
+    outputs: dict[str, list[int | None]] = dataclasses.field(default_factory=dict)
+    records: list[FoldRecord] = dataclasses.field(default_factory=list)
+    layer_outputs: dict[str, str] = dataclasses.field(default_factory=dict)
+    layer_output_perms: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    float32_nodes: list[str] = dataclasses.field(default_factory=list)
+    node_count: int = 0
+    op_counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    verify: VerifyResult | None = None
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def summary(self) -> dict[str, int]:
+        """Count of BNs per action, plus ``total``."""
+        counts = {action: 0 for action in typing.get_args(Action)}
+        for record in self.records:
+            counts[record.action] = counts.get(record.action, 0) + 1
+        counts["total"] = len(self.records)
+        return counts
+
+    @property
+    def export_time_s(self) -> float:
+        """Wall time of the whole export, in seconds."""
+        return float(self.timings.get("total", 0.0))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (records and verification as nested dicts)."""
+        data = dataclasses.asdict(self)
+        data["records"] = [record.to_dict() for record in self.records]
+        data["verify"] = None if self.verify is None else self.verify.to_dict()
+        data["summary"] = self.summary
+        return data
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """The report as a JSON string."""
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
+
+    def table(self) -> Any:
+        """A ``rich.table.Table``: one row per BN, caption with the summary and verification."""
+        from rich.table import Table
+
+        table = Table(title=f"bnexport: {self.path}", caption=self._caption(), show_lines=False)
+        for column in ("batch norm", "action", "target", "reason"):
+            table.add_column(column, overflow="fold")
+        for record in self.records:
+            table.add_row(record.name, record.action, record.target or "-", record.reason)
+        return table
+
+    def _caption(self) -> str:
+        s = self.summary
+        parts = [
+            f"{s['total']} BN: {s['folded_forward']} folded forward, "
+            f"{s['folded_backward']} folded backward, {s['fused']} fused, {s['kept']} kept",
+            f"opset {self.opset}, {self.dtype} (io {self.io_dtype}), {self.node_count} nodes, "
+            f"{self.export_time_s:.2f} s",
+        ]
+        if self.verify is not None:
+            v = self.verify
+            verdict = "passed" if v.passed else "FAILED"
+            parts.append(
+                f"verify {verdict}: max abs error {v.max_abs_error:.3g} "
+                f"(tolerance {v.tolerance:.3g}, worst output {v.worst_output!r})"
+            )
+        else:
+            parts.append("not verified")
+        parts.extend(self.notes)
+        return "\n".join(parts)
+
+    def __str__(self) -> str:
+        lines = [f"bnexport: {self.path}"]
+        for record in self.records:
+            target = f" -> {record.target}" if record.target else ""
+            reason = f" ({record.reason})" if record.reason else ""
+            lines.append(f"  {record.name}: {record.action}{target}{reason}")
+        lines.extend(self._caption().splitlines())
+        return "\n".join(lines)

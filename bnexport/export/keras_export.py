@@ -1,0 +1,267 @@
+"""``bnexport.export``: a Keras model (or SavedModel) to a verified ONNX graph, BNs folded.
+
+Pipeline (each step in its own module):
+
+1. :mod:`.loaders` — load the model (Keras 3, ``.keras``, tf.keras / ``.h5``, SavedModel);
+2. :mod:`.bn_layers` — find every BN layer and compute ``scale``/``shift`` in float64;
+3. :mod:`.trace` — trace a ``tf.function`` with BNs as named ``Mul``/``Add`` pairs and
+   convert it with tf2onnx (fixes for Keras 3 ``Sequential`` and grouped convolutions);
+   :mod:`.layout` moves tf2onnx's layout ``Transpose``/``Squeeze`` from between a BN and
+   its linear op;
+4. :mod:`bnexport.export.passes` — fold every BN forward/backward, or fuse it into one node;
+5. :mod:`.layer_map` — map Keras layers to the tensors carrying their outputs;
+6. :mod:`.float16` — convert to float16 after folding (``dtype="float16"``);
+7. ``onnx.checker`` (full check) and shape inference; :mod:`.verify` — run both, compare;
+8. :mod:`.atomic_write` — write the file atomically (nothing left behind on failure).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Literal
+
+from bnexport.errors import ExportError
+from bnexport.export.report import ExportReport, FoldRecord
+
+Dtype = Literal["float32", "float16"]
+FusedNorm = Literal["onnx", "plugin"]
+
+
+def _check_options(
+    opset: int, dtype: str, io_dtype: str, fused_norm: str, keep_float16_overflow: str
+) -> None:
+    problems = []
+    if not isinstance(opset, int) or not 13 <= opset <= 21:
+        problems.append(f"opset must be an int in [13, 21]. Received: opset={opset!r}")
+    if dtype not in ("float32", "float16"):
+        problems.append(f"dtype must be 'float32' or 'float16'. Received: dtype={dtype!r}")
+    if io_dtype not in ("float32", "float16"):
+        problems.append(f"io_dtype must be 'float32' or 'float16'. Received: io_dtype={io_dtype!r}")
+    if dtype == "float32" and io_dtype == "float16":
+        problems.append("io_dtype='float16' needs dtype='float16'")
+    if fused_norm not in ("onnx", "plugin"):
+        problems.append(f"fused_norm must be 'onnx' or 'plugin'. Received: {fused_norm!r}")
+    if keep_float16_overflow not in ("float32", "error"):
+        problems.append(
+            "keep_float16_overflow must be 'float32' or 'error'. "
+            f"Received: {keep_float16_overflow!r}"
+        )
+    if problems:
+        raise ExportError("; ".join(problems))
+
+
+def check_graph(model: Any) -> None:
+    """``onnx.checker`` full check (schemas, types, shape inference) on ``model``.
+
+    Graphs with ``bnexport::FusedNorm`` nodes are checked against the plugin's ONNX schema
+    (``bnexport_plugins.fused_norm.onnx_node.register_onnx_schema``); if that is missing,
+    they get the structural check only.
+
+    Raises:
+        ExportError: the graph is invalid (the checker's message).
+    """
+    import onnx
+
+    full = True
+    if any(n.domain not in ("", "ai.onnx") for n in model.graph.node):
+        try:
+            from bnexport_plugins.fused_norm.onnx_node import register_onnx_schema
+
+            register_onnx_schema()
+        except ImportError:
+            full = False
+    try:
+        onnx.checker.check_model(model, full_check=full)
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=full)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ExportError(f"exported graph is invalid: {exc}") from exc
+
+
+def _complete_records(records: list[FoldRecord], bn_names: list[str]) -> list[FoldRecord]:
+    """Order ``records`` like the BN layers; add the layers the graph does not contain.
+
+    A layer called twice has one record per call; a BN layer absent from the graph (its
+    output unused) gets a ``kept`` record saying so.
+    """
+    by_name: dict[str, list[FoldRecord]] = {}
+    extra: list[FoldRecord] = []
+    for record in records:
+        if record.name in bn_names:
+            by_name.setdefault(record.name, []).append(record)
+        else:
+            extra.append(record)
+    ordered: list[FoldRecord] = []
+    for name in bn_names:
+        ordered.extend(
+            by_name.get(name)
+            or [FoldRecord(name, "kept", None, "not part of the exported graph (output unused)")]
+        )
+    return ordered + extra
+
+
+def _io_shapes(model: Any, which: str) -> dict[str, list[int | None]]:
+    shapes = {}
+    for value in getattr(model.graph, which):
+        dims = value.type.tensor_type.shape.dim
+        shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    return shapes
+
+
+def export(
+    model: Any,
+    path: str | os.PathLike[str],
+    *,
+    opset: int = 17,
+    dtype: Dtype = "float32",
+    dynamic_batch: bool = True,
+    fused_norm: FusedNorm = "onnx",
+    verify: bool = True,
+    io_dtype: Dtype | None = None,
+    keep_float16_overflow: Literal["float32", "error"] = "float32",
+    verify_batch: int = 2,
+    seed: int = 0,
+) -> ExportReport:
+    """Export ``model`` to ONNX at ``path`` with batch normalization folded.
+
+    Every BN layer is exported from its own variables in inference mode
+    (``scale = γ/√(var+ε)``, ``shift = β − μ·scale``, float64) and folded into a
+    neighbouring Conv/ConvTranspose/Gemm/MatMul where exact, else becomes one node.
+
+    Args:
+        model: a Keras 3 or tf.keras model, or a path to a ``.keras``/``.h5`` file or a
+            SavedModel directory.
+        path: the ONNX file to write (atomically; its directory must exist).
+        opset: ONNX default-domain opset (13–21).
+        dtype: ``"float32"``, or ``"float16"`` (folded in float64/float32 first).
+        dynamic_batch: symbolic batch dimension; else the model's batch size (or 1).
+        fused_norm: a BN that cannot fold becomes one ONNX op (``"onnx"``) or one
+            ``bnexport::FusedNorm`` node for the TensorRT plugin (``"plugin"``).
+        verify: run the model and the graph (onnxruntime) on generated inputs and fail
+            if they disagree beyond the dtype's tolerance (see :mod:`.verify`).
+        io_dtype: dtype of float graph inputs/outputs; default ``dtype``.
+        keep_float16_overflow: float16 only — ``"float32"`` keeps an op whose folded
+            weights overflow float16 in float32; ``"error"`` fails naming the layer.
+        verify_batch: batch size of the verification inputs when the batch is dynamic.
+        seed: seed of the verification inputs.
+
+    Returns:
+        The :class:`~bnexport.export.report.ExportReport`.
+
+    Raises:
+        ExportError: bad options, unwritable path (checked before anything is done),
+            invalid BN statistics or a layer tf2onnx cannot convert (named), an invalid
+            graph; :class:`~bnexport.errors.VerificationError` when verification fails.
+            Nothing is written in any of these cases.
+    """
+    io_dtype = io_dtype or dtype
+    _check_options(opset, dtype, io_dtype, fused_norm, keep_float16_overflow)
+    from bnexport.export.atomic_write import atomic_path, check_writable
+
+    out = check_writable(path)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        timings[name] = round(now - since, 4)
+        return now
+
+    import onnx
+
+    from bnexport.export import layer_map
+    from bnexport.export.bn_layers import find_bn_layers
+    from bnexport.export.layout import sink_reshapes, sink_transposes
+    from bnexport.export.loaders import load_model
+    from bnexport.export.passes.fold_batchnorm import fold_batchnorm_with_report
+    from bnexport.export.trace import trace_and_convert
+
+    t = time.perf_counter()
+    loaded = load_model(model)
+    bns = find_bn_layers(loaded.model) if loaded.is_keras else []
+    t = lap("load", t)
+
+    traced = trace_and_convert(loaded, bns, opset=opset, dynamic_batch=dynamic_batch)
+    sink_transposes(traced.model, traced.bn_nodes)
+    sink_reshapes(traced.model, traced.bn_nodes)
+    t = lap("convert", t)
+
+    folded, records = fold_batchnorm_with_report(
+        traced.model,
+        fused_norm=fused_norm,
+        names=traced.bn_nodes,
+        keep_float16_overflow=keep_float16_overflow,
+    )
+    t = lap("fold", t)
+    records = _complete_records(records, [bn.name for bn in bns])
+    notes = []
+    if not records:
+        notes.append("the model has no batch normalization: exported without folding")
+
+    input_layers, output_layers = {}, {}
+    if loaded.is_keras:
+        input_layers = {i.name: i.name for i in loaded.inputs}
+        output_layers = {o.name: o.name for o in loaded.outputs if o.name in traced.layer_tensors}
+    mapping, perms = layer_map.layer_outputs(
+        folded, traced.layer_tensors, traced.layer_shapes, records, input_layers, output_layers
+    )
+
+    float32_nodes: list[str] = []
+    if dtype == "float16":
+        from bnexport.export.float16 import convert_to_float16
+
+        labels = dict(traced.op_layers)
+        for record in records:
+            if record.target:
+                labels[record.target] = f"{record.name} (folded into {record.target})"
+        folded, float32_nodes = convert_to_float16(
+            folded, io_dtype=io_dtype, on_overflow=keep_float16_overflow, labels=labels
+        )
+        if float32_nodes:
+            notes.append(
+                f"{len(float32_nodes)} node(s) kept in float32 (folded weights overflow "
+                f"float16): {', '.join(float32_nodes)}"
+            )
+        t = lap("float16", t)
+
+    layer_map.write_metadata(folded, mapping, perms)
+    folded.producer_name = "bnexport"
+    check_graph(folded)
+    t = lap("check", t)
+
+    result = None
+    if verify:
+        from bnexport.export.verify import verify as run_verify
+
+        batch = verify_batch if dynamic_batch else (loaded.inputs[0].shape[0] or 1)
+        result = run_verify(loaded, folded, dtype=dtype, batch=batch, seed=seed)
+        t = lap("verify", t)
+
+    with atomic_path(out) as tmp:
+        onnx.save_model(folded, str(tmp))
+    t = lap("write", t)
+    timings["total"] = round(time.perf_counter() - t_start, 4)
+
+    op_counts: dict[str, int] = {}
+    for node in folded.graph.node:
+        op_counts[node.op_type] = op_counts.get(node.op_type, 0) + 1
+    return ExportReport(
+        path=str(out),
+        opset=opset,
+        dtype=dtype,
+        io_dtype=io_dtype,
+        fused_norm=fused_norm,
+        dynamic_batch=dynamic_batch,
+        source=loaded.kind,
+        inputs=_io_shapes(folded, "input"),
+        outputs=_io_shapes(folded, "output"),
+        records=records,
+        layer_outputs=mapping,
+        layer_output_perms=perms,
+        float32_nodes=float32_nodes,
+        node_count=len(folded.graph.node),
+        op_counts=op_counts,
+        verify=result,
+        timings=timings,
+        notes=notes,
+    )
