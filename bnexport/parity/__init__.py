@@ -1,1 +1,30 @@
+"""Numeric parity of exported models: Keras (reference) vs onnxruntime / TensorRT.
 
+``check_parity`` and the result types are imported lazily so ``import
+bnexport.parity`` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "check_parity": "bnexport.parity.check",
+    "ParityReport": "bnexport.parity.report",
+    "compare_arrays": "bnexport.parity.compare",
+    "Comparison": "bnexport.parity.compare",
+    "check_training_mode": "bnexport.parity.training_mode",
+    "KerasRunner": "bnexport.parity.runners",
+    "OnnxrtRunner": "bnexport.parity.runners",
+    "TrtRunner": "bnexport.parity.runners",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bnexport.parity' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,282 @@
+"""Compare a candidate array (onnxruntime, TensorRT) with a reference (Keras).
+
+Pass criterion (``check="elementwise"``, the default, as ``np.allclose``)::
+
+    |out - ref| <= atol + rtol * |ref|      for every element
+
+Other criteria apply the same inequality to one statistic of the error
+(``"max"``: max abs error <= atol + rtol * max |ref|; ``"mean"``; ``"quantile"``:
+the ``quantile``-th abs error). Non-finite values (NaN, +-Inf) on either side
+make the comparison fail and are counted per side; every statistic is computed
+over the elements finite on both sides, so a NaN is reported, never averaged.
+
+Statistics (float64): max / mean abs error, max relative error
+``|out - ref| / |ref|`` over the elements where ``ref != 0`` (ReLU outputs have
+many exact zeros; their error is covered by the abs statistics),
+cosine similarity of the flattened arrays, and abs-error percentiles
+(50, 90, 99, 99.9). For classifier outputs (rank 2, ``K > 1`` classes) also:
+top-1 agreement = fraction of rows whose argmax agrees, and (``K > 5``) top-5
+agreement = mean overlap ``|top5(ref) ∩ top5(out)| / 5``. Agreements are
+reported, not part of the pass criterion.
+
+Default tolerances, by the precision the candidate computed in:
+
+===========  ======  ======
+precision    rtol    atol
+===========  ======  ======
+float32      1e-3    1e-4
+float16      1e-2    1e-2
+bfloat16     5e-2    5e-2
+===========  ======  ======
+
+float32 is looser than bit-exactness because BN folding reassociates
+``(x·W)·γ/σ`` into ``x·(W·γ/σ)`` and backends sum in different orders: the
+error of a deep fp32 network is typically ~1e-5 relative, so 1e-3 leaves
+room for depth while still catching a wrong weight or a missed epsilon.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import numpy as np
+
+Check = Literal["elementwise", "max", "mean", "quantile"]
+CHECKS = ("elementwise", "max", "mean", "quantile")
+
+#: precision -> (rtol, atol)
+DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
+    "float32": (1e-3, 1e-4),
+    "float16": (1e-2, 1e-2),
+    "bfloat16": (5e-2, 5e-2),
+}
+PERCENTILES = (50.0, 90.0, 99.0, 99.9)
+
+
+def default_tolerances(precision: str | np.dtype) -> tuple[float, float]:
+    """``(rtol, atol)`` for a precision name (``"fp16"``, ``"float32"``) or dtype."""
+    name = str(precision)
+    name = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(name, name)
+    if name not in DEFAULT_TOLERANCES:
+        try:
+            name = np.dtype(name).name
+        except TypeError:
+            pass
+    return DEFAULT_TOLERANCES.get(name, DEFAULT_TOLERANCES["float32"])
+
+
+def resolve_tolerance(
+    value: float | Mapping[str, float] | None, name: str, default: float
+) -> float:
+    """A tolerance given as a float, a per-output dict (``""`` = every other output) or None."""
+    if value is None:
+        return default
+    if isinstance(value, Mapping):
+        if name in value:
+            return float(value[name])
+        return float(value.get("", default))
+    return float(value)
+
+
+@dataclasses.dataclass
+class Comparison:
+    """Result of comparing one tensor; truthy when it passes.
+
+    Attributes:
+        name: output (or layer) name.
+        passed: whether the criterion holds and no value is non-finite.
+        shape: compared shape (after any layout permutation).
+        max_absdiff, mean_absdiff, max_reldiff: error statistics over finite elements.
+        cosine: cosine similarity of the flattened arrays (1.0 = same direction).
+        percentiles: ``{"p50": ..., "p90": ..., "p99": ..., "p99.9": ...}`` of abs error.
+        top1, top5: classifier agreements or ``None``.
+        nonfinite_ref, nonfinite_out: ``{"nan": n, "inf": n}`` per side.
+        rtol, atol, check: the criterion applied.
+        violations: number of elements violating the elementwise inequality.
+        reason: one line saying why it failed ("" when it passed).
+    """
+
+    name: str
+    passed: bool
+    shape: tuple[int, ...]
+    max_absdiff: float
+    mean_absdiff: float
+    max_reldiff: float
+    cosine: float
+    percentiles: dict[str, float]
+    top1: float | None
+    top5: float | None
+    nonfinite_ref: dict[str, int]
+    nonfinite_out: dict[str, int]
+    rtol: float
+    atol: float
+    check: str
+    violations: int
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict; non-finite floats become the strings ``"inf"`` / ``"nan"``."""
+        return _jsonable(dataclasses.asdict(self))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float | np.floating):
+        f = float(value)
+        if math.isnan(f):
+            return "nan"
+        if math.isinf(f):
+            return "inf" if f > 0 else "-inf"
+        return f
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def _nonfinite(a: np.ndarray) -> dict[str, int]:
+    if a.dtype.kind not in "fc":
+        return {"nan": 0, "inf": 0}
+    return {"nan": int(np.isnan(a).sum()), "inf": int(np.isinf(a).sum())}
+
+
+def _topk_agreement(ref: np.ndarray, out: np.ndarray) -> tuple[float | None, float | None]:
+    if ref.ndim != 2 or ref.shape[1] < 2 or ref.shape[0] == 0:
+        return None, None
+    top1 = float(np.mean(np.argmax(ref, axis=1) == np.argmax(out, axis=1)))
+    if ref.shape[1] <= 5:
+        return top1, None
+    r5 = np.argpartition(-ref, 5, axis=1)[:, :5]
+    o5 = np.argpartition(-out, 5, axis=1)[:, :5]
+    overlap = [len(set(a) & set(b)) / 5.0 for a, b in zip(r5, o5, strict=True)]
+    return top1, float(np.mean(overlap))
+
+
+def compare_arrays(
+    name: str,
+    ref: Any,
+    out: Any,
+    *,
+    rtol: float,
+    atol: float,
+    check: Check = "elementwise",
+    quantile: float = 0.99,
+) -> Comparison:
+    """Compare ``out`` against the reference ``ref``.
+
+    Args:
+        name: what is compared (output or layer name), for the report.
+        ref: reference array (Keras).
+        out: candidate array, same shape.
+        rtol: relative tolerance.
+        atol: absolute tolerance.
+        check: pass criterion (see the module docstring).
+        quantile: quantile used by ``check="quantile"``.
+
+    Returns:
+        A :class:`Comparison`; a shape mismatch fails with the reason stated.
+    """
+    if check not in CHECKS:
+        raise ValueError(f"check must be one of {CHECKS}. Received: check={check!r}")
+    ref = np.asarray(ref)
+    out = np.asarray(out)
+    nan_ref, nan_out = _nonfinite(ref), _nonfinite(out)
+    base = dict(name=name, rtol=float(rtol), atol=float(atol), check=check)
+    if ref.shape != out.shape:
+        return Comparison(
+            **base,
+            passed=False,
+            shape=tuple(ref.shape),
+            max_absdiff=math.inf,
+            mean_absdiff=math.inf,
+            max_reldiff=math.inf,
+            cosine=math.nan,
+            percentiles={},
+            top1=None,
+            top5=None,
+            nonfinite_ref=nan_ref,
+            nonfinite_out=nan_out,
+            violations=-1,
+            reason=f"shape mismatch: reference {tuple(ref.shape)}, candidate {tuple(out.shape)}",
+        )
+    # float32 work arrays for 16/32-bit data (sums accumulate in float64), float64 otherwise
+    work = (
+        np.float64 if np.float64 in (ref.dtype, out.dtype) or ref.dtype.kind != "f" else np.float32
+    )
+    r = np.asarray(ref, dtype=work).ravel()
+    o = np.asarray(out, dtype=work).ravel()
+    if nan_ref["nan"] + nan_ref["inf"] + nan_out["nan"] + nan_out["inf"]:
+        finite = np.isfinite(r) & np.isfinite(o)
+        rf, of = r[finite], o[finite]
+    else:
+        rf, of = r, o
+    absdiff = np.abs(of - rf)
+    absref = np.abs(rf)
+    if absdiff.size:
+        nz = absref > 0
+        rel = np.divide(absdiff, absref, out=np.zeros_like(absdiff), where=nz)
+        max_rel = float(rel.max())
+        max_abs, mean_abs = float(absdiff.max()), float(absdiff.mean(dtype=np.float64))
+        pct_values = np.percentile(absdiff, PERCENTILES)
+        pct = {f"p{p:g}": float(v) for p, v in zip(PERCENTILES, pct_values, strict=True)}
+        nr = math.sqrt(float(np.sum(np.square(rf), dtype=np.float64)))
+        no = math.sqrt(float(np.sum(np.square(of), dtype=np.float64)))
+        if nr == 0.0 and no == 0.0:
+            cosine = 1.0
+        elif nr == 0.0 or no == 0.0:
+            cosine = 0.0
+        else:
+            dot = float(np.sum(rf * of, dtype=np.float64))
+            cosine = min(1.0, max(-1.0, dot / (nr * no)))
+    else:
+        max_abs = mean_abs = max_rel = 0.0
+        pct, cosine = {f"p{p:g}": 0.0 for p in PERCENTILES}, 1.0
+    bound = atol + rtol * absref
+    violations = int(np.count_nonzero(absdiff > bound))
+    if check == "elementwise":
+        ok = violations == 0
+    elif check == "max":
+        ok = max_abs <= atol + rtol * (float(absref.max()) if absref.size else 0.0)
+    elif check == "mean":
+        ok = mean_abs <= atol + rtol * (float(absref.mean()) if absref.size else 0.0)
+    else:
+        q = float(np.quantile(absdiff, quantile)) if absdiff.size else 0.0
+        ok = q <= atol + rtol * (float(np.quantile(absref, quantile)) if absref.size else 0.0)
+    reason = ""
+    n_bad = sum(nan_ref.values()) + sum(nan_out.values())
+    if n_bad:
+        ok = False
+        reason = (
+            f"non-finite values: reference {nan_ref['nan']} NaN / {nan_ref['inf']} Inf, "
+            f"candidate {nan_out['nan']} NaN / {nan_out['inf']} Inf"
+        )
+    elif not ok:
+        reason = (
+            f"{violations} of {absdiff.size} elements exceed atol + rtol*|ref| "
+            f"(max abs {max_abs:.3g}, max rel {max_rel:.3g}; check={check})"
+        )
+    top1, top5 = _topk_agreement(ref, out) if not n_bad else (None, None)
+    return Comparison(
+        **base,
+        passed=bool(ok),
+        shape=tuple(int(d) for d in ref.shape),
+        max_absdiff=max_abs,
+        mean_absdiff=mean_abs,
+        max_reldiff=max_rel,
+        cosine=cosine,
+        percentiles=pct,
+        top1=top1,
+        top5=top5,
+        nonfinite_ref=nan_ref,
+        nonfinite_out=nan_out,
+        violations=violations,
+        reason=reason,
+    )

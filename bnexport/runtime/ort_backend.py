@@ -1,0 +1,178 @@
+"""onnxruntime backend of :class:`bnexport.Session`.
+
+Execution providers by ``device``:
+
+- ``"cpu"``: ``CPUExecutionProvider``.
+- ``"cuda"``: ``TensorrtExecutionProvider`` (only when ``precision="fp16"`` or
+  when its options are passed explicitly), then ``CUDAExecutionProvider``, then
+  CPU as onnxruntime's fallback for unsupported nodes. Needs ``onnxruntime-gpu``.
+
+Provider options are not hidden: ``providers_options`` maps a provider name to
+its option dict (e.g. ``{"CUDAExecutionProvider": {"device_id": 1}}``) and is
+merged over the defaults below; ``session_options`` is an
+``onnxruntime.SessionOptions`` used as is.
+
+Graphs that contain the project's ``bnexport::FusedNorm`` node are handed to the
+fused-norm plugin's onnxruntime paths: on CPU ``ort_cpu.make_cpu_session`` (the
+NumPy reference itself as an onnxruntime-extensions op, so the numbers are the
+reference's), on CUDA ``lowering.lower_fused_norm`` (standard ONNX ops).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from bnexport.errors import BackendUnavailableError, InputError
+from bnexport.runtime.io_check import TensorInfo
+
+FUSED_NORM_DOMAIN = "bnexport"
+FUSED_NORM_OP = "FusedNorm"
+
+#: options used unless ``providers_options`` overrides them
+DEFAULT_PROVIDER_OPTIONS: dict[str, dict[str, Any]] = {
+    "TensorrtExecutionProvider": {"trt_engine_cache_enable": True},
+    "CUDAExecutionProvider": {},
+    "CPUExecutionProvider": {},
+}
+
+
+def has_fused_norm(model: Any) -> bool:
+    """Whether an ``onnx.ModelProto`` contains a ``bnexport::FusedNorm`` node (any subgraph)."""
+
+    def _walk(graph: Any) -> bool:
+        for node in graph.node:
+            if node.op_type == FUSED_NORM_OP and node.domain == FUSED_NORM_DOMAIN:
+                return True
+            for attr in node.attribute:
+                if attr.g.node and _walk(attr.g):
+                    return True
+                if any(_walk(g) for g in attr.graphs):
+                    return True
+        return False
+
+    return _walk(model.graph)
+
+
+def _providers(
+    device: str, precision: str, providers_options: Mapping[str, Mapping[str, Any]] | None
+) -> list[tuple[str, dict[str, Any]]]:
+    import onnxruntime as ort
+
+    available = set(ort.get_available_providers())
+    user = {k: dict(v) for k, v in (providers_options or {}).items()}
+    if device == "cpu":
+        names = ["CPUExecutionProvider"]
+        if precision != "fp32":
+            raise BackendUnavailableError(
+                f"precision={precision!r} on device='cpu': onnxruntime's CPU provider runs the "
+                "graph in its own dtypes; use backend='tensorrt' or device='cuda' with the "
+                "TensorRT execution provider for fp16"
+            )
+    elif device == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise BackendUnavailableError(
+                "device='cuda' needs onnxruntime-gpu (CUDAExecutionProvider is not available; "
+                f"available: {sorted(available)})"
+            )
+        names = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        if precision == "fp16" or "TensorrtExecutionProvider" in user:
+            if "TensorrtExecutionProvider" not in available:
+                raise BackendUnavailableError(
+                    "precision='fp16' with backend='onnxruntime' needs the TensorRT execution "
+                    "provider of onnxruntime-gpu, which is not available"
+                )
+            names.insert(0, "TensorrtExecutionProvider")
+    else:
+        raise BackendUnavailableError(
+            f"device must be 'cpu' or 'cuda'. Received: device={device!r}"
+        )
+    result = []
+    for name in names:
+        opts = {**DEFAULT_PROVIDER_OPTIONS.get(name, {}), **user.get(name, {})}
+        if name == "TensorrtExecutionProvider" and precision == "fp16":
+            opts.setdefault("trt_fp16_enable", True)
+        result.append((name, opts))
+    return result
+
+
+def _fused_norm_session(model: Any, device: str, sess_options: Any, providers: list) -> Any:
+    """An InferenceSession for a graph with FusedNorm nodes, via the plugin's onnxruntime paths.
+
+    CPU: ``ort_cpu.make_cpu_session`` (the NumPy reference as an onnxruntime-extensions
+    op when installed, else the lowering). CUDA: ``lowering.lower_fused_norm`` (standard
+    ONNX ops, which every provider runs).
+    """
+    import onnxruntime as ort
+
+    try:
+        if device == "cpu":
+            from bnexport_plugins.fused_norm.ort_cpu import make_cpu_session
+
+            return make_cpu_session(model, sess_options=sess_options, providers=providers)
+        from bnexport_plugins.fused_norm.lowering import lower_fused_norm
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            "the graph contains bnexport::FusedNorm but the plugin's onnxruntime path "
+            f"(bnexport_plugins.fused_norm) cannot be imported: {exc}"
+        ) from exc
+    lowered = lower_fused_norm(model)
+    return ort.InferenceSession(
+        lowered.SerializeToString(), sess_options=sess_options, providers=providers
+    )
+
+
+class OrtBackend:
+    """Runs an ONNX model with onnxruntime; ``run`` is thread-safe (onnxruntime's is).
+
+    Args:
+        model: the ``onnx.ModelProto`` (already loaded by the session).
+        model_path: the file it came from, if any (lets onnxruntime resolve external data).
+        inputs: the graph inputs.
+        outputs: the graph outputs.
+        device: ``"cpu"`` or ``"cuda"``.
+        precision: ``"fp32"`` or ``"fp16"`` (fp16 only with the TensorRT provider).
+        providers_options: ``{provider name: options}`` merged over the defaults.
+        session_options: an ``onnxruntime.SessionOptions``; ``None`` for the defaults.
+    """
+
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        model: Any,
+        model_path: str | None,
+        inputs: list[TensorInfo],
+        outputs: list[TensorInfo],
+        *,
+        device: str = "cpu",
+        precision: str = "fp32",
+        providers_options: Mapping[str, Mapping[str, Any]] | None = None,
+        session_options: Any = None,
+    ) -> None:
+        import onnxruntime as ort
+
+        self.inputs = inputs
+        self.outputs = outputs
+        providers = _providers(device, precision, providers_options)
+        if has_fused_norm(model):
+            self.session = _fused_norm_session(model, device, session_options, providers)
+        else:
+            source = model_path if model_path is not None else model.SerializeToString()
+            self.session = ort.InferenceSession(
+                source, sess_options=session_options, providers=providers
+            )
+        self.providers = self.session.get_providers()
+        self._output_names = [o.name for o in self.outputs]
+
+    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one batch; ``feed`` is already checked and cast."""
+        try:
+            values = self.session.run(self._output_names, feed)
+        except Exception as exc:  # onnxruntime raises its own pybind exception types
+            if type(exc).__name__ == "InvalidArgument":
+                raise InputError(f"onnxruntime refused the inputs: {exc}") from exc
+            raise
+        return dict(zip(self._output_names, values, strict=True))
