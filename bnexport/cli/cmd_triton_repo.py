@@ -1,0 +1,80 @@
+"""``bnexport triton-repo``: write a Triton Inference Server model repository."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register the ``triton-repo`` subcommand."""
+    parser = sub.add_parser(
+        "triton-repo",
+        help="write a Triton model repository (config.pbtxt validated) for scale-out",
+        description=(
+            "Write OUT_DIR/<model>/config.pbtxt and OUT_DIR/<model>/1/model.onnx (or model.plan "
+            "for --backend tensorrt) with inputs/outputs, dynamic batching and instance groups; "
+            "the config is validated with Triton's model-config protobuf. Optionally write a "
+            "KServe InferenceService example."
+        ),
+    )
+    parser.add_argument("model", metavar="MODEL.onnx", help="exported ONNX model")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="model repository folder")
+    parser.add_argument("--name", default=None, help="model name (default: file stem)")
+    parser.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime")
+    parser.add_argument(
+        "--max-batch", type=int, default=32, help="max_batch_size; 0: no batching (default 32)"
+    )
+    parser.add_argument("--instances", type=int, default=1, help="model instances (default 1)")
+    parser.add_argument(
+        "--instance-kind", choices=("auto", "gpu", "cpu"), default="auto", help="default auto"
+    )
+    parser.add_argument(
+        "--batch-timeout-ms",
+        type=float,
+        default=2.0,
+        help="dynamic_batching max queue delay (default 2)",
+    )
+    parser.add_argument(
+        "--precision", choices=("fp32", "fp16"), default="fp32", help="TensorRT plan precision"
+    )
+    parser.add_argument(
+        "--kserve",
+        metavar="STORAGE_URI",
+        default=None,
+        help="also write OUT_DIR/kserve-inferenceservice.yaml for this storage URI (s3://...)",
+    )
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Write the repository; print what was written and what is left to do."""
+    from pathlib import Path
+
+    from bnexport.serve.triton_repo import (
+        atomic_write,
+        kserve_inferenceservice_yaml,
+        write_triton_repo,
+    )
+
+    result = write_triton_repo(
+        args.model,
+        args.out_dir,
+        model_name=args.name,
+        backend=args.backend,
+        max_batch=args.max_batch,
+        instances=args.instances,
+        instance_kind=args.instance_kind,
+        batch_timeout_ms=args.batch_timeout_ms,
+        precision=args.precision,
+    )
+    print(f"wrote {result.config_path} (validated with Triton's model_config.proto)")
+    if result.plan_written:
+        print(f"wrote {result.model_file}")
+    if args.kserve:
+        name = result.model_dir.name.lower().replace("_", "-").replace(".", "-")
+        yaml_path = Path(args.out_dir) / "kserve-inferenceservice.yaml"
+        atomic_write(yaml_path, kserve_inferenceservice_yaml(name, args.kserve).encode())
+        print(f"wrote {yaml_path}")
+    for note in result.notes:
+        print(f"note: {note}")
+    return 0

@@ -1,0 +1,57 @@
+"""Errors the server turns into KServe error bodies (``{"error": "..."}``).
+
+Each carries the HTTP status it maps to; the message names the model, input or
+field at fault. They derive from :class:`bnexport.errors.BnexportError` so a
+caller embedding the server can catch them like any other bnexport error.
+"""
+
+from __future__ import annotations
+
+from bnexport.errors import BnexportError
+
+
+class ServeError(BnexportError):
+    """Base of the errors that end one request with a 4xx/5xx status."""
+
+    status_code = 500
+
+    def __init__(self, message: str, status_code: int | None = None) -> None:
+        super().__init__(message)
+        if status_code is not None:
+            self.status_code = status_code
+
+
+class BadRequestError(ServeError, ValueError):
+    """Malformed body, unknown datatype, wrong input name/shape/dtype (400)."""
+
+    status_code = 400
+
+
+class ModelNotFoundError(ServeError, LookupError):
+    """No model (or no such version of it) in the repository (404)."""
+
+    status_code = 404
+
+
+class UnauthorizedError(ServeError):
+    """Missing or wrong bearer token (401)."""
+
+    status_code = 401
+
+
+class PayloadTooLargeError(ServeError):
+    """Request body over the configured limit (413)."""
+
+    status_code = 413
+
+
+class UnavailableError(ServeError):
+    """The server is shutting down and takes no new inference work (503)."""
+
+    status_code = 503
+
+
+class ModelRunError(ServeError, RuntimeError):
+    """The model raised while running this request (500)."""
+
+    status_code = 500

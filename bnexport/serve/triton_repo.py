@@ -1,0 +1,488 @@
+"""Write a Triton Inference Server model repository for an exported ONNX model.
+
+Layout written (``--backend onnxruntime``)::
+
+    OUT_DIR/<model>/config.pbtxt
+    OUT_DIR/<model>/1/model.onnx
+
+and for ``--backend tensorrt``::
+
+    OUT_DIR/<model>/config.pbtxt
+    OUT_DIR/<model>/1/model.plan      # only where TensorRT is installed (see below)
+    OUT_DIR/<model>/model.onnx        # the source, outside the version folder
+    OUT_DIR/<model>/README.md         # how to build the plan and load the plugin
+
+``config.pbtxt`` lists every input and output with its ``data_type`` and
+``dims``. With ``max_batch_size > 0`` (the default, 32) the first dimension of
+every tensor must be dynamic in the ONNX graph; it is left out of ``dims``, as
+Triton expects, and the remaining dynamic dimensions are written as ``-1``.
+``dynamic_batching`` (queue delay from ``--batch-timeout-ms``) and an
+``instance_group`` (``--instances`` copies, ``KIND_AUTO`` / ``KIND_GPU`` /
+``KIND_CPU``) follow. The file is validated by parsing it with the model-config
+protobuf that tritonclient ships (``tritonclient/grpc/model_config_pb2.py``)
+and comparing the parsed fields with what was meant.
+
+TensorRT and the FusedNorm plugin
+---------------------------------
+A TensorRT plan is specific to the TensorRT version and GPU it was built on, so
+it must be built with the TensorRT of the Triton release that serves it (for
+example inside the ``tritonserver`` container). Where ``tensorrt`` imports, this
+module builds ``model.plan`` through :class:`bnexport.runtime.trt_backend.TrtBackend`
+(optimization profile batch ``1..max_batch_size``, the FusedNorm plugin
+registered). Elsewhere it writes the config, the source ONNX and a README with
+the commands, and reports the plan as missing.
+
+A graph that contains ``bnexport::FusedNorm`` needs the plugin at build *and*
+at run time:
+
+- the plugin is a Python (``tensorrt.plugin``) plugin. Its ahead-of-time
+  implementation (``aot_impl``) compiles the kernel when the engine is built and
+  embeds it in the plan, so Triton's C++ TensorRT backend runs the plan without
+  Python and without a plugin library. A plan built with the JIT ``impl`` only
+  calls back into Python and cannot run in Triton's TensorRT backend.
+- a plugin compiled into a shared library instead is loaded by Triton with
+  ``--backend-config=tensorrt,plugins="/path/libplugin.so"`` or, with older
+  releases, ``LD_PRELOAD=/path/libplugin.so tritonserver ...``.
+
+With ``--backend onnxruntime``, Triton's onnxruntime backend cannot run a
+Python custom op, so FusedNorm nodes are lowered to standard ONNX ops first
+(``bnexport_plugins.fused_norm.ort_cpu.lower_fused_norm``) or refused.
+
+Not possible on this machine (no TensorRT): building or loading the plan; the
+tests check the layout and the config only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import importlib.util
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bnexport.errors import UsageError
+
+BACKENDS = ("onnxruntime", "tensorrt")
+INSTANCE_KINDS = {"auto": "KIND_AUTO", "gpu": "KIND_GPU", "cpu": "KIND_CPU"}
+
+#: onnx.TensorProto element type name -> Triton data_type
+_ONNX_TO_TRITON = {
+    "FLOAT": "TYPE_FP32",
+    "FLOAT16": "TYPE_FP16",
+    "BFLOAT16": "TYPE_BF16",
+    "DOUBLE": "TYPE_FP64",
+    "INT8": "TYPE_INT8",
+    "INT16": "TYPE_INT16",
+    "INT32": "TYPE_INT32",
+    "INT64": "TYPE_INT64",
+    "UINT8": "TYPE_UINT8",
+    "UINT16": "TYPE_UINT16",
+    "UINT32": "TYPE_UINT32",
+    "UINT64": "TYPE_UINT64",
+    "BOOL": "TYPE_BOOL",
+    "STRING": "TYPE_STRING",
+}
+
+
+def model_config_pb2() -> Any:
+    """Triton's ``model_config_pb2`` module, as shipped in the tritonclient wheel.
+
+    ``tritonclient.grpc``'s package ``__init__`` imports ``grpcio`` (the
+    ``tritonclient[grpc]`` extra); when that is missing, the module file is loaded
+    directly, which needs only ``protobuf``.
+
+    Raises:
+        UsageError: tritonclient or protobuf is not installed.
+    """
+    try:
+        from tritonclient.grpc import model_config_pb2 as module
+
+        return module
+    except ImportError:
+        pass
+    spec = importlib.util.find_spec("tritonclient")
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError(
+            "validating config.pbtxt needs tritonclient: pip install 'tritonclient[grpc]>=2.40'"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "grpc" / "model_config_pb2.py"
+    file_spec = importlib.util.spec_from_file_location("_bnexport_model_config_pb2", path)
+    if file_spec is None or file_spec.loader is None or not path.is_file():
+        raise UsageError(f"tritonclient has no model_config_pb2.py at {path}")
+    module = importlib.util.module_from_spec(file_spec)
+    try:
+        file_spec.loader.exec_module(module)
+    except ImportError as exc:
+        raise UsageError(f"model_config_pb2 needs protobuf: pip install protobuf ({exc})") from None
+    return module
+
+
+def parse_config(text: str) -> Any:
+    """Parse ``config.pbtxt`` text into a ``inference.ModelConfig`` message.
+
+    Raises:
+        UsageError: the text is not a valid model config (names line and field).
+    """
+    from google.protobuf import text_format
+
+    pb2 = model_config_pb2()
+    try:
+        return text_format.Parse(text, pb2.ModelConfig())
+    except text_format.ParseError as exc:
+        raise UsageError(f"invalid config.pbtxt: {exc}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorConfig:
+    """One ``input``/``output`` entry of config.pbtxt."""
+
+    name: str
+    data_type: str
+    dims: tuple[int, ...]
+
+
+@dataclasses.dataclass
+class TritonRepoResult:
+    """What :func:`write_triton_repo` wrote.
+
+    Attributes:
+        model_dir: ``OUT_DIR/<model>``.
+        config_path: the validated ``config.pbtxt``.
+        model_file: ``model.onnx`` or ``model.plan`` in the version folder.
+        plan_written: ``False`` when the TensorRT plan could not be built here.
+        config: the parsed ``ModelConfig`` message.
+        notes: what the user still has to do.
+    """
+
+    model_dir: Path
+    config_path: Path
+    model_file: Path
+    plan_written: bool
+    config: Any
+    notes: list[str]
+
+
+def _tensor_configs(values: Any, initializers: set[str], batched: bool) -> list[TensorConfig]:
+    import onnx
+
+    out = []
+    for vi in values:
+        if vi.name in initializers:
+            continue
+        ttype = vi.type.tensor_type
+        type_name = onnx.TensorProto.DataType.Name(ttype.elem_type)
+        data_type = _ONNX_TO_TRITON.get(type_name)
+        if data_type is None:
+            raise UsageError(f"tensor '{vi.name}': ONNX type {type_name} has no Triton data_type")
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in ttype.shape.dim]
+        if batched:
+            if not dims or dims[0] != -1:
+                raise UsageError(
+                    f"tensor '{vi.name}' has a fixed first dimension ({dims[:1]}); Triton's "
+                    "batching needs a dynamic batch dimension. Re-export with a dynamic batch "
+                    "or pass --max-batch 0"
+                )
+            dims = dims[1:]
+        out.append(TensorConfig(vi.name, data_type, tuple(dims)))
+    return out
+
+
+def _render_tensors(kind: str, tensors: list[TensorConfig]) -> str:
+    entries = []
+    for t in tensors:
+        dims = ", ".join(str(d) for d in t.dims) if t.dims else ""
+        # a scalar per batch item (dims []) is written as [ 1 ] with reshape { shape: [] }
+        reshape = ""
+        if not t.dims:
+            dims, reshape = "1", "\n    reshape { shape: [ ] }"
+        entries.append(
+            f'  {{\n    name: "{t.name}"\n    data_type: {t.data_type}\n'
+            f"    dims: [ {dims} ]{reshape}\n  }}"
+        )
+    return f"{kind} [\n" + ",\n".join(entries) + "\n]\n"
+
+
+def render_config(
+    name: str,
+    backend: str,
+    inputs: list[TensorConfig],
+    outputs: list[TensorConfig],
+    *,
+    max_batch: int,
+    instances: int,
+    instance_kind: str,
+    queue_delay_us: int,
+    source: str,
+) -> str:
+    """The text of config.pbtxt (see the module docstring for the fields)."""
+    lines = [
+        f"# Written by `bnexport triton-repo` from {source}.",
+        f'name: "{name}"',
+        f'backend: "{backend}"',
+        f"max_batch_size: {max_batch}",
+    ]
+    text = "\n".join(lines) + "\n"
+    text += _render_tensors("input", inputs)
+    text += _render_tensors("output", outputs)
+    if max_batch > 0:
+        text += f"dynamic_batching {{\n  max_queue_delay_microseconds: {queue_delay_us}\n}}\n"
+    text += f"instance_group [\n  {{\n    count: {instances}\n    kind: {instance_kind}\n  }}\n]\n"
+    return text
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _has_fused_norm(model: Any) -> bool:
+    return any(n.op_type == "FusedNorm" and n.domain == "bnexport" for n in model.graph.node)
+
+
+def _lowered_bytes(model: Any, path: Path) -> bytes:
+    """FusedNorm nodes lowered to standard ONNX ops, for Triton's onnxruntime backend."""
+    try:
+        ort_cpu = importlib.import_module("bnexport_plugins.fused_norm.ort_cpu")
+        lower = ort_cpu.lower_fused_norm
+    except (ImportError, AttributeError):
+        raise UsageError(
+            f"{path} contains bnexport::FusedNorm nodes, which Triton's onnxruntime backend "
+            "cannot run and no lowering to standard ONNX ops is available; re-export with "
+            "BN folding to standard ops or use --backend tensorrt"
+        ) from None
+    return lower(model).SerializeToString()
+
+
+def _check_parsed(cfg: Any, name: str, max_batch: int, inputs, outputs, instances: int) -> None:
+    """Compare the parsed config with what was meant to be written."""
+    pb2 = model_config_pb2()
+    problems = []
+    if cfg.name != name:
+        problems.append(f"name {cfg.name!r} != {name!r}")
+    if cfg.max_batch_size != max_batch:
+        problems.append(f"max_batch_size {cfg.max_batch_size} != {max_batch}")
+    for kind, want, got in (("input", inputs, cfg.input), ("output", outputs, cfg.output)):
+        parsed = [(t.name, pb2.DataType.Name(t.data_type), tuple(t.dims) or (1,)) for t in got]
+        meant = [(t.name, t.data_type, t.dims or (1,)) for t in want]
+        if parsed != meant:
+            problems.append(f"{kind}s {parsed} != {meant}")
+    if sum(g.count for g in cfg.instance_group) != instances:
+        problems.append("instance_group count differs")
+    if problems:
+        raise UsageError("config.pbtxt does not say what was meant: " + "; ".join(problems))
+
+
+def write_triton_repo(
+    model_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    model_name: str | None = None,
+    backend: str = "onnxruntime",
+    max_batch: int = 32,
+    instances: int = 1,
+    instance_kind: str = "auto",
+    batch_timeout_ms: float = 2.0,
+    precision: str = "fp32",
+) -> TritonRepoResult:
+    """Write ``OUT_DIR/<model>/`` for Triton and validate its config.pbtxt.
+
+    Args:
+        model_path: the exported ``.onnx`` file.
+        out_dir: the model repository folder (created; other models in it are kept).
+        model_name: name in Triton (default: the file stem).
+        backend: ``"onnxruntime"`` or ``"tensorrt"``.
+        max_batch: ``max_batch_size`` (0: no batch dimension, no dynamic batching).
+        instances: model instances (``instance_group.count``).
+        instance_kind: ``"auto"``, ``"gpu"`` or ``"cpu"`` (tensorrt: auto or gpu).
+        batch_timeout_ms: ``dynamic_batching.max_queue_delay_microseconds`` / 1000.
+        precision: ``"fp32"`` or ``"fp16"`` (TensorRT plan only).
+
+    Returns:
+        A :class:`TritonRepoResult`.
+
+    Raises:
+        UsageError: bad argument, unbatchable model with ``max_batch > 0``, an op
+            the chosen backend cannot run.
+    """
+    import onnx
+
+    src = Path(model_path)
+    if not src.is_file():
+        raise FileNotFoundError(f"ONNX model not found: {src}")
+    bad = []
+    if backend not in BACKENDS:
+        bad.append(f"backend={backend!r} (one of {BACKENDS})")
+    if max_batch < 0:
+        bad.append(f"max_batch={max_batch} (>= 0)")
+    if instances < 1:
+        bad.append(f"instances={instances} (>= 1)")
+    if instance_kind not in INSTANCE_KINDS or (backend == "tensorrt" and instance_kind == "cpu"):
+        bad.append(
+            f"instance_kind={instance_kind!r} (auto, gpu{', cpu' * (backend != 'tensorrt')})"
+        )
+    if bad:
+        raise UsageError("triton-repo: invalid argument(s). Received: " + ", ".join(bad))
+    name = model_name or re.sub(r"[^A-Za-z0-9_.\-]", "_", src.stem)
+    model = onnx.load(str(src), load_external_data=False)
+    if any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer):
+        raise UsageError(f"{src} keeps weights in external data files; save it as one file first")
+    initializers = {init.name for init in model.graph.initializer}
+    batched = max_batch > 0
+    inputs = _tensor_configs(model.graph.input, initializers, batched)
+    outputs = _tensor_configs(model.graph.output, set(), batched)
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
+    text = render_config(
+        name,
+        backend,
+        inputs,
+        outputs,
+        max_batch=max_batch,
+        instances=instances,
+        instance_kind=INSTANCE_KINDS[instance_kind],
+        queue_delay_us=int(round(batch_timeout_ms * 1000)),
+        source=f"{src.name} (sha256 {digest}...)",
+    )
+    cfg = parse_config(text)
+    _check_parsed(cfg, name, max_batch, inputs, outputs, instances)
+
+    model_dir = Path(out_dir) / name
+    version_dir = model_dir / "1"
+    notes: list[str] = []
+    plan_written = True
+    if backend == "onnxruntime":
+        model_file = version_dir / "model.onnx"
+        if _has_fused_norm(model):
+            atomic_write(model_file, _lowered_bytes(model, src))
+            notes.append("FusedNorm nodes were lowered to standard ONNX ops")
+        else:
+            _atomic_copy(src, model_file)
+    else:
+        model_file = version_dir / "model.plan"
+        _atomic_copy(src, model_dir / "model.onnx")
+        atomic_write(
+            model_dir / "README.md", _tensorrt_readme(name, src.name, max_batch, precision).encode()
+        )
+        plan = _build_plan(model, max_batch, precision)
+        if plan is None:
+            plan_written = False
+            notes.append(
+                f"TensorRT is not installed here: {model_file} was NOT written. Build it where "
+                f"Triton runs (same TensorRT version and GPU), see {model_dir / 'README.md'}"
+            )
+        else:
+            atomic_write(model_file, plan)
+    config_path = model_dir / "config.pbtxt"
+    atomic_write(config_path, text.encode("utf-8"))
+    return TritonRepoResult(model_dir, config_path, model_file, plan_written, cfg, notes)
+
+
+def _build_plan(model: Any, max_batch: int, precision: str) -> bytes | None:
+    """Serialized TensorRT engine with a batch profile ``1..max_batch``, or ``None``."""
+    if importlib.util.find_spec("tensorrt") is None:
+        return None
+    from bnexport.runtime.io_check import tensor_infos_from_onnx
+    from bnexport.runtime.trt_backend import TrtBackend
+
+    initializers = {init.name for init in model.graph.initializer}
+    ins = tensor_infos_from_onnx([v for v in model.graph.input if v.name not in initializers])
+    outs = tensor_infos_from_onnx(model.graph.output)
+    backend = TrtBackend(
+        model.SerializeToString(), ins, outs, precision=precision, max_batch=max(1, max_batch)
+    )
+    try:
+        return bytes(backend.engine.serialize())
+    finally:
+        backend.close()
+
+
+def _tensorrt_readme(name: str, source: str, max_batch: int, precision: str) -> str:
+    fp16 = " --precision fp16" if precision == "fp16" else ""
+    return f"""# {name}: TensorRT model for Triton
+
+Source: `{source}`, copied to `{name}/model.onnx`.
+
+`config.pbtxt` expects `1/model.plan`, a TensorRT engine. A plan only runs on the
+TensorRT version and GPU it was built with, so build it with the TensorRT of the
+Triton release that serves it, e.g. inside the `nvcr.io/nvidia/tritonserver:<xx.yy>-py3`
+container with bnexport installed (`pip install bnexport[tensorrt]`):
+
+    bnexport triton-repo {name}/model.onnx <this repository> --backend tensorrt \\
+        --max-batch {max_batch}{fp16}
+
+which registers the FusedNorm plugin, builds an engine whose optimization profile covers
+batch 1..{max_batch} and writes `1/model.plan`.
+
+## The FusedNorm plugin
+
+- Graphs without `bnexport::FusedNorm` need nothing else (`trtexec --onnx=model.onnx
+  --saveEngine=1/model.plan --minShapes=... --maxShapes=...` works as well).
+- The bnexport plugin is a Python `tensorrt.plugin` plugin. Build with its ahead-of-time
+  implementation (`aot_impl`): the compiled kernel is embedded in the plan and Triton's
+  C++ TensorRT backend runs it without Python or a plugin library. A plan that uses the
+  JIT `impl` calls back into Python and does not load in Triton's TensorRT backend.
+- A plugin compiled into a shared library is loaded by Triton with
+  `tritonserver --backend-config=tensorrt,plugins="/path/libplugin.so" ...`
+  (several: `;`-separated) or `LD_PRELOAD=/path/libplugin.so tritonserver ...`.
+"""
+
+
+def kserve_inferenceservice_yaml(
+    name: str, storage_uri: str, *, gpu: bool = True, runtime_version: str = "24.08-py3"
+) -> str:
+    """A KServe ``InferenceService`` serving a Triton repository written by this module.
+
+    Args:
+        name: InferenceService (and model) name; lower-case DNS label.
+        storage_uri: where the repository folder is uploaded (``s3://``, ``gs://``, ``pvc://``).
+        gpu: request one ``nvidia.com/gpu``.
+        runtime_version: tag of the ``tritonserver`` image.
+    """
+    limits = '          nvidia.com/gpu: "1"\n' if gpu else ""
+    return f"""# KServe InferenceService for a Triton model repository written by
+#   bnexport triton-repo MODEL.onnx OUT_DIR
+# Upload OUT_DIR to {storage_uri} first (the folder that holds <model>/config.pbtxt).
+apiVersion: serving.kserve.io/v1beta1
+kind: InferenceService
+metadata:
+  name: {name}
+spec:
+  predictor:
+    model:
+      modelFormat:
+        name: triton
+      protocolVersion: v2
+      runtimeVersion: {runtime_version}
+      storageUri: {storage_uri}
+      resources:
+        requests:
+          cpu: "2"
+          memory: 4Gi
+        limits:
+          cpu: "4"
+          memory: 8Gi
+{limits}"""

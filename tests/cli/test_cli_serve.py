@@ -1,0 +1,131 @@
+"""``bnexport serve`` as a real process: the printed curl example works, SIGTERM drains.
+
+Model: y = x @ W (W = arange(12).reshape(4, 3)); integer-valued inputs make the
+float32 result exact, so answers are compared with NumPy exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from bnexport.cli.main import main
+
+W = np.arange(12, dtype=np.float32).reshape(4, 3)
+
+
+@pytest.fixture(scope="module")
+def mlp_onnx(tmp_path_factory):
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(W, "W")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path_factory.mktemp("cli") / "mlp.onnx"
+    onnx.save(model, path)
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(model, *extra: str) -> tuple[subprocess.Popen, int, list[str]]:
+    port = _free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "bnexport", "serve", str(model), "--port", str(port), *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited: {proc.stderr.read()}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status_code == 200:
+                return proc, port, lines
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("server did not become ready")
+
+
+def _inflight(port: int) -> float:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    for line in text.splitlines():
+        if line.startswith("bnexport_inflight_requests{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_usage_errors(mlp_onnx, capsys):
+    assert main(["serve", str(mlp_onnx), "--max-batch", "0"]) == 2
+    assert "--max-batch=0" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl to run the printed example")
+def test_curl_example_and_sigterm_drain(mlp_onnx):
+    proc, port, stdout = _start(
+        mlp_onnx, "--batch-timeout-ms", "1500", "--max-batch", "8", "--batch-policy", "window"
+    )
+    try:
+        curl = next(line.strip() for line in stdout if line.strip().startswith("curl "))
+        answer = json.loads(
+            subprocess.run(curl, shell=True, capture_output=True, check=True).stdout
+        )
+        assert answer["outputs"][0]["data"] == [0.0, 0.0, 0.0]  # all-zeros example input
+
+        results: dict[int, httpx.Response] = {}
+
+        def send(i: int) -> None:
+            x = np.full((1, 4), i, np.float32)
+            body = {
+                "inputs": [
+                    {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": x.ravel().tolist()}
+                ]
+            }
+            results[i] = httpx.post(
+                f"http://127.0.0.1:{port}/v2/models/mlp/infer", json=body, timeout=10
+            )
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 20
+        while _inflight(port) < 4:  # all four wait in the batcher (1.5 s window)
+            assert time.monotonic() < deadline, "requests never reached the server"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(10)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    for i in range(4):
+        assert results[i].status_code == 200, results[i].text
+        got = np.array(results[i].json()["outputs"][0]["data"], np.float32)
+        np.testing.assert_array_equal(got, (np.full((1, 4), i, np.float32) @ W).ravel())
+    logs = [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
+    assert any(r["event"] == "draining" for r in logs)
+    assert any(r["event"] == "request" and r["status"] == 200 for r in logs)
