@@ -21,18 +21,27 @@ _LAZY: dict[str, str] = {
     "export": "bnexport.export.keras_export",
     "ExportReport": "bnexport.export.report",
     "fold_batchnorm": "bnexport.export.passes.fold_batchnorm",
+    "fold_batchnorm_with_report": "bnexport.export.passes.fold_batchnorm",
     "Session": "bnexport.runtime.session",
+    "check_parity": "bnexport.parity.check",
 }
 
 __all__ = ["BnexportError", "__version__", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from bnexport.export.keras_export import export
-    from bnexport.export.passes.fold_batchnorm import fold_batchnorm
-    from bnexport.export.report import ExportReport
-    from bnexport.layers.batch_normalization import BatchNormalization, SyncBatchNormalization
-    from bnexport.layers.recalibrate import recalibrate
-    from bnexport.runtime.session import Session
+    from bnexport.export.keras_export import export as export
+    from bnexport.export.passes.fold_batchnorm import fold_batchnorm as fold_batchnorm
+    from bnexport.export.passes.fold_batchnorm import (
+        fold_batchnorm_with_report as fold_batchnorm_with_report,
+    )
+    from bnexport.export.report import ExportReport as ExportReport
+    from bnexport.layers.batch_normalization import BatchNormalization as BatchNormalization
+    from bnexport.layers.batch_normalization import (
+        SyncBatchNormalization as SyncBatchNormalization,
+    )
+    from bnexport.layers.recalibrate import recalibrate as recalibrate
+    from bnexport.parity.check import check_parity as check_parity
+    from bnexport.runtime.session import Session as Session
 
 
 def __getattr__(name: str) -> Any:

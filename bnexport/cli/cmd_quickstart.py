@@ -39,7 +39,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--epochs must be >= 1. Received: --epochs={args.epochs}")
     if args.serve and args.no_export:
         raise UsageError("--serve needs the exported model; drop --no-export")
-    result = run_quickstart(args.out_dir, epochs=args.epochs, seed=args.seed, export=not args.no_export)
+    result = run_quickstart(
+        args.out_dir, epochs=args.epochs, seed=args.seed, export=not args.no_export
+    )
     passed = result.parity_report is None or bool(result.parity_report)
     if args.serve and result.onnx_path is not None:
         from bnexport.serve import serve_model
