@@ -19,6 +19,18 @@ from collections.abc import Sequence
 from bnexport import __version__
 from bnexport.errors import BnexportError, UsageError
 
+#: top-level module -> the extra that installs it, for "not installed" messages
+_EXTRA_OF_MODULE = {
+    "fastapi": "serve",
+    "uvicorn": "serve",
+    "httpx": "serve",
+    "prometheus_client": "serve",
+    "tensorrt": "tensorrt",
+    "tf_keras": "legacy",
+    "cuda": "gpu",
+    "cupy": "gpu",
+}
+
 #: subcommand modules, in the order ``--help`` lists them
 COMMANDS = (
     "quickstart",
@@ -65,6 +77,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except (BnexportError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
         print(f"bnexport {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "").split(".")[0]
+        extra = _EXTRA_OF_MODULE.get(missing)
+        hint = f"pip install 'bnexport[{extra}]'" if extra else f"pip install {missing}"
+        print(
+            f"bnexport {args.command}: error: {missing} is not installed ({hint})", file=sys.stderr
+        )
         return 1
     except KeyboardInterrupt:
         print(f"bnexport {args.command}: interrupted", file=sys.stderr)

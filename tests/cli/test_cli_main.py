@@ -42,3 +42,17 @@ def test_light_imports_do_not_load_tensorflow(code):
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
     ).stdout.split()
     assert out == ["False", "False"], f"{code!r} imported heavy modules: {out}"
+
+
+def test_missing_optional_dependency_is_one_line(monkeypatch, capsys):
+    import bnexport.cli.cmd_quickstart as cmd
+
+    def needs_fastapi(args):
+        raise ModuleNotFoundError("No module named 'fastapi'", name="fastapi")
+
+    monkeypatch.setattr(cmd, "run", needs_fastapi)
+    assert main(["quickstart"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "bnexport quickstart: error: fastapi is not installed (pip install 'bnexport[serve]')"
+    )
