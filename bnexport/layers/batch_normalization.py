@@ -510,10 +510,10 @@ class BatchNormalization(keras.layers.Layer):
         x4 = plan.to_4d(x, groups, vbs)
         scale, offset = self._fused_scale_offset()
         if self.renorm:
-            # moments first: r and d must be known before normalizing
-            _, mean, variance = local_moments(tf.cast(x4, tf.float32), plan.kernel_axes)
-            mean = self._average_groups(tf.reshape(mean, [-1]), groups)
-            variance = self._average_groups(tf.reshape(variance, [-1]), groups)
+            # moments first (one kernel call): r and d must be known before normalizing
+            _, mean, variance = fused_lib.fused_moments(x4, self.epsilon, plan.data_format)
+            mean = self._average_groups(mean, groups)
+            variance = self._average_groups(variance, groups)
             scale, offset = self._renorm_scale_offset(scale, offset, mean, variance)
         if not fused_lib.no_groups(groups):
             scale = tf.tile(scale, [groups])
@@ -534,9 +534,9 @@ class BatchNormalization(keras.layers.Layer):
         slices = [plan.to_4d(s) for s in tf.split(x, groups, axis=0)]
         scale, offset = self._fused_scale_offset()
         if self.renorm:
-            moments = [local_moments(tf.cast(s, tf.float32), plan.kernel_axes) for s in slices]
-            mean = tf.add_n([tf.reshape(m, [-1]) for _, m, _ in moments]) / groups
-            variance = tf.add_n([tf.reshape(v, [-1]) for _, _, v in moments]) / groups
+            moments = [fused_lib.fused_moments(s, self.epsilon, plan.data_format) for s in slices]
+            mean = tf.add_n([m for _, m, _ in moments]) / groups
+            variance = tf.add_n([v for _, _, v in moments]) / groups
             scale, offset = self._renorm_scale_offset(scale, offset, mean, variance)
         outputs, means, variances, count = [], [], [], 0.0
         for x4 in slices:

@@ -156,6 +156,34 @@ def fused_train(
     return y, count, mean, variance
 
 
+def fused_moments(
+    x4: tf.Tensor, epsilon: float, data_format: str
+) -> tuple[tf.Tensor | float, tf.Tensor, tf.Tensor]:
+    """Batch moments of a 4-D input from one training-mode kernel call (no gradient).
+
+    One kernel (float32 accumulation) is cheaper than the separate reductions of
+    :func:`~bnexport.layers.moments.local_moments` (the normalized output it also writes
+    is discarded). Used by batch renormalization,
+    whose corrections ``r``/``d`` need the moments before the normalizing call.
+
+    Args:
+        x4: 4-D input (float16/bfloat16/float32); its gradient is stopped.
+        epsilon: variance epsilon (does not affect the moments).
+        data_format: ``"NHWC"`` or ``"NCHW"``.
+
+    Returns:
+        ``(count, mean, variance)`` as :func:`fused_train` returns them: float32 ``[C']``
+        mean and *biased* variance (zeros for an empty batch).
+    """
+    axis = 1 if data_format == "NCHW" else 3
+    channels = x4.shape[axis]  # None for dynamic ghost batches (G·C channels)
+    ones = tf.ones([int(channels) if channels is not None else tf.shape(x4)[axis]], tf.float32)
+    _, count, mean, variance = fused_train(
+        tf.stop_gradient(x4), ones, tf.zeros_like(ones), epsilon, data_format
+    )
+    return count, mean, variance
+
+
 def fused_inference(
     x4: tf.Tensor,
     scale: tf.Tensor,
