@@ -293,6 +293,7 @@ def bench_model(label, path, in_name, out_name, shape, n, concurrency, timeout_m
                 "rss_after_warmup_mb": a["rss0"],
                 "rss_end_mb": rss1,
                 "rss_growth_pct": 100 * (rss1 - a["rss0"]) / a["rss0"],
+                "rss_growth_mb": rss1 - a["rss0"],
                 "wall_s": a["wall"],
             }
             rows.append(row)
@@ -375,7 +376,7 @@ def _row(r: dict) -> str:
         f"c={r['concurrency']:<3} {r['throughput_rps']:8.1f} req/s  p50 {r['p50_ms']:8.2f} ms  "
         f"p99 {r['p99_ms']:8.2f} ms  errors {r['errors']:<3} runs {r['model_runs']:<6} "
         f"mean batch {r['mean_batch']:5.1f}  RSS {r['rss_after_warmup_mb']:.0f}->"
-        f"{r['rss_end_mb']:.0f} MB ({r['rss_growth_pct']:+.1f}%)"
+        f"{r['rss_end_mb']:.0f} MB ({r['rss_growth_mb']:+.0f} MB, {r['rss_growth_pct']:+.1f}%)"
     )
 
 

@@ -77,6 +77,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="disable onnxruntime's CPU memory arena (flat memory, slower large models)",
     )
     parser.add_argument(
+        "--no-arena-shrinkage",
+        action="store_true",
+        help="keep onnxruntime's arena at its peak after merged batches (default: shrink it)",
+    )
+    parser.add_argument(
         "--no-warmup",
         action="store_true",
         help="skip the run on a zero batch of --max-batch rows before serving",
@@ -123,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
         intra_op_threads=args.intra_op_threads,
         ort_spinning=args.ort_spinning,
         memory_arena=not args.no_memory_arena,
+        arena_shrinkage=not args.no_arena_shrinkage,
         log_level=args.log_level,
         warmup=not args.no_warmup,
     )

@@ -167,10 +167,15 @@ class OrtBackend:
         self.providers = self.session.get_providers()
         self._output_names = [o.name for o in self.outputs]
 
-    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run one batch; ``feed`` is already checked and cast."""
+    def run(self, feed: dict[str, np.ndarray], run_options: Any = None) -> dict[str, np.ndarray]:
+        """Run one batch; ``feed`` is already checked and cast.
+
+        Args:
+            feed: ``{input name: array}``.
+            run_options: an ``onnxruntime.RunOptions`` for this run, or ``None``.
+        """
         try:
-            values = self.session.run(self._output_names, feed)
+            values = self.session.run(self._output_names, feed, run_options)
         except Exception as exc:  # onnxruntime raises its own pybind exception types
             if type(exc).__name__ == "InvalidArgument":
                 raise InputError(f"onnxruntime refused the inputs: {exc}") from exc

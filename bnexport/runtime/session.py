@@ -189,29 +189,46 @@ class Session:
         """Names of the model outputs, in graph order."""
         return [o.name for o in self.outputs]
 
-    def run(self, inputs: Mapping[str, Any] | np.ndarray) -> dict[str, np.ndarray]:
+    def run(
+        self, inputs: Mapping[str, Any] | np.ndarray, *, run_options: Any = None
+    ) -> dict[str, np.ndarray]:
         """Run the model.
 
         Args:
             inputs: ``{input name: array}``, or one array for a single-input model.
+            run_options: onnxruntime only: an ``onnxruntime.RunOptions`` passed to every
+                ``InferenceSession.run`` of this call (e.g. with the run config entry
+                ``memory.enable_memory_arena_shrinkage``); ``None``: onnxruntime's defaults.
 
         Returns:
             ``{output name: np.ndarray}`` for every graph output, in graph order.
 
         Raises:
             InputError: unknown/missing input, wrong rank, shape or dtype.
+            UsageError: ``run_options`` given to the TensorRT backend.
         """
+        if run_options is not None and self.backend != "onnxruntime":
+            raise UsageError(
+                f"run_options is an onnxruntime option; this session runs on {self.backend!r}. "
+                f"Received: run_options={run_options!r}"
+            )
         feed = check_inputs(inputs, self.inputs)
+
+        def run_one(chunk: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            if run_options is None:
+                return self._impl.run(chunk)
+            return self._impl.run(chunk, run_options=run_options)
+
         if self.max_batch is None:
-            return self._impl.run(feed)
+            return run_one(feed)
         n = batch_size(feed)
         if n is None:
             if all(a.ndim == 0 or a.shape[0] <= self.max_batch for a in feed.values()):
-                return self._impl.run(feed)
+                return run_one(feed)
             split_batches(feed, self.max_batch)  # raises: no common batch to split along
         if n <= self.max_batch:
-            return self._impl.run(feed)
-        parts = [self._impl.run(chunk) for chunk in split_batches(feed, self.max_batch)]
+            return run_one(feed)
+        parts = [run_one(chunk) for chunk in split_batches(feed, self.max_batch)]
         joined = {}
         for name in self.output_names:
             pieces = [p[name] for p in parts]

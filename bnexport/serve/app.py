@@ -97,7 +97,7 @@ class ServerState:
         batcher = self._batchers.get(key)
         if batcher is None:
             batcher = DynamicBatcher(
-                model.session.run,
+                model.run,
                 max_batch=model.max_batch,
                 timeout_s=model.batch_timeout_s,
                 workers=self.instances,

@@ -223,3 +223,23 @@ def test_lazy_top_level_export():
     import bnexport
 
     assert bnexport.Session is Session
+
+
+@pytest.mark.parametrize("max_batch", [None, 3])
+def test_run_options_reach_onnxruntime(max_batch):
+    """RunOptions are passed to every onnxruntime run, split chunks included."""
+    import onnxruntime as ort
+
+    sess = Session(dense_relu_model(), max_batch=max_batch)
+    x = _x(7, seed=4)
+    shrink = ort.RunOptions()
+    shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    out = sess.run(x, run_options=shrink)
+    ref = dense_relu_reference(x)
+    for name in ("y", "z"):
+        np.testing.assert_allclose(out[name], ref[name], rtol=RTOL, atol=ATOL)
+    stop = ort.RunOptions()
+    stop.terminate = True  # onnxruntime refuses to start a run with this flag
+    with pytest.raises(Exception, match="terminate"):
+        sess.run(x, run_options=stop)
+    np.testing.assert_allclose(sess.run(x)["y"], ref["y"], rtol=RTOL, atol=ATOL)

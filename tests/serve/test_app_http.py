@@ -173,10 +173,58 @@ def test_warmup_runs_the_largest_batch(tmp_path):
     single = tmp_path / "digits.onnx"
     onnx.save(digits_cnn(0), single)
     model = ModelRepository.from_path(single, max_batch=12, session_factory=Recording).get("digits")
-    assert model.warmup() and shapes == [(12, 8, 8, 1)]
+    assert model.warmup_batch_sizes() == [12, 12, 6, 6, 3, 3, 1, 1]
+    assert model.warmup() and shapes == [(b, 8, 8, 1) for b in (12, 12, 6, 6, 3, 3, 1, 1)]
 
     dynamic = digits_cnn(0)
     dynamic.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "H"
     onnx.save(dynamic, single)
     model = ModelRepository.from_path(single, session_factory=Recording).get("digits")
-    assert not model.warmup() and len(shapes) == 1
+    assert not model.warmup() and len(shapes) == 8
+
+    onnx.save(fixed_batch_model(), single)
+    model = ModelRepository.from_path(single, session_factory=Recording).get("digits")
+    fixed_shape = tuple(model.inputs[0].shape)
+    assert not model.batchable and model.warmup_batch_sizes() == []
+    assert model.warmup() and shapes[8:] == [fixed_shape, fixed_shape]
+
+
+def test_run_options_reach_every_session_run(tmp_path):
+    """``run_options`` from the repository go to warm-up and batched runs; answers unchanged."""
+    import onnxruntime as ort
+
+    from bnexport.serve.repository import default_session_factory
+    from bnexport.serve.server import ort_run_options
+
+    seen: list = []
+
+    class Recording:
+        def __init__(self, path, **kwargs):
+            self._s = default_session_factory(path, **kwargs)
+            self.inputs, self.outputs = self._s.inputs, self._s.outputs
+
+        def run(self, feed, run_options=None):
+            seen.append(run_options)
+            return self._s.run(feed, run_options=run_options)
+
+    options = ort_run_options("onnxruntime", "cpu")
+    assert isinstance(options, ort.RunOptions)
+    assert options.get_run_config_entry("memory.enable_memory_arena_shrinkage") == "cpu:0"
+    assert ort_run_options("onnxruntime", "cpu", memory_arena=False) is None
+    assert ort_run_options("onnxruntime", "cpu", arena_shrinkage=False) is None
+    assert ort_run_options("tensorrt", "cuda") is None
+
+    single = tmp_path / "digits.onnx"
+    onnx.save(digits_cnn(0), single)
+    repo = ModelRepository.from_path(
+        single, max_batch=8, session_factory=Recording, run_options=options
+    )
+    model = repo.get("digits")
+    assert model.warmup() and seen == [options] * 8
+    x = images(5, seed=3)
+    out = model.run({"image": x})
+    np.testing.assert_allclose(out["probs"], digits_reference(x)["probs"], rtol=RTOL, atol=ATOL)
+    assert seen[-1] is options
+    plain = ModelRepository.from_path(single, session_factory=Recording).get("digits")
+    plain.run({"image": x})
+    assert seen[-1] is None
