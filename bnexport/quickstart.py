@@ -158,9 +158,7 @@ def run_quickstart(
 
 def _save_keras_atomically(model: Any, path: Path) -> None:
     """Save ``model`` to ``path`` through a temporary file in the same directory."""
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    try:
+    from bnexport.atomic_write import atomic_path
+
+    with atomic_path(path, suffix=".keras") as tmp:
         model.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

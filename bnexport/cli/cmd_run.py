@@ -36,9 +36,9 @@ def run(args: argparse.Namespace) -> int:
 
     import numpy as np
 
+    from bnexport.atomic_write import write_bytes_atomic
     from bnexport.errors import InputError, UsageError
     from bnexport.parity.check import load_inputs
-    from bnexport.runtime.engine_cache import atomic_write_bytes
     from bnexport.runtime.session import Session
 
     if not os.path.isfile(args.model):
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     if args.output is not None:
         buf = io.BytesIO()
         np.savez(buf, **outputs)
-        atomic_write_bytes(Path(args.output), buf.getvalue())
+        write_bytes_atomic(args.output, buf.getvalue(), make_parents=True)
         print(f"wrote {len(outputs)} output(s) to {args.output}")
         return 0
     for name, arr in outputs.items():

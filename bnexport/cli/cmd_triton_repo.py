@@ -50,11 +50,8 @@ def run(args: argparse.Namespace) -> int:
     """Write the repository; print what was written and what is left to do."""
     from pathlib import Path
 
-    from bnexport.serve.triton_repo import (
-        atomic_write,
-        kserve_inferenceservice_yaml,
-        write_triton_repo,
-    )
+    from bnexport.atomic_write import write_text_atomic
+    from bnexport.serve.triton_repo import kserve_inferenceservice_yaml, write_triton_repo
 
     result = write_triton_repo(
         args.model,
@@ -73,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     if args.kserve:
         name = result.model_dir.name.lower().replace("_", "-").replace(".", "-")
         yaml_path = Path(args.out_dir) / "kserve-inferenceservice.yaml"
-        atomic_write(yaml_path, kserve_inferenceservice_yaml(name, args.kserve).encode())
+        write_text_atomic(yaml_path, kserve_inferenceservice_yaml(name, args.kserve))
         print(f"wrote {yaml_path}")
     for note in result.notes:
         print(f"note: {note}")

@@ -191,11 +191,9 @@ class ParityReport:
 
     def write_json(self, path: str | os.PathLike[str]) -> None:
         """Write the JSON report atomically."""
-        from pathlib import Path
+        from bnexport.atomic_write import write_text_atomic
 
-        from bnexport.runtime.engine_cache import atomic_write_bytes
-
-        atomic_write_bytes(Path(path), self.to_json().encode())
+        write_text_atomic(path, self.to_json(), make_parents=True)
 
     def write_html(self, path: str | os.PathLike[str]) -> None:
         """Write the self-contained HTML report (per-layer error plot embedded) atomically."""

@@ -202,8 +202,7 @@ def render_html(report: ParityReport) -> str:
 
 def write_html(report: ParityReport, path: str | os.PathLike[str]) -> Path:
     """Write :func:`render_html` to ``path`` atomically; returns the path."""
-    from bnexport.runtime.engine_cache import atomic_write_bytes
+    from bnexport.atomic_write import write_text_atomic
 
-    out = Path(path)
-    atomic_write_bytes(out, render_html(report).encode("utf-8"))
-    return out
+    write_text_atomic(path, render_html(report), make_parents=True)
+    return Path(path)

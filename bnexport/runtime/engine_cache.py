@@ -21,11 +21,11 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from bnexport.atomic_write import write_bytes_atomic
 from bnexport.errors import InputError
 from bnexport.runtime.io_check import TensorInfo
 
@@ -76,20 +76,6 @@ def timing_cache_path(trt_version: str, gpu_name: str, root: Path | None = None)
     return (root or cache_dir()) / f"timing-{_slug(trt_version)}-{_slug(gpu_name)}.cache"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 class EngineCache:
     """A folder of serialized engines addressed by :func:`engine_cache_key`."""
 
@@ -110,7 +96,7 @@ class EngineCache:
     def put(self, key: str, engine_bytes: bytes) -> Path:
         """Store an engine atomically; returns its path."""
         path = self.path(key)
-        atomic_write_bytes(path, bytes(engine_bytes))
+        write_bytes_atomic(path, bytes(engine_bytes), make_parents=True)
         return path
 
 

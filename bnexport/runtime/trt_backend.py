@@ -30,11 +30,11 @@ from typing import Any
 
 import numpy as np
 
+from bnexport.atomic_write import write_bytes_atomic
 from bnexport.errors import BackendUnavailableError, InputError
 from bnexport.runtime.engine_cache import (
     DEFAULT_TRT_MAX_BATCH,
     EngineCache,
-    atomic_write_bytes,
     engine_cache_key,
     profile_shapes,
     timing_cache_path,
@@ -246,7 +246,7 @@ class TrtBackend:
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:
             raise BackendUnavailableError("TensorRT failed to build the engine (see its log above)")
-        atomic_write_bytes(timing_path, bytes(timing.serialize()))
+        write_bytes_atomic(timing_path, bytes(timing.serialize()), make_parents=True)
         return bytes(serialized)
 
     # -- run --------------------------------------------------------------------------------

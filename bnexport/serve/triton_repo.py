@@ -61,10 +61,10 @@ import importlib.util
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from bnexport.atomic_write import atomic_path, write_bytes_atomic
 from bnexport.errors import UsageError
 
 BACKENDS = ("onnxruntime", "tensorrt")
@@ -235,29 +235,9 @@ def render_config(
     return text
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _atomic_copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(dst, make_parents=True) as tmp:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _has_fused_norm(model: Any) -> bool:
@@ -377,16 +357,15 @@ def write_triton_repo(
     if backend == "onnxruntime":
         model_file = version_dir / "model.onnx"
         if _has_fused_norm(model):
-            atomic_write(model_file, _lowered_bytes(model, src))
+            write_bytes_atomic(model_file, _lowered_bytes(model, src), make_parents=True)
             notes.append("FusedNorm nodes were lowered to standard ONNX ops")
         else:
             _atomic_copy(src, model_file)
     else:
         model_file = version_dir / "model.plan"
         _atomic_copy(src, model_dir / "model.onnx")
-        atomic_write(
-            model_dir / "README.md", _tensorrt_readme(name, src.name, max_batch, precision).encode()
-        )
+        readme = _tensorrt_readme(name, src.name, max_batch, precision)
+        write_bytes_atomic(model_dir / "README.md", readme.encode(), make_parents=True)
         plan = _build_plan(model, max_batch, precision)
         if plan is None:
             plan_written = False
@@ -395,9 +374,9 @@ def write_triton_repo(
                 f"Triton runs (same TensorRT version and GPU), see {model_dir / 'README.md'}"
             )
         else:
-            atomic_write(model_file, plan)
+            write_bytes_atomic(model_file, plan, make_parents=True)
     config_path = model_dir / "config.pbtxt"
-    atomic_write(config_path, text.encode("utf-8"))
+    write_bytes_atomic(config_path, text.encode("utf-8"), make_parents=True)
     return TritonRepoResult(model_dir, config_path, model_file, plan_written, cfg, notes)
 
 

@@ -24,10 +24,12 @@ import hashlib
 import os
 import re
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+
+from bnexport.atomic_write import write_bytes_atomic
+from bnexport.errors import BnexportError
 
 DEFAULT_ARCHS = ("sm_80", "sm_90")
 SOURCE_NAME = "fused_norm.cu"
@@ -128,19 +130,6 @@ def cache_dir() -> Path:
     """Kernel cache folder (``$BNEXPORT_CACHE_DIR`` or ``~/.cache/bnexport/kernels``)."""
     env = os.environ.get("BNEXPORT_CACHE_DIR")
     return Path(env) if env else Path.home() / ".cache" / "bnexport" / "kernels"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 #: Oldest PTX ISA that can name each target (PTX ISA release notes).
@@ -261,9 +250,9 @@ def compile_kernels(
         raise PluginError(f"NVRTC produced an empty {kind} for {target}")
     if use_cache:
         try:
-            _atomic_write(path, image)
-        except OSError:
-            pass  # a read-only cache is not an error
+            write_bytes_atomic(path, image, make_parents=True)
+        except (OSError, BnexportError):
+            pass  # a read-only or missing cache folder is not an error: the image is in hand
     if kind == "ptx" and ptx_isa:
         image = cap_ptx_isa(image, ptx_isa)
     return CompiledKernels(target, kind, image, ver, log)

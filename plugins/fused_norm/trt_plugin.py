@@ -404,8 +404,6 @@ def build_engine(
         ExportError: the parser or the builder failed (messages joined).
         BackendUnavailableError: TensorRT is not installed.
     """
-    import tempfile
-
     from bnexport.errors import ExportError
 
     trt, _ = _tensorrt()
@@ -439,9 +437,7 @@ def build_engine(
         raise ExportError(f"TensorRT failed to build an engine from {os.fspath(onnx_path)!r}")
     data = bytes(serialized)
     if engine_path is not None:
-        path = os.fspath(engine_path)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        from bnexport.atomic_write import write_bytes_atomic
+
+        write_bytes_atomic(engine_path, data)
     return data

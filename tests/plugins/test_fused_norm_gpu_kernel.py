@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import ml_dtypes
+import functools
+
 import numpy as np
 import pytest
 from bnexport_plugins.fused_norm.gpu_runtime import gpu_available
 from bnexport_plugins.fused_norm.reference import fused_norm
+from kernel_cases import DTYPES, make_case, stats_atol
 
 pytestmark = [
     pytest.mark.gpu,
@@ -15,7 +17,6 @@ pytestmark = [
     ),
 ]
 
-DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 # |y - ref| <= atol + rtol * |ref|; the reference is float64 rounded once to the dtype, the
 # kernels use float32 math (and float32 moments), so 16-bit outputs may differ by ~1 ulp.
 TOL = {"float32": (1e-5, 1e-5), "float16": (2e-3, 2e-3), "bfloat16": (1.6e-2, 1.6e-2)}
@@ -31,23 +32,7 @@ LAYOUTS = {
 ACTS = ["none", "relu", "relu6", "leaky_relu", "sigmoid", "silu"]
 
 
-def _inputs(shape, axis, dtype, offset=3.0, rng_seed=0):
-    rng = np.random.default_rng(rng_seed)
-    x = (rng.standard_normal(shape) * 2 + offset).astype(DTYPES[dtype])
-    c = shape[axis]
-    return x, rng.standard_normal(c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
-
-
-def stats_atol(x, scale, axis, vbs=0):
-    """Extra absolute error of batch_stats in float32: the float32 mean carries up to
-    |mean| * 2^-24 of rounding (x - mean is then exact), amplified by |gamma| / sigma
-    (per ghost batch of ``vbs`` samples when ``vbs`` > 0)."""
-    v = x.astype(np.float64)
-    groups = v.shape[0] // vbs if vbs else 1
-    v = v.reshape(groups, -1, *v.shape[1:])
-    axes = tuple(i for i in range(v.ndim) if i not in (0, axis + 1))
-    mean, std = np.abs(v.mean(axis=axes)), v.std(axis=axes)
-    return 4 * 2.0**-24 * float(np.max(mean)) * float(np.max(np.abs(scale) / std))
+_inputs = functools.partial(make_case, offset=3.0)
 
 
 def _assert_close(got, want, dtype, extra_atol=0.0):

@@ -8,20 +8,24 @@ timing or the GPU memory model (see test_gpu_kernel.py for that).
 
 from __future__ import annotations
 
-import ml_dtypes
+import functools
+
 import numpy as np
 import pytest
 from bnexport_plugins.fused_norm.gpu_runtime import run_numpy
 from bnexport_plugins.fused_norm.reference import fused_norm
 from cuda_emulator import EmulatedRuntime, build, compiler
+from kernel_cases import DTYPES, make_case, stats_atol
 
 pytestmark = pytest.mark.skipif(
     compiler() is None, reason="needs g++ >= 12: CPU emulation of the kernels not run"
 )
 
-DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 # |y - ref| <= atol + rtol*|ref|: float32 math vs the float64 reference, one rounding to dtype
 TOL = {"float32": (2e-6, 2e-6), "float16": (1e-3, 1e-3), "bfloat16": (8e-3, 8e-3)}
+
+
+_case = functools.partial(make_case, offset=5.0)
 
 
 @pytest.fixture(scope="module")
@@ -31,25 +35,6 @@ def rt(tmp_path_factory):
     except Exception as exc:  # noqa: BLE001
         pytest.skip(f"needs g++ >= 12 with C++20 <barrier> and _Float16: {exc}")
     return EmulatedRuntime(lib, num_sms=1)
-
-
-def _case(shape, axis, dtype, seed=0, offset=5.0):
-    rng = np.random.default_rng(seed)
-    x = (rng.standard_normal(shape) * 2 + offset).astype(DTYPES[dtype])
-    c = shape[axis]
-    return x, rng.standard_normal(c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
-
-
-def stats_atol(x, scale, axis, vbs=0):
-    """Extra absolute error of batch_stats in float32: the float32 mean carries up to
-    |mean| * 2^-24 of rounding (x - mean is then exact), amplified by |gamma| / sigma
-    (per ghost batch of ``vbs`` samples when ``vbs`` > 0)."""
-    v = x.astype(np.float64)
-    groups = v.shape[0] // vbs if vbs else 1
-    v = v.reshape(groups, -1, *v.shape[1:])
-    axes = tuple(i for i in range(v.ndim) if i not in (0, axis + 1))
-    mean, std = np.abs(v.mean(axis=axes)), v.std(axis=axes)
-    return 4 * 2.0**-24 * float(np.max(mean)) * float(np.max(np.abs(scale) / std))
 
 
 def _compare(got, want, dtype, extra_atol=0.0):
