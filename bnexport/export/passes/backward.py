@@ -30,7 +30,7 @@ import numpy as np
 import onnx_ir as ir
 
 from bnexport.export.fold_math import fold_into_consumer_weights
-from bnexport.export.passes.context import AffineSpec, FoldContext, placeholders, spec_of
+from bnexport.export.passes.context import AffineSpec, FoldContext, FoldRulePass, spec_of
 from bnexport.export.passes.graph_utils import (
     add_initializer,
     attr_float,
@@ -177,24 +177,13 @@ def rewrite(graph: ir.Graph, ph: ir.Node, plan: Plan, ctx: FoldContext) -> str:
     return node.name or name
 
 
-class BackwardFoldPass(ir.passes.InPlacePass):
-    """Fold each remaining placeholder into the Conv/Gemm/MatMul consuming its output."""
+class BackwardFoldPass(FoldRulePass):
+    """Fold each remaining placeholder into the Conv/Gemm/MatMul consuming its output.
 
-    def __init__(self, ctx: FoldContext) -> None:
-        super().__init__()
-        self.ctx = ctx
+    The report keeps the forward refusal, which says why the fold went backward.
+    """
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        """Fold what is exact; remember the reason for the rest."""
-        graph = model.graph
-        modified = False
-        for ph in placeholders(graph):
-            spec = spec_of(ph)
-            plan = check(ph, spec)
-            if isinstance(plan, str):
-                spec.refusals.append(f"backward: {plan}")
-                continue
-            target = rewrite(graph, ph, plan, self.ctx)
-            self.ctx.record(spec.labels, "folded_backward", target, "; ".join(spec.refusals))
-            modified = True
-        return ir.passes.PassResult(model, modified)
+    direction = "backward"
+    action = "folded_backward"
+    check = staticmethod(check)
+    rewrite = staticmethod(rewrite)

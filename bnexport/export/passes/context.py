@@ -117,3 +117,48 @@ class FoldContext:
         """Append one record per label (the same fate for each BN of a merged chain)."""
         for name in labels:
             self.records.append(FoldRecord(name, action, target, reason))
+
+
+class FoldRulePass(ir.passes.InPlacePass):
+    """Apply one fold rule to every placeholder: ``check`` → a plan or a refusal reason.
+
+    Subclasses set ``direction`` (prefix of the recorded refusal), ``action`` (the
+    report's verdict when the rule applies) and the rule's ``check``/``rewrite``
+    functions; ``reason`` picks what the report says about a successful fold.
+    """
+
+    direction: str
+    action: Action
+
+    def __init__(self, ctx: FoldContext) -> None:
+        super().__init__()
+        self.ctx = ctx
+
+    @staticmethod
+    def check(ph: ir.Node, spec: AffineSpec) -> object | str:
+        """A plan for ``rewrite``, or a string saying why the rule does not apply."""
+        raise NotImplementedError
+
+    @staticmethod
+    def rewrite(graph: ir.Graph, ph: ir.Node, plan: object, ctx: FoldContext) -> str:
+        """Apply ``plan``; return the name of the node the placeholder went into."""
+        raise NotImplementedError
+
+    def reason(self, spec: AffineSpec) -> str:
+        """What the report says about a successful fold (default: every earlier refusal)."""
+        return "; ".join(spec.refusals)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        """Fold what the rule allows; remember the reason for the rest."""
+        graph = model.graph
+        modified = False
+        for ph in placeholders(graph):
+            spec = spec_of(ph)
+            plan = self.check(ph, spec)
+            if isinstance(plan, str):
+                spec.refusals.append(f"{self.direction}: {plan}")
+                continue
+            target = self.rewrite(graph, ph, plan, self.ctx)
+            self.ctx.record(spec.labels, self.action, target, self.reason(spec))
+            modified = True
+        return ir.passes.PassResult(model, modified)

@@ -29,7 +29,7 @@ import numpy as np
 import onnx_ir as ir
 
 from bnexport.export.fold_math import fold_into_producer_weights
-from bnexport.export.passes.context import AffineSpec, FoldContext, placeholders, spec_of
+from bnexport.export.passes.context import AffineSpec, FoldContext, FoldRulePass, spec_of
 from bnexport.export.passes.graph_utils import (
     add_initializer,
     attr_float,
@@ -165,25 +165,14 @@ def rewrite(graph: ir.Graph, ph: ir.Node, plan: Plan, ctx: FoldContext) -> str:
     return node.name or name
 
 
-class ForwardFoldPass(ir.passes.InPlacePass):
+class ForwardFoldPass(FoldRulePass):
     """Fold each placeholder into the Conv/ConvTranspose/Gemm/MatMul producing its input."""
 
-    def __init__(self, ctx: FoldContext) -> None:
-        super().__init__()
-        self.ctx = ctx
+    direction = "forward"
+    action = "folded_forward"
+    check = staticmethod(check)
+    rewrite = staticmethod(rewrite)
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        """Fold what can be folded; remember the reason for the rest."""
-        graph = model.graph
-        modified = False
-        for ph in placeholders(graph):
-            spec = spec_of(ph)
-            plan = check(ph, spec)
-            if isinstance(plan, str):
-                spec.refusals.append(f"forward: {plan}")
-                continue
-            target = rewrite(graph, ph, plan, self.ctx)
-            extra = [r for r in spec.refusals if "float32" in r]
-            self.ctx.record(spec.labels, "folded_forward", target, "; ".join(extra))
-            modified = True
-        return ir.passes.PassResult(model, modified)
+    def reason(self, spec: AffineSpec) -> str:
+        """Only the float32-island notes: earlier refusals do not concern a forward fold."""
+        return "; ".join(r for r in spec.refusals if "float32" in r)
