@@ -42,3 +42,11 @@ class PluginError(BnexportError):
 
 class UsageError(BnexportError):
     """A command-line argument or file given by the user is unusable."""
+
+
+class QuantizeError(BnexportError):
+    """A graph could not be quantized to INT8 (names the node, input or option at fault)."""
+
+
+class CalibrationError(QuantizeError, ValueError):
+    """Calibration data is empty or has the wrong input name, shape or dtype (names the input)."""
