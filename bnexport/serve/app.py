@@ -17,40 +17,32 @@ the model failed on this request (only this one), 503 shutting down. The
 request body may be ``gzip``/``deflate`` encoded (``Content-Encoding``), as
 ``tritonclient`` sends it with ``request_compression_algorithm``; the decoded
 size counts against the limit.
+
+:func:`create_app` only assembles: the shared :class:`ServerState`, the error
+handlers, one router per group of endpoints (health and metadata here,
+inference in :mod:`bnexport.serve.infer`), and the ASGI guard in front
+(:mod:`bnexport.serve.middleware`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import time
-import zlib
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bnexport import __version__
-from bnexport.errors import InputError
-from bnexport.serve import codec
 from bnexport.serve.batcher import DynamicBatcher
-from bnexport.serve.binary import HEADER_LENGTH
-from bnexport.serve.errors import (
-    BadRequestError,
-    ModelRunError,
-    PayloadTooLargeError,
-    ServeError,
-)
+from bnexport.serve.errors import ServeError
+from bnexport.serve.infer import _ERRORS, error_response, infer_router, read_body
 from bnexport.serve.logs import get_logger
 from bnexport.serve.metrics import ServerMetrics
 from bnexport.serve.middleware import GuardMiddleware
 from bnexport.serve.protocol import (
-    ErrorResponse,
-    InferenceRequest,
-    InferenceResponse,
     ModelMetadataResponse,
     ModelReadyResponse,
     ServerLiveResponse,
@@ -59,18 +51,11 @@ from bnexport.serve.protocol import (
 )
 from bnexport.serve.repository import ModelRepository, ServedModel
 
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "ServerState", "create_app", "error_response", "read_body"]
+
 DEFAULT_MAX_BODY_BYTES = 64 << 20
 #: models whose runs average less than this run on the event loop (no thread handoff)
 INLINE_BELOW_S = 200e-6
-#: JSON bodies / outputs above these sizes are (de)serialized in a worker thread
-_OFFLOAD_BYTES = 256 << 10
-_OFFLOAD_ELEMENTS = 64 << 10
-_ERRORS: dict = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 500, 503)}
-
-
-def error_response(status: int, message: str) -> JSONResponse:
-    """A KServe error body with ``status``."""
-    return JSONResponse({"error": message}, status_code=status)
 
 
 class ServerState:
@@ -122,25 +107,6 @@ class ServerState:
             await batcher.close()
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, decoded per ``Content-Encoding`` and size-checked."""
-    body = await request.body()
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding in ("", "identity"):
-        return body
-    if encoding not in ("gzip", "deflate"):
-        raise ServeError(f"unsupported Content-Encoding {encoding!r}", status_code=415)
-    wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS
-    decoder = zlib.decompressobj(wbits)
-    try:
-        out = decoder.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise BadRequestError(f"body is not valid {encoding} data: {exc}") from None
-    if len(out) > limit:
-        raise PayloadTooLargeError(f"decompressed request body is over the limit of {limit} bytes")
-    return out
-
-
 def create_app(
     repository: ModelRepository,
     *,
@@ -164,27 +130,45 @@ def create_app(
         The ASGI app (FastAPI wrapped in :class:`GuardMiddleware`); the FastAPI
         instance is ``app.fastapi`` and the shared state ``app.state``.
     """
-    metrics = metrics or ServerMetrics()
     if batch_policy not in ("adaptive", "window"):
         raise ValueError(f"batch_policy must be 'adaptive' or 'window'. Received: {batch_policy!r}")
-    state = ServerState(repository, metrics, instances, batch_policy)
+    state = ServerState(repository, metrics or ServerMetrics(), instances, batch_policy)
+    api = FastAPI(
+        title="bnexport server",
+        version=__version__,
+        description="KServe v2 / Open Inference Protocol over HTTP/REST.",
+        lifespan=_lifespan(state),
+    )
+    _add_error_handlers(api)
+    # -- routers: one line per group of endpoints --------------------------------------------
+    api.include_router(health_router(state))
+    api.include_router(metadata_router(state))
+    api.include_router(infer_router(state, max_body_bytes))
+    # ------------------------------------------------------------------------------------------
+    app = GuardMiddleware(api, token=token, max_body_bytes=max_body_bytes, logger=get_logger())
+    app.fastapi = api  # type: ignore[attr-defined]
+    app.state = state  # type: ignore[attr-defined]
+    return app
+
+
+def _lifespan(state: ServerState) -> Any:
+    """Lifespan of the app: note the running loop; on shutdown drain the batchers."""
     log = get_logger()
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         state.loop = asyncio.get_running_loop()
-        log.info("ready", extra={"fields": {"models": repository.names()}})
+        log.info("ready", extra={"fields": {"models": state.repository.names()}})
         yield
         log.info("draining")
         await state.drain()
         log.info("stopped")
 
-    api = FastAPI(
-        title="bnexport server",
-        version=__version__,
-        description="KServe v2 / Open Inference Protocol over HTTP/REST.",
-        lifespan=lifespan,
-    )
+    return lifespan
+
+
+def _add_error_handlers(api: FastAPI) -> None:
+    """Every error leaves as a KServe error body ``{"error": "..."}``."""
 
     @api.exception_handler(ServeError)
     async def _serve_error(_: Request, exc: ServeError) -> JSONResponse:
@@ -200,21 +184,33 @@ def create_app(
         where = ".".join(str(p) for p in first["loc"])
         return error_response(400, f"{where}: {first['msg']}")
 
-    # -- health and metadata ------------------------------------------------------------------
-    @api.get("/v2/health/live", response_model=ServerLiveResponse)
+
+def health_router(state: ServerState) -> APIRouter:
+    """``/v2/health/live`` and ``/v2/health/ready``: answered on the event loop, no I/O."""
+    router = APIRouter()
+
+    @router.get("/v2/health/live", response_model=ServerLiveResponse)
     async def live() -> dict:
         return {"live": True}
 
-    @api.get("/v2/health/ready", response_model=ServerReadyResponse, responses=_ERRORS)
+    @router.get("/v2/health/ready", response_model=ServerReadyResponse, responses=_ERRORS)
     async def ready() -> JSONResponse:
         return JSONResponse({"ready": state.ready}, status_code=200 if state.ready else 400)
 
-    @api.get("/v2", response_model=ServerMetadataResponse)
+    return router
+
+
+def metadata_router(state: ServerState) -> APIRouter:
+    """Server and model metadata, model readiness and config, Prometheus metrics."""
+    router = APIRouter()
+    repository = state.repository
+
+    @router.get("/v2", response_model=ServerMetadataResponse)
     async def server_metadata() -> dict:
         return {"name": "bnexport", "version": __version__, "extensions": ["binary_tensor_data"]}
 
-    @api.get("/v2/models/{name}", response_model=ModelMetadataResponse, responses=_ERRORS)
-    @api.get(
+    @router.get("/v2/models/{name}", response_model=ModelMetadataResponse, responses=_ERRORS)
+    @router.get(
         "/v2/models/{name}/versions/{version}",
         response_model=ModelMetadataResponse,
         responses=_ERRORS,
@@ -223,8 +219,8 @@ def create_app(
         model = repository.get(name, version)
         return model.metadata(repository.versions(name) if version is None else [model.version])
 
-    @api.get("/v2/models/{name}/ready", response_model=ModelReadyResponse, responses=_ERRORS)
-    @api.get(
+    @router.get("/v2/models/{name}/ready", response_model=ModelReadyResponse, responses=_ERRORS)
+    @router.get(
         "/v2/models/{name}/versions/{version}/ready",
         response_model=ModelReadyResponse,
         responses=_ERRORS,
@@ -234,115 +230,16 @@ def create_app(
         ok = state.ready
         return JSONResponse({"name": model.name, "ready": ok}, status_code=200 if ok else 400)
 
-    @api.get("/v2/models/{name}/config", responses=_ERRORS)
-    @api.get("/v2/models/{name}/versions/{version}/config", responses=_ERRORS)
+    @router.get("/v2/models/{name}/config", responses=_ERRORS)
+    @router.get("/v2/models/{name}/versions/{version}/config", responses=_ERRORS)
     async def model_config(name: str, version: str | None = None) -> dict:
         return _config_json(repository.get(name, version))
 
-    @api.get("/metrics")
+    @router.get("/metrics")
     async def prometheus() -> Response:
-        return Response(metrics.render(), media_type=metrics.content_type)
+        return Response(state.metrics.render(), media_type=state.metrics.content_type)
 
-    # -- inference ------------------------------------------------------------------------------
-    @api.post(
-        "/v2/models/{name}/infer",
-        responses={200: {"model": InferenceResponse}, **_ERRORS},
-        openapi_extra={
-            "requestBody": {
-                "content": {"application/json": {"schema": InferenceRequest.model_json_schema()}}
-            }
-        },
-    )
-    @api.post(
-        "/v2/models/{name}/versions/{version}/infer",
-        responses={200: {"model": InferenceResponse}, **_ERRORS},
-    )
-    async def infer(request: Request, name: str, version: str | None = None) -> Response:
-        start = time.perf_counter()
-        labels = ("unknown", "")
-        status = 500
-        inflight = None
-        expected = None  # the batcher told to expect this request, until it is submitted
-        try:
-            model = repository.get(name, version)
-            labels = (model.name, model.version)
-            inflight = metrics.inflight.labels(*labels)
-            inflight.inc()
-            batcher = state.batcher(model)
-            batcher.expect()
-            expected = batcher
-            body = await read_body(request, max_body_bytes)
-            header = request.headers.get(HEADER_LENGTH)
-            big_json = header is None and len(body) > _OFFLOAD_BYTES
-            if big_json:  # parsing megabytes of JSON would stall every other request
-                req = await asyncio.to_thread(codec.decode_request, body, header)
-            else:
-                req = codec.decode_request(body, header)
-            rows = model.check_inputs(req.inputs)
-            model.check_outputs(req.outputs)
-            expected = None
-            results = await _run(batcher, model, req.inputs, rows)
-            encode = functools.partial(
-                codec.encode_response,
-                model.name,
-                model.version,
-                req.id,
-                results,
-                req.outputs,
-                req.binary_output,
-            )
-            json_elements = sum(v.size for v in results.values())
-            if json_elements > _OFFLOAD_ELEMENTS and not req.binary_output:
-                payload, header_len = await asyncio.to_thread(encode)
-            else:
-                payload, header_len = encode()
-            status = 200
-            if header_len is None:
-                return Response(payload, media_type="application/json")
-            return Response(
-                payload,
-                media_type="application/octet-stream",
-                headers={HEADER_LENGTH: str(header_len)},
-            )
-        except ServeError as exc:
-            status = exc.status_code
-            return error_response(status, str(exc))
-        except BaseException:
-            status = 499  # client went away (cancelled) or an unexpected error
-            raise
-        finally:
-            if expected is not None:
-                expected.unexpect()
-            if inflight is not None:
-                inflight.dec()
-            metrics.requests.labels(*labels, str(status)).inc()
-            if labels[0] != "unknown":
-                metrics.latency.labels(*labels).observe(time.perf_counter() - start)
-
-    app = GuardMiddleware(api, token=token, max_body_bytes=max_body_bytes, logger=log)
-    app.fastapi = api  # type: ignore[attr-defined]
-    app.state = state  # type: ignore[attr-defined]
-    return app
-
-
-async def _run(batcher: DynamicBatcher, model: ServedModel, inputs: dict, rows: int | None) -> dict:
-    """Run one (expected) request through the model's batcher, mapping errors to statuses."""
-    try:
-        return await batcher.submit(inputs, rows, expected=True)
-    except ServeError:
-        raise
-    except InputError as exc:
-        raise BadRequestError(f"model '{model.name}': {exc}") from None
-    except Exception as exc:
-        get_logger().error(
-            "model run failed",
-            exc_info=exc,
-            extra={"fields": {"model": model.name, "version": model.version}},
-        )
-        raise ModelRunError(
-            f"model '{model.name}' version {model.version} failed on this request: "
-            f"{type(exc).__name__}: {exc}"
-        ) from None
+    return router
 
 
 def _config_json(model: ServedModel) -> dict:
