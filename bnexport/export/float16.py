@@ -21,14 +21,22 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import numpy as np
+from bnexport_plugins.fused_norm import spec as fused_norm_spec
 
 from bnexport.errors import ExportError
 
 FLOAT16_MAX = 65504.0
 OverflowPolicy = Literal["float32", "error"]
 
-#: (op_type, input index) that must stay float32
-_FLOAT32_SLOTS = {("Resize", 1), ("Resize", 2), ("Upsample", 1), ("FusedNorm", 1), ("FusedNorm", 2)}
+#: (op_type, input index) of default-domain ops that must stay float32
+_FLOAT32_SLOTS = {("Resize", 1), ("Resize", 2), ("Upsample", 1)}
+
+
+def _float32_slot(node: Any, idx: int) -> bool:
+    """Input ``idx`` of ``node`` must stay float32 (ONNX spec, or FusedNorm's scale/shift)."""
+    if fused_norm_spec.is_fused_norm(node):
+        return idx in fused_norm_spec.FLOAT32_INPUTS
+    return (node.op_type, idx) in _FLOAT32_SLOTS
 
 
 def _overflows(array: np.ndarray) -> bool:
@@ -89,7 +97,7 @@ def convert_to_float16(
     stay32: set[int] = set()
     for node in graph:
         for i, value in enumerate(node.inputs):
-            if value is not None and (node.op_type, i) in _FLOAT32_SLOTS:
+            if value is not None and _float32_slot(node, i):
                 if value.const_value is not None or value.is_graph_input():
                     stay32.add(id(value))
     for node in keep32:
@@ -101,9 +109,7 @@ def convert_to_float16(
         if value.dtype != FLOAT or value.const_value is None:
             continue
         uses = list(value.uses())
-        needs32 = [
-            u for u in uses if id(u.node) in keep_ids or (u.node.op_type, u.idx) in _FLOAT32_SLOTS
-        ]
+        needs32 = [u for u in uses if id(u.node) in keep_ids or _float32_slot(u.node, u.idx)]
         if len(needs32) == len(uses) and uses:
             continue
         if needs32:  # shared: give the float16 consumers their own copy

@@ -15,7 +15,9 @@ merged over the defaults below; ``session_options`` is an
 Graphs that contain the project's ``bnexport::FusedNorm`` node are handed to the
 fused-norm plugin's onnxruntime paths: on CPU ``ort_cpu.make_cpu_session`` (the
 NumPy reference itself as an onnxruntime-extensions op, so the numbers are the
-reference's), on CUDA ``lowering.lower_fused_norm`` (standard ONNX ops).
+reference's), on CUDA ``lowering.lower_fused_norm`` (standard ONNX ops). What counts as
+a FusedNorm node is decided by ``bnexport_plugins.fused_norm.spec`` alone
+(:func:`~bnexport_plugins.fused_norm.spec.has_fused_norm`, re-exported here).
 """
 
 from __future__ import annotations
@@ -24,12 +26,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from bnexport_plugins.fused_norm.spec import has_fused_norm
 
 from bnexport.errors import BackendUnavailableError, InputError
 from bnexport.runtime.io_check import TensorInfo
 
-FUSED_NORM_DOMAIN = "bnexport"
-FUSED_NORM_OP = "FusedNorm"
+__all__ = ["DEFAULT_PROVIDER_OPTIONS", "OrtBackend", "has_fused_norm"]
 
 #: options used unless ``providers_options`` overrides them
 DEFAULT_PROVIDER_OPTIONS: dict[str, dict[str, Any]] = {
@@ -37,23 +39,6 @@ DEFAULT_PROVIDER_OPTIONS: dict[str, dict[str, Any]] = {
     "CUDAExecutionProvider": {},
     "CPUExecutionProvider": {},
 }
-
-
-def has_fused_norm(model: Any) -> bool:
-    """Whether an ``onnx.ModelProto`` contains a ``bnexport::FusedNorm`` node (any subgraph)."""
-
-    def _walk(graph: Any) -> bool:
-        for node in graph.node:
-            if node.op_type == FUSED_NORM_OP and node.domain == FUSED_NORM_DOMAIN:
-                return True
-            for attr in node.attribute:
-                if attr.g.node and _walk(attr.g):
-                    return True
-                if any(_walk(g) for g in attr.graphs):
-                    return True
-        return False
-
-    return _walk(model.graph)
 
 
 def _providers(
@@ -107,17 +92,12 @@ def _fused_norm_session(model: Any, device: str, sess_options: Any, providers: l
     """
     import onnxruntime as ort
 
-    try:
-        if device == "cpu":
-            from bnexport_plugins.fused_norm.ort_cpu import make_cpu_session
+    if device == "cpu":
+        from bnexport_plugins.fused_norm.ort_cpu import make_cpu_session
 
-            return make_cpu_session(model, sess_options=sess_options, providers=providers)
-        from bnexport_plugins.fused_norm.lowering import lower_fused_norm
-    except ImportError as exc:
-        raise BackendUnavailableError(
-            "the graph contains bnexport::FusedNorm but the plugin's onnxruntime path "
-            f"(bnexport_plugins.fused_norm) cannot be imported: {exc}"
-        ) from exc
+        return make_cpu_session(model, sess_options=sess_options, providers=providers)
+    from bnexport_plugins.fused_norm.lowering import lower_fused_norm
+
     lowered = lower_fused_norm(model)
     return ort.InferenceSession(
         lowered.SerializeToString(), sess_options=sess_options, providers=providers

@@ -328,8 +328,11 @@ class ModelRepository:
 
 
 def _check_name(name: str, where: Path) -> str:
-    if not _NAME_RE.match(name):
-        raise UsageError(f"model name {name!r} ({where}) may only use letters, digits, '_.-'")
+    if not _NAME_RE.match(name) or name in (".", ".."):
+        raise UsageError(
+            f"model name {name!r} ({where}) may only use letters, digits, '_.-' "
+            "and may not be '.' or '..'"
+        )
     return name
 
 

@@ -46,7 +46,7 @@ at run time:
 
 With ``--backend onnxruntime``, Triton's onnxruntime backend cannot run a
 Python custom op, so FusedNorm nodes are lowered to standard ONNX ops first
-(``bnexport_plugins.fused_norm.ort_cpu.lower_fused_norm``) or refused.
+(``bnexport_plugins.fused_norm.lowering.lower_fused_norm``).
 
 Not possible on this machine (no TensorRT): building or loading the plan; the
 tests check the layout and the config only.
@@ -63,6 +63,8 @@ import re
 import shutil
 from pathlib import Path
 from typing import Any
+
+from bnexport_plugins.fused_norm.spec import has_fused_norm
 
 from bnexport.atomic_write import atomic_path, write_bytes_atomic
 from bnexport.errors import UsageError
@@ -192,22 +194,7 @@ def _tensor_configs(values: Any, initializers: set[str], batched: bool) -> list[
     return out
 
 
-def _render_tensors(kind: str, tensors: list[TensorConfig]) -> str:
-    entries = []
-    for t in tensors:
-        dims = ", ".join(str(d) for d in t.dims) if t.dims else ""
-        # a scalar per batch item (dims []) is written as [ 1 ] with reshape { shape: [] }
-        reshape = ""
-        if not t.dims:
-            dims, reshape = "1", "\n    reshape { shape: [ ] }"
-        entries.append(
-            f'  {{\n    name: "{t.name}"\n    data_type: {t.data_type}\n'
-            f"    dims: [ {dims} ]{reshape}\n  }}"
-        )
-    return f"{kind} [\n" + ",\n".join(entries) + "\n]\n"
-
-
-def render_config(
+def model_config(
     name: str,
     backend: str,
     inputs: list[TensorConfig],
@@ -217,22 +204,37 @@ def render_config(
     instances: int,
     instance_kind: str,
     queue_delay_us: int,
-    source: str,
-) -> str:
-    """The text of config.pbtxt (see the module docstring for the fields)."""
-    lines = [
-        f"# Written by `bnexport triton-repo` from {source}.",
-        f'name: "{name}"',
-        f'backend: "{backend}"',
-        f"max_batch_size: {max_batch}",
-    ]
-    text = "\n".join(lines) + "\n"
-    text += _render_tensors("input", inputs)
-    text += _render_tensors("output", outputs)
+) -> Any:
+    """The ``inference.ModelConfig`` message of config.pbtxt (fields: see the module docstring).
+
+    A tensor with no dims besides the batch (a scalar per batch item) is written as
+    ``dims: [1]`` with ``reshape { shape: [] }``, as Triton expects.
+    """
+    pb2 = model_config_pb2()
+    cfg = pb2.ModelConfig(name=name, backend=backend, max_batch_size=max_batch)
+    for entries, tensors in ((cfg.input, inputs), (cfg.output, outputs)):
+        for t in tensors:
+            entry = entries.add(name=t.name, data_type=pb2.DataType.Value(t.data_type))
+            entry.dims.extend(t.dims or (1,))
+            if not t.dims:
+                entry.reshape.SetInParent()  # reshape { } : shape [] per batch item
     if max_batch > 0:
-        text += f"dynamic_batching {{\n  max_queue_delay_microseconds: {queue_delay_us}\n}}\n"
-    text += f"instance_group [\n  {{\n    count: {instances}\n    kind: {instance_kind}\n  }}\n]\n"
-    return text
+        cfg.dynamic_batching.SetInParent()
+        cfg.dynamic_batching.max_queue_delay_microseconds = queue_delay_us
+    cfg.instance_group.add(count=instances, kind=pb2.ModelInstanceGroup.Kind.Value(instance_kind))
+    return cfg
+
+
+def render_config(cfg: Any, *, source: str) -> str:
+    """config.pbtxt text: a comment naming ``source``, then ``cfg`` printed by ``text_format``.
+
+    ``text_format`` escapes every string (a tensor name with quotes or newlines stays one
+    field), which is why the text is never assembled by hand.
+    """
+    from google.protobuf import text_format
+
+    comment = " ".join(f"Written by `bnexport triton-repo` from {source}.".split())
+    return f"# {comment}\n" + text_format.MessageToString(cfg)
 
 
 def _atomic_copy(src: Path, dst: Path) -> None:
@@ -240,41 +242,37 @@ def _atomic_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, tmp)
 
 
-def _has_fused_norm(model: Any) -> bool:
-    return any(n.op_type == "FusedNorm" and n.domain == "bnexport" for n in model.graph.node)
+def _lowered_bytes(model: Any) -> bytes:
+    """FusedNorm nodes lowered to standard ONNX ops, for Triton's onnxruntime backend.
+
+    The lowering ships with bnexport (``bnexport_plugins``), so it is imported without a
+    guard: an ImportError here is a broken installation and must surface as one.
+    """
+    from bnexport_plugins.fused_norm.lowering import lower_fused_norm
+
+    return lower_fused_norm(model).SerializeToString()
 
 
-def _lowered_bytes(model: Any, path: Path) -> bytes:
-    """FusedNorm nodes lowered to standard ONNX ops, for Triton's onnxruntime backend."""
-    try:
-        ort_cpu = importlib.import_module("bnexport_plugins.fused_norm.ort_cpu")
-        lower = ort_cpu.lower_fused_norm
-    except (ImportError, AttributeError):
+def validate_model_name(name: str) -> str:
+    """A model name that is one folder inside the repository, checked as ``serve`` checks it.
+
+    Raises:
+        UsageError: the name is empty, ``.``/``..``, or uses anything but letters, digits
+            and ``_.-`` (so ``--name ../../x`` cannot write outside ``OUT_DIR``).
+    """
+    from bnexport.serve.repository import _check_name
+
+    return _check_name(name, Path("--name"))
+
+
+def _check_round_trip(text: str, cfg: Any) -> Any:
+    """Parse ``text`` with Triton's model-config protobuf; it must give back ``cfg`` exactly."""
+    parsed = parse_config(text)
+    if parsed != cfg:
         raise UsageError(
-            f"{path} contains bnexport::FusedNorm nodes, which Triton's onnxruntime backend "
-            "cannot run and no lowering to standard ONNX ops is available; re-export with "
-            "BN folding to standard ops or use --backend tensorrt"
-        ) from None
-    return lower(model).SerializeToString()
-
-
-def _check_parsed(cfg: Any, name: str, max_batch: int, inputs, outputs, instances: int) -> None:
-    """Compare the parsed config with what was meant to be written."""
-    pb2 = model_config_pb2()
-    problems = []
-    if cfg.name != name:
-        problems.append(f"name {cfg.name!r} != {name!r}")
-    if cfg.max_batch_size != max_batch:
-        problems.append(f"max_batch_size {cfg.max_batch_size} != {max_batch}")
-    for kind, want, got in (("input", inputs, cfg.input), ("output", outputs, cfg.output)):
-        parsed = [(t.name, pb2.DataType.Name(t.data_type), tuple(t.dims) or (1,)) for t in got]
-        meant = [(t.name, t.data_type, t.dims or (1,)) for t in want]
-        if parsed != meant:
-            problems.append(f"{kind}s {parsed} != {meant}")
-    if sum(g.count for g in cfg.instance_group) != instances:
-        problems.append("instance_group count differs")
-    if problems:
-        raise UsageError("config.pbtxt does not say what was meant: " + "; ".join(problems))
+            f"config.pbtxt does not parse back to the config that was meant: {parsed!r} != {cfg!r}"
+        )
+    return parsed
 
 
 def write_triton_repo(
@@ -327,7 +325,9 @@ def write_triton_repo(
         )
     if bad:
         raise UsageError("triton-repo: invalid argument(s). Received: " + ", ".join(bad))
-    name = model_name or re.sub(r"[^A-Za-z0-9_.\-]", "_", src.stem)
+    if model_name is None:
+        model_name = re.sub(r"[^A-Za-z0-9_.\-]", "_", src.stem)
+    name = validate_model_name(model_name)
     model = onnx.load(str(src), load_external_data=False)
     if any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer):
         raise UsageError(f"{src} keeps weights in external data files; save it as one file first")
@@ -336,7 +336,7 @@ def write_triton_repo(
     inputs = _tensor_configs(model.graph.input, initializers, batched)
     outputs = _tensor_configs(model.graph.output, set(), batched)
     digest = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
-    text = render_config(
+    cfg = model_config(
         name,
         backend,
         inputs,
@@ -345,10 +345,9 @@ def write_triton_repo(
         instances=instances,
         instance_kind=INSTANCE_KINDS[instance_kind],
         queue_delay_us=int(round(batch_timeout_ms * 1000)),
-        source=f"{src.name} (sha256 {digest}...)",
     )
-    cfg = parse_config(text)
-    _check_parsed(cfg, name, max_batch, inputs, outputs, instances)
+    text = render_config(cfg, source=f"{src.name} (sha256 {digest}...)")
+    cfg = _check_round_trip(text, cfg)
 
     model_dir = Path(out_dir) / name
     version_dir = model_dir / "1"
@@ -356,8 +355,8 @@ def write_triton_repo(
     plan_written = True
     if backend == "onnxruntime":
         model_file = version_dir / "model.onnx"
-        if _has_fused_norm(model):
-            write_bytes_atomic(model_file, _lowered_bytes(model, src), make_parents=True)
+        if has_fused_norm(model):
+            write_bytes_atomic(model_file, _lowered_bytes(model), make_parents=True)
             notes.append("FusedNorm nodes were lowered to standard ONNX ops")
         else:
             _atomic_copy(src, model_file)

@@ -76,9 +76,7 @@ def _activation(b: _Builder, v: str, name: str, alpha: float, output: str) -> st
 
 
 def _lower_node(node: onnx.NodeProto, rank: int, elem: int, opset: int) -> _Builder:
-    attrs = {**spec.ATTRIBUTE_DEFAULTS}
-    attrs.update({a.name: helper.get_attribute_value(a) for a in node.attribute})
-    attrs = spec.validate_attributes(attrs)
+    attrs = spec.node_attribute_values(node)
     axis, vbs = int(attrs["axis"]), int(attrs["virtual_batch_size"])
     b = _Builder(node.name or node.output[0], opset)
     x, scale, shift = node.input[:3]
@@ -162,7 +160,7 @@ def lower_fused_norm(model: onnx.ModelProto) -> onnx.ModelProto:
     )
     nodes: list[onnx.NodeProto] = []
     for node in out.graph.node:
-        if not (node.op_type == spec.OP_TYPE and node.domain == spec.DOMAIN):
+        if not spec.is_fused_norm(node):
             nodes.append(node)
             continue
         info = infos.get(node.input[0])

@@ -120,11 +120,6 @@ def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
-def is_fused_norm(node: onnx.NodeProto) -> bool:
-    """True for a ``bnexport::FusedNorm`` node."""
-    return node.op_type == spec.OP_TYPE and node.domain == spec.DOMAIN
-
-
 def to_python_ops(model: onnx.ModelProto) -> onnx.ModelProto:
     """Rewrite (in place) FusedNorm nodes into onnxruntime-extensions Python ops; returns ``model``.
 
@@ -139,7 +134,7 @@ def to_python_ops(model: onnx.ModelProto) -> onnx.ModelProto:
         raise PluginError(str(exc)) from None
     new_nodes: list[onnx.NodeProto] = []
     for node in model.graph.node:
-        if not is_fused_norm(node):
+        if not spec.is_fused_norm(node):
             new_nodes.append(node)
             continue
         name = node.name or node.output[0]
@@ -230,7 +225,7 @@ def make_cpu_session(
         )
     model = _load(model_or_path)
     ort_kwargs.setdefault("providers", ["CPUExecutionProvider"])
-    if not any(is_fused_norm(n) for n in model.graph.node):
+    if not spec.has_fused_norm(model):
         return ort.InferenceSession(model.SerializeToString(), **ort_kwargs)
     if backend == "auto":
         try:

@@ -31,6 +31,7 @@ TensorRT plugin has a fixed output count, so the three-output form
 from __future__ import annotations
 
 import math
+from typing import Any
 
 OP_TYPE = "FusedNorm"
 DOMAIN = "bnexport"
@@ -40,6 +41,9 @@ PLUGIN_NAMESPACE_STATS = "bnexport_stats"
 PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{OP_TYPE}"
 PLUGIN_ID_STATS = f"{PLUGIN_NAMESPACE_STATS}::{OP_TYPE}"
 OPSET_VERSION = 1
+
+#: Inputs of the node that stay float32 whatever the dtype of ``X`` (``scale``, ``shift``).
+FLOAT32_INPUTS: tuple[int, ...] = (1, 2)
 
 MODES = ("affine", "batch_stats")
 ACTIVATIONS = ("none", "relu", "relu6", "leaky_relu", "sigmoid", "silu")
@@ -172,3 +176,49 @@ def node_attributes(**overrides: int | float | str) -> dict[str, int | float | s
     attrs: dict[str, int | float | str] = validate_attributes({**ATTRIBUTE_DEFAULTS, **overrides})
     attrs["plugin_namespace"] = plugin_namespace(attrs)
     return {key: attrs[key] for key in sorted(attrs)}
+
+
+def is_fused_norm(node: Any) -> bool:
+    """True for a ``bnexport::FusedNorm`` node.
+
+    Works on anything with ``op_type`` and ``domain`` attributes: an ``onnx.NodeProto``
+    or an ``onnx_ir.Node``. This is the one place that decides what a FusedNorm node is.
+    """
+    return node.op_type == OP_TYPE and node.domain == DOMAIN
+
+
+def _subgraphs(node: Any) -> list[Any]:
+    """Graph-valued attributes (``If``/``Loop``/``Scan`` bodies) of an ``onnx.NodeProto``."""
+    graphs = []
+    for attr in node.attribute:
+        if attr.HasField("g"):
+            graphs.append(attr.g)
+        graphs.extend(attr.graphs)
+    return graphs
+
+
+def has_fused_norm(model_or_graph: Any) -> bool:
+    """Whether an ``onnx.ModelProto`` or ``GraphProto`` has a FusedNorm node (subgraphs too)."""
+    graph = getattr(model_or_graph, "graph", model_or_graph)
+    return any(
+        is_fused_norm(node) or any(has_fused_norm(g) for g in _subgraphs(node))
+        for node in graph.node
+    )
+
+
+def node_attribute_values(node: Any) -> dict[str, int | float | str]:
+    """The validated attributes of a FusedNorm ``onnx.NodeProto`` (defaults filled in).
+
+    Raises:
+        PluginError: naming the node, for an unknown attribute or a bad value.
+    """
+    from onnx import helper
+
+    from bnexport.errors import PluginError
+
+    attrs: dict[str, Any] = {**ATTRIBUTE_DEFAULTS}
+    attrs.update({a.name: helper.get_attribute_value(a) for a in node.attribute})
+    try:
+        return validate_attributes(attrs)
+    except PluginError as exc:
+        raise PluginError(f"node {node.name or node.output[0]!r}: {exc}") from None

@@ -95,3 +95,34 @@ def test_shape_inference_rejects_double():
     model.graph.input[0].type.tensor_type.elem_type = TensorProto.DOUBLE
     with pytest.raises(onnx.shape_inference.InferenceError, match="unsupported dtype"):
         onnx.shape_inference.infer_shapes(model, strict_mode=True)
+
+
+def test_identity_comes_from_spec_only():
+    """One definition of "a FusedNorm node": op type and domain, subgraphs included."""
+    model = fused_norm_model(TensorProto.FLOAT, ["N", 4, 3, 3])
+    (node,) = model.graph.node
+    assert spec.is_fused_norm(node) and spec.has_fused_norm(model)
+    assert spec.has_fused_norm(model.graph)
+    other_domain = helper.make_node("FusedNorm", ["x", "s", "b"], ["y"], domain="other")
+    assert not spec.is_fused_norm(other_domain)
+    plain = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    assert not spec.has_fused_norm(plain)
+    body = helper.make_graph(list(model.graph.node), "body", [], [])
+    cond = helper.make_node("If", ["c"], ["y"], then_branch=body, else_branch=body)
+    nested = helper.make_graph([cond], "outer", [], [])
+    assert spec.has_fused_norm(nested)  # inside an If branch
+
+
+def test_node_attribute_values_fills_defaults_and_names_the_node():
+    node = helper.make_node("FusedNorm", ["x", "s", "b"], ["y"], name="bn7", domain="bnexport")
+    assert spec.node_attribute_values(node) == spec.validate_attributes(spec.ATTRIBUTE_DEFAULTS)
+    bad = helper.make_node(
+        "FusedNorm", ["x", "s", "b"], ["y"], name="bn8", domain="bnexport", activation="gelu"
+    )
+    with pytest.raises(PluginError, match=r"node 'bn8'.*activation"):
+        spec.node_attribute_values(bad)

@@ -119,3 +119,80 @@ def test_cli_triton_repo_and_kserve(digits_onnx, tmp_path, capsys):
     yaml_text = (out / "kserve-inferenceservice.yaml").read_text()
     assert "kind: InferenceService" in yaml_text and "storageUri: s3://bucket/models" in yaml_text
     assert main(["triton-repo", str(tmp_path / "missing.onnx"), str(out)]) == 1
+
+
+def _fused_norm_onnx(tmp_path):
+    from bnexport_plugins.fused_norm import onnx_node
+
+    onnx_node.register_onnx_schema()
+    c = 4
+    node = onnx_node.make_node(["x", "scale", "shift"], ["y"], name="fn", activation="relu")
+    rng = np.random.default_rng(3)
+    scale = rng.standard_normal(c).astype(np.float32)
+    shift = rng.standard_normal(c).astype(np.float32)
+    graph = onnx.helper.make_graph(
+        [node],
+        "fused",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", c, 3, 3])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", c, 3, 3])],
+        [
+            onnx.numpy_helper.from_array(scale, "scale"),
+            onnx.numpy_helper.from_array(shift, "shift"),
+        ],
+    )
+    model = onnx.helper.make_model(
+        graph, opset_imports=[onnx.helper.make_opsetid("", 18), onnx_node.opset_import()]
+    )
+    path = tmp_path / "fused.onnx"
+    onnx.save(model, path)
+    return path, scale, shift
+
+
+def test_fused_norm_graph_is_lowered_for_onnxruntime(tmp_path):
+    """Regression: the default backend used to fail with "no lowering ... available"."""
+    path, scale, shift = _fused_norm_onnx(tmp_path)
+    res = write_triton_repo(path, tmp_path / "repo", max_batch=8)
+    assert res.plan_written and "lowered" in res.notes[0]
+    lowered = onnx.load(res.model_file)
+    assert not any(n.domain == "bnexport" for n in lowered.graph.node)
+    assert all(o.domain in ("", "ai.onnx") for o in lowered.opset_import)
+    x = np.random.default_rng(4).standard_normal((2, 4, 3, 3)).astype(np.float32)
+    got = ort.InferenceSession(res.model_file.read_bytes()).run(["y"], {"x": x})[0]
+    want = np.maximum(x * scale[:, None, None] + shift[:, None, None], 0)  # relu(x*s + b)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["../../x", "..", ".", "a/b", "", "x y"])
+def test_model_name_cannot_leave_out_dir(digits_onnx, tmp_path, name):
+    out = tmp_path / "deep" / "repo"
+    out.mkdir(parents=True)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(UsageError, match="model name"):
+        write_triton_repo(digits_onnx, out, model_name=name)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert main(["triton-repo", str(digits_onnx), str(out), "--name", name]) != 0
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_config_names_are_escaped_by_text_format(tmp_path):
+    """Tensor names with quotes, backslashes and newlines survive config.pbtxt unchanged."""
+    names = ['in"put\n1', "out\\put 'y'"]
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", [names[0]], [names[1]])],
+        "odd",
+        [onnx.helper.make_tensor_value_info(names[0], onnx.TensorProto.FLOAT, ["N", 3])],
+        [onnx.helper.make_tensor_value_info(names[1], onnx.TensorProto.FLOAT, ["N"])],
+    )
+    path = tmp_path / "odd\nname.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)]), path)
+    res = write_triton_repo(path, tmp_path / "repo", max_batch=4, batch_timeout_ms=0)
+    assert res.model_dir.name == "odd_name"
+    text = res.config_path.read_text()
+    assert text.startswith("# ") and text.count("#") == 1  # the source comment stays one line
+    pb2, cfg = _parse(res.config_path)
+    assert [t.name for t in cfg.input] == [names[0]]
+    assert [t.name for t in cfg.output] == [names[1]]
+    assert list(cfg.output[0].dims) == [1] and cfg.output[0].HasField("reshape")  # scalar per item
+    assert list(cfg.output[0].reshape.shape) == []
+    assert cfg.HasField("dynamic_batching")  # kept with a zero queue delay
+    assert cfg.dynamic_batching.max_queue_delay_microseconds == 0
