@@ -3,7 +3,9 @@
 Every kind is recognized: this project's ``BatchNormalization`` /
 ``SyncBatchNormalization``, ``keras.layers.BatchNormalization`` (Keras 3) and
 tf.keras's (the ``tf_keras`` package, ``SyncBatchNormalization`` included), at any
-depth of nested models. In inference mode each is the per-channel affine map::
+depth: nested models and custom ``Layer`` subclasses alike (the walk is
+:mod:`bnexport.layers.walk`, which follows Keras's own layer tracking).
+In inference mode each is the per-channel affine map::
 
     y = x · scale + shift,   scale = γ / sqrt(var + ε),   shift = β − μ · scale
 
@@ -14,14 +16,23 @@ layer's own variables (renorm, virtual batches and momentum only matter in train
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
 from bnexport.errors import ExportError
 from bnexport.export.fold_math import bn_scale_shift
+from bnexport.layers.walk import display_names, is_batch_norm, is_model, walk_layers
+
+__all__ = [
+    "BNLayer",
+    "bn_from_layer",
+    "find_bn_layers",
+    "is_batch_norm",
+    "is_model",
+    "unique_names",
+    "walk_layers",
+]
 
 
 @dataclasses.dataclass
@@ -62,40 +73,9 @@ class BNLayer:
         return shape
 
 
-def is_batch_norm(layer: Any) -> bool:
-    """Whether ``layer`` is a batch-normalization layer of any supported kind.
-
-    Duck-typed on the class hierarchy name (``*BatchNormalization``) and the
-    inference variables, so Keras 3, tf.keras and bnexport layers all match.
-    """
-    names = [cls.__name__ for cls in type(layer).__mro__]
-    if not any(n.endswith("BatchNormalization") or n == "BatchNormalizationBase" for n in names):
-        return False
-    return all(hasattr(layer, attr) for attr in ("moving_mean", "moving_variance", "epsilon"))
-
-
-def is_model(layer: Any) -> bool:
-    """Whether ``layer`` is a (nested) model whose layers must be walked."""
-    return any(cls.__name__ in ("Functional", "Sequential", "Model") for cls in type(layer).__mro__)
-
-
-def walk_layers(model: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """Yield ``(path, layer)`` for every layer, depth first, nested models included."""
-    for layer in getattr(model, "layers", []):
-        path = f"{prefix}{layer.name}"
-        yield path, layer
-        if is_model(layer):
-            yield from walk_layers(layer, prefix=f"{path}/")
-
-
 def unique_names(model: Any) -> dict[int, str]:
-    """``{id(layer): name}``: the layer's own name, or its path where names repeat."""
-    entries = list(walk_layers(model))
-    counts = Counter(layer.name for _, layer in entries)
-    names: dict[int, str] = {}
-    for path, layer in entries:
-        names.setdefault(id(layer), layer.name if counts[layer.name] == 1 else path)
-    return names
+    """``{id(layer): name}`` as reports show it (:func:`bnexport.layers.walk.display_names`)."""
+    return display_names(model)
 
 
 def _numpy(variable: Any) -> np.ndarray | None:
@@ -139,16 +119,14 @@ def bn_from_layer(layer: Any, name: str) -> BNLayer:
 
 
 def find_bn_layers(model: Any) -> list[BNLayer]:
-    """Every BN layer of ``model`` (nested models included), in layer order.
+    """Every BN layer of ``model`` (nested models and custom layers included), walk order.
 
-    A layer object shared by several nested models is listed once.
+    A layer object reused in several places is listed once; its name is the one
+    :func:`bnexport.layers.walk.display_names` gives (``block/bn`` inside a custom layer).
     """
-    names = unique_names(model)
-    found: list[BNLayer] = []
-    seen: set[int] = set()
-    for _, layer in walk_layers(model):
-        if id(layer) in seen or not is_batch_norm(layer):
-            continue
-        seen.add(id(layer))
-        found.append(bn_from_layer(layer, names[id(layer)]))
-    return found
+    names = display_names(model)
+    return [
+        bn_from_layer(layer, names[id(layer)])
+        for _, layer in walk_layers(model)
+        if is_batch_norm(layer)
+    ]

@@ -6,6 +6,9 @@
 * a Keras 3 grouped ``Conv1D``/``Conv2D`` emits one plain TF ``Conv2D`` op;
 * every layer's ``call`` is wrapped to record the TF ops it creates and its output tensor.
 
+The layers are those of :func:`bnexport.layers.walk.walk_layers`: nested models' and
+custom ``Layer`` subclasses' sublayers at any depth, each object once.
+
 All patches are instance attributes, removed in a ``finally``.
 """
 
@@ -16,7 +19,8 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-from bnexport.export.bn_layers import BNLayer, is_model, unique_names, walk_layers
+from bnexport.export.bn_layers import BNLayer
+from bnexport.layers.walk import display_names, is_model, walk_layers
 
 #: ONNX node names of BN-derived nodes: ``.../bnexport_bn<i>_mul`` (``_add``)
 BN_NODE_RE = re.compile(r"(?:^|/)bnexport_bn(\d+)_(mul|add)(?:_\d+)?$")
@@ -144,9 +148,9 @@ def patched_layers(model: Any, bns: list[BNLayer], state: TraceState) -> Iterato
 
     try:
         bn_index = {id(bn.layer): i for i, bn in enumerate(bns)}
-        names = unique_names(model)
-        for _, layer in walk_layers(model):
-            if is_model(layer) or any(obj is layer for obj, _, _ in patched):
+        names = display_names(model)
+        for _, layer in walk_layers(model):  # every tracked layer, custom blocks' too, once
+            if is_model(layer):
                 continue
             if id(layer) in bn_index:
                 i = bn_index[id(layer)]

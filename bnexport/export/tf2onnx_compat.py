@@ -2,7 +2,10 @@
 
 tf2onnx would merge a BN's ``Mul``/``Add`` into a bias-less ``Conv`` (transpose optimizer)
 and fold ``Conv`` + ``BatchNormalization`` (back-to-back optimizer) in float32, losing the
-link to the layer. :func:`tf2onnx_optimizers` keeps everything else tf2onnx does.
+link to the layer. :func:`tf2onnx_optimizers` keeps everything else tf2onnx does, and
+guards the transpose optimizer's ``Add`` handler against 0-d constants (a tf2onnx bug
+that stock tf2onnx hides by undoing the optimizer; the export runs with
+``TF2ONNX_CATCH_ERRORS=FALSE`` so that any other optimizer failure stays loud).
 """
 
 from __future__ import annotations
@@ -11,6 +14,20 @@ import types
 from typing import Any
 
 from bnexport.export.patches import BN_NODE_RE
+
+
+def _scalar_const(node: Any) -> bool:
+    """Whether ``node``'s second input is a 0-d constant (hard-sigmoid's ``x + 3``).
+
+    tf2onnx 1.17's ``_add_handler`` computes ``max(value.shape)`` to merge the constant
+    into a bias-less ``Conv``; for a 0-d value that raises ``ValueError: max() arg is an
+    empty sequence`` (MobileNetV3). Such an ``Add`` is pushed through the transpose
+    instead, which is what tf2onnx does with any constant it cannot merge.
+    """
+    inputs = getattr(node, "inputs", None) or []
+    if len(inputs) < 2 or inputs[1] is None or not inputs[1].is_const():
+        return False
+    return inputs[1].get_tensor_value(as_list=False).ndim == 0
 
 
 def _keep_bn_transpose_optimizer(protect_all: bool) -> Any:
@@ -41,7 +58,11 @@ def _keep_bn_transpose_optimizer(protect_all: bool) -> Any:
             return self._guarded(super()._add_handler, trans, node)
 
         def _guarded(self, handler: Any, trans: Any, node: Any) -> Any:
-            protected = BN_NODE_RE.search(node.name) or (protect_all and node.type == "Mul")
+            protected = (
+                BN_NODE_RE.search(node.name)
+                or (protect_all and node.type == "Mul")
+                or (node.type == "Add" and _scalar_const(node))
+            )
             if not protected:
                 return handler(trans, node)
             self._bn_guard = trans.inputs[0] if trans.inputs else None

@@ -72,24 +72,25 @@ def run_reference(loaded: LoadedModel, feeds: dict[str, np.ndarray]) -> dict[str
 
 
 def make_session(model: Any) -> tuple[Any, str]:
-    """An onnxruntime CPU session for ``model`` and a description of the route taken."""
-    try:
-        from bnexport_plugins.fused_norm.ort_cpu import make_cpu_session
-    except ImportError:
-        import onnxruntime as ort
+    """An onnxruntime CPU session for ``model`` and a description of the route taken.
 
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 2
-        return ort.InferenceSession(
-            model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
-        ), "onnxruntime"
+    Graphs with ``bnexport::FusedNorm`` nodes go through the plugin's CPU path
+    (``bnexport_plugins.fused_norm.ort_cpu.make_cpu_session``); others are plain
+    onnxruntime sessions (2 threads, default graph optimizations).
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 2
-    has_plugin = any(n.op_type == "FusedNorm" for n in model.graph.node)
-    route = "onnxruntime + bnexport_plugins FusedNorm CPU" if has_plugin else "onnxruntime"
-    return make_cpu_session(model, sess_options=opts), route
+    if any(n.op_type == "FusedNorm" for n in model.graph.node):
+        from bnexport_plugins.fused_norm.ort_cpu import make_cpu_session
+
+        route = "onnxruntime + bnexport_plugins FusedNorm CPU"
+        return make_cpu_session(model, sess_options=opts), route
+    session = ort.InferenceSession(
+        model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
+    )
+    return session, "onnxruntime"
 
 
 def run_onnx(model: Any, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], str]:

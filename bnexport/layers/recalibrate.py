@@ -112,22 +112,14 @@ def _is_bn(layer: Any) -> bool:
 
 
 def _find_bn_layers(model: keras.layers.Layer) -> dict[str, keras.layers.Layer]:
-    """``path -> layer`` for every BN layer reachable from ``model`` (each once)."""
-    found: dict[str, keras.layers.Layer] = {}
-    seen: set[int] = set()
+    """``path -> layer`` for every BN layer reachable from ``model`` (each once).
 
-    def walk(layer: Any, prefix: str) -> None:
-        for child in getattr(layer, "_layers", []) or []:
-            if id(child) in seen:
-                continue
-            seen.add(id(child))
-            path = f"{prefix}{child.name}"
-            if _is_bn(child):
-                found[path] = child
-            walk(child, f"{path}/")
+    The walk is :func:`bnexport.layers.walk.walk_layers` (nested models and custom
+    layers at any depth); this module measures Keras 3 BN layers only.
+    """
+    from bnexport.layers.walk import walk_layers
 
-    walk(model, "")
-    return found
+    return {path: layer for path, layer in walk_layers(model) if _is_bn(layer)}
 
 
 def _feature_axes(layer: Any, rank: int) -> list[int]:

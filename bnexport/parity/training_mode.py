@@ -37,16 +37,15 @@ from bnexport.parity.runners import keras_input_names, keras_module
 
 
 def iter_bn_layers(model: Any) -> Iterator[Any]:
-    """Batch-normalization layers of ``model`` (nested models included), in layer order."""
-    for layer in model.layers:
-        if hasattr(layer, "layers") and hasattr(layer, "inputs"):
-            yield from iter_bn_layers(layer)
-        elif (
-            "BatchNormalization" in type(layer).__name__
-            and hasattr(layer, "moving_mean")
-            and hasattr(layer, "epsilon")
-        ):
-            yield layer
+    """Batch-normalization layers of ``model``, each once, in walk order.
+
+    The walk is :func:`bnexport.layers.walk.bn_layers`: nested models and custom
+    ``Layer`` subclasses at any depth.
+    """
+    from bnexport.layers.walk import bn_layers
+
+    for _, layer in bn_layers(model):
+        yield layer
 
 
 def _feature_axis(layer: Any, rank: int) -> int | str:
