@@ -23,7 +23,6 @@ through: the channel axis moves to where ``perm`` puts it.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import numpy as np
@@ -32,32 +31,18 @@ import onnx_ir as ir
 from bnexport.export.fold_math import fold_into_consumer_weights
 from bnexport.export.passes.context import AffineSpec, FoldContext, FoldRulePass, spec_of
 from bnexport.export.passes.graph_utils import (
-    add_initializer,
     attr_float,
     attr_int,
     attr_ints,
     attr_str,
-    cast_folded,
     const_array,
-    np_dtype,
     single_consumer,
     static_dim,
     transpose_perm,
 )
-from bnexport.export.passes.rewrite import attach_bias, run_in_float32
+from bnexport.export.passes.rewrite import WeightFold, write_weight_fold
 
 TARGET_OPS = ("Conv", "Gemm", "MatMul")
-
-
-@dataclasses.dataclass
-class Plan:
-    """A checked backward fold: new float64 weight and bias (C for Gemm) of ``node``."""
-
-    node: ir.Node
-    weight: np.ndarray
-    bias: np.ndarray
-    old_weight: np.ndarray
-    through: ir.Node | None = None  # a Transpose between the normalization and ``node``
 
 
 def conv_padding_is_zero(conv: ir.Node, x: ir.Value, weight: np.ndarray) -> bool:
@@ -85,7 +70,7 @@ def conv_padding_is_zero(conv: ir.Node, x: ir.Value, weight: np.ndarray) -> bool
     return True
 
 
-def check(ph: ir.Node, spec: AffineSpec) -> Plan | str:
+def check(ph: ir.Node, spec: AffineSpec) -> WeightFold | str:
     """Check the backward fold of placeholder ``ph``; return a plan or the refusal reason."""
     y = ph.outputs[0]
     if y.is_graph_output():
@@ -123,7 +108,7 @@ def check(ph: ir.Node, spec: AffineSpec) -> Plan | str:
         w, b = fold_into_consumer_weights(
             weight, bias, spec.scale, spec.shift, in_axis=1, out_axis=0, groups=groups
         )
-        return Plan(consumer, w, b, weight, through)
+        return WeightFold(consumer, w, b, weight, through)
     if weight.ndim != 2:
         return f"W of {op} '{name}' is not 2-D"
     trans_a = op == "Gemm" and attr_int(consumer, "transA", 0) == 1
@@ -136,45 +121,18 @@ def check(ph: ir.Node, spec: AffineSpec) -> Plan | str:
         weight, None, spec.scale, spec.shift, in_axis=in_axis, out_axis=out_axis
     )
     if op == "MatMul":
-        return Plan(consumer, w, added, weight, through)
+        return WeightFold(consumer, w, added, weight, through)
     alpha, beta = attr_float(consumer, "alpha", 1.0), attr_float(consumer, "beta", 1.0)
     effective = np.float64(0.0) if bias is None or beta == 0 else beta * bias.astype(np.float64)
-    return Plan(consumer, w, effective + alpha * added, weight, through)
+    return WeightFold(consumer, w, effective + alpha * added, weight, through)
 
 
-def rewrite(graph: ir.Graph, ph: ir.Node, plan: Plan, ctx: FoldContext) -> str:
+def rewrite(graph: ir.Graph, ph: ir.Node, plan: WeightFold, ctx: FoldContext) -> str:
     """Apply ``plan``: the consumer reads ``x`` with new weights; return the target name."""
     spec = spec_of(ph)
-    node, namer = plan.node, ctx.namer(graph)
-    name = node.name or node.op_type
-    wdtype = node.inputs[1].dtype or spec.dtype
-    w = cast_folded(plan.weight, wdtype, what="weight", node=name, policy=ctx.float16_policy,
-                    reference=plan.old_weight)  # fmt: skip
-    b = cast_folded(plan.bias, spec.dtype, what="bias", node=name, policy=ctx.float16_policy)
-    island = w.float32 or b.float32
-    dtype = np.dtype(np.float32) if island else np_dtype(spec.dtype)
-    (plan.through or node).replace_input_with(0, ph.inputs[0])
+    (plan.through or plan.node).replace_input_with(0, ph.inputs[0])
     graph.remove(ph, safe=True)
-    node.replace_input_with(
-        1, add_initializer(graph, namer, plan.weight.astype(dtype), f"{name}_W")
-    )
-    last = node
-    if node.op_type == "MatMul":
-        if plan.bias.any() or island:
-            last = attach_bias(graph, namer, node, plan.bias, dtype, rank=spec.rank)
-            node = last if last.op_type == "Gemm" else node
-    else:
-        if len(node.inputs) < 3:
-            node.resize_inputs(3)
-        node.replace_input_with(
-            2, add_initializer(graph, namer, plan.bias.astype(dtype), f"{name}_B")
-        )
-        if node.op_type == "Gemm":
-            node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
-    if island:
-        run_in_float32(graph, namer, node, last, spec.dtype)
-        spec.refusals.append(f"{node.op_type} kept in float32: {w.why or b.why}")
-    return node.name or name
+    return write_weight_fold(graph, plan, spec, ctx, rank=spec.rank)
 
 
 class BackwardFoldPass(FoldRulePass):

@@ -16,7 +16,8 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from bnexport.export.passes.graph_utils import Float16Policy, Namer
+from bnexport.export.passes.graph_utils import Namer
+from bnexport.export.passes.islands import Float16Policy
 from bnexport.export.report import Action, FoldRecord
 
 INTERNAL_DOMAIN = "bnexport.internal"

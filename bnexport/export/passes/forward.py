@@ -23,37 +23,22 @@ under ``keep_float16_overflow="error"``, a folded float16 weight does not fit fl
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import onnx_ir as ir
 
 from bnexport.export.fold_math import fold_into_producer_weights
 from bnexport.export.passes.context import AffineSpec, FoldContext, FoldRulePass, spec_of
 from bnexport.export.passes.graph_utils import (
-    add_initializer,
     attr_float,
     attr_int,
-    cast_folded,
     const_array,
-    np_dtype,
     rank_of,
     single_consumer,
     transpose_perm,
 )
-from bnexport.export.passes.rewrite import attach_bias, run_in_float32, take_over
+from bnexport.export.passes.rewrite import WeightFold, take_over, write_weight_fold
 
 LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-
-
-@dataclasses.dataclass
-class Plan:
-    """A checked fold: the new float64 weight and bias (C for Gemm) of ``node``."""
-
-    node: ir.Node
-    weight: np.ndarray
-    bias: np.ndarray
-    old_weight: np.ndarray
 
 
 def _axis_error(op: ir.Node, axis: int, expected: int) -> str | None:
@@ -85,7 +70,7 @@ def _look_through_transpose(
     return inner, inner_producer, perm[spec.positive_axis] - spec.rank
 
 
-def check(ph: ir.Node, spec: AffineSpec) -> Plan | str:
+def check(ph: ir.Node, spec: AffineSpec) -> WeightFold | str:
     """Check the forward fold of placeholder ``ph``; return a plan or the refusal reason."""
     x, producer, axis = _look_through_transpose(ph.inputs[0], ph, spec)
     if producer is None:
@@ -117,7 +102,7 @@ def check(ph: ir.Node, spec: AffineSpec) -> Plan | str:
             weight, bias, spec.scale, spec.shift, out_axis=out_axis, groups=groups,
             in_axis=0 if op == "ConvTranspose" else None,
         )  # fmt: skip
-        return Plan(producer, w, b, weight)
+        return WeightFold(producer, w, b, weight)
     if weight.ndim != 2:
         return f"W of {op} '{producer.name}' is not 2-D"
     if (err := _axis_error(producer, axis, -1)) is not None:
@@ -127,42 +112,17 @@ def check(ph: ir.Node, spec: AffineSpec) -> Plan | str:
         return f"{op} '{producer.name}' has {weight.shape[out_axis]} outputs, BN {spec.channels}"
     w, _ = fold_into_producer_weights(weight, None, spec.scale, spec.shift, out_axis=out_axis)
     if op == "MatMul":
-        return Plan(producer, w, spec.shift.copy(), weight)
+        return WeightFold(producer, w, spec.shift.copy(), weight)
     beta = attr_float(producer, "beta", 1.0)
     effective = np.float64(0.0) if bias is None or beta == 0 else beta * bias.astype(np.float64)
-    return Plan(producer, w, effective * spec.scale + spec.shift, weight)
+    return WeightFold(producer, w, effective * spec.scale + spec.shift, weight)
 
 
-def rewrite(graph: ir.Graph, ph: ir.Node, plan: Plan, ctx: FoldContext) -> str:
-    """Apply ``plan``: new weights, bias, placeholder removed; return the target name."""
-    spec = spec_of(ph)
-    node, namer = plan.node, ctx.namer(graph)
-    name = node.name or node.op_type
-    wdtype = node.inputs[1].dtype or spec.dtype
-    w = cast_folded(plan.weight, wdtype, what="weight", node=name, policy=ctx.float16_policy,
-                    reference=plan.old_weight)  # fmt: skip
-    b = cast_folded(plan.bias, spec.dtype, what="bias", node=name, policy=ctx.float16_policy)
-    island = w.float32 or b.float32
-    dtype = np.dtype(np.float32) if island else np_dtype(spec.dtype)
-    node.replace_input_with(
-        1, add_initializer(graph, namer, plan.weight.astype(dtype), f"{name}_W")
-    )
-    last = node
-    if node.op_type == "MatMul":
-        last = attach_bias(graph, namer, node, plan.bias, dtype, rank=rank_of(node.inputs[0]))
-        node = last if last.op_type == "Gemm" else node
-    else:
-        if len(node.inputs) < 3:
-            node.resize_inputs(3)
-        bias = add_initializer(graph, namer, plan.bias.astype(dtype), f"{name}_B")
-        node.replace_input_with(2, bias)
-        if node.op_type == "Gemm":
-            node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
-    if island:
-        run_in_float32(graph, namer, node, last, spec.dtype)
-        spec.refusals.append(f"{node.op_type} kept in float32: {w.why or b.why}")
+def rewrite(graph: ir.Graph, ph: ir.Node, plan: WeightFold, ctx: FoldContext) -> str:
+    """Apply ``plan``: new weights and bias, placeholder bypassed; return the target name."""
+    target = write_weight_fold(graph, plan, spec_of(ph), ctx, rank=rank_of(plan.node.inputs[0]))
     take_over(graph, ph.outputs[0], ph.inputs[0])
-    return node.name or name
+    return target
 
 
 class ForwardFoldPass(FoldRulePass):

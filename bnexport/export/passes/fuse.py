@@ -35,12 +35,11 @@ from bnexport.export.passes.context import (
 from bnexport.export.passes.graph_utils import (
     add_initializer,
     attr_float,
-    cast_folded,
     const_array,
-    np_dtype,
     single_consumer,
 )
-from bnexport.export.passes.rewrite import run_in_float32, take_over
+from bnexport.export.passes.islands import cast_folded, run_in_float32, storage_dtype
+from bnexport.export.passes.rewrite import take_over
 
 
 @dataclasses.dataclass
@@ -150,8 +149,7 @@ def fuse_onnx(graph: ir.Graph, ph: ir.Node, spec: AffineSpec, ctx: FoldContext) 
     name = ph.name or ctx.namer(graph).fresh(spec.labels[0])  # ph is removed below
     scale = cast_folded(spec.scale, spec.dtype, what="scale", node=name, policy=ctx.float16_policy)
     shift = cast_folded(spec.shift, spec.dtype, what="shift", node=name, policy=ctx.float16_policy)
-    island = scale.float32 or shift.float32
-    dtype = np.dtype(np.float32) if island else np_dtype(spec.dtype)
+    dtype, why = storage_dtype([scale, shift], spec.dtype)
     x, shape = ph.inputs[0], spec.broadcast_shape()
     namer = ctx.namer(graph)
     note = ""
@@ -180,9 +178,9 @@ def fuse_onnx(graph: ir.Graph, ph: ir.Node, spec: AffineSpec, ctx: FoldContext) 
         node.outputs[0].shape = x.shape
     graph.insert_before(ph, nodes)
     take_over(graph, ph.outputs[0], nodes[-1].outputs[0])
-    if island:
-        run_in_float32(graph, namer, nodes[0], nodes[-1], spec.dtype)
-        note = "; ".join(filter(None, [note, f"kept in float32: {scale.why or shift.why}"]))
+    if why:
+        run_in_float32(graph, namer, nodes, spec.dtype)
+        note = "; ".join(filter(None, [note, f"kept in float32: {why}"]))
     return "+".join(n.name or "" for n in nodes), note
 
 

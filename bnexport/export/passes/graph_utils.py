@@ -2,20 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Literal
+from collections.abc import Collection
 
 import numpy as np
 import onnx_ir as ir
-
-from bnexport.errors import FoldError
-
-Float16Policy = Literal["float32", "error"]
-
-#: float16's largest finite value
-FLOAT16_MAX = 65504.0
-#: the smallest positive float16 (subnormal); anything below rounds to zero
-FLOAT16_TINY = 2.0**-24
 
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
 
@@ -137,56 +127,42 @@ def np_dtype(dtype: ir.DataType) -> np.dtype:
     return np.dtype(dtype.numpy())
 
 
-@dataclasses.dataclass
-class Folded:
-    """A folded float64 tensor cast to the graph dtype, or kept float32 where it must."""
-
-    array: np.ndarray
-    float32: bool  # True when the value does not fit float16 and was kept in float32
-    why: str = ""
-
-
-def cast_folded(
-    array64: np.ndarray,
-    dtype: ir.DataType,
+def append_to(
+    graph: ir.Graph,
+    namer: Namer,
+    value: ir.Value,
+    node: ir.Node,
     *,
-    what: str,
-    node: str,
-    policy: Float16Policy,
-    reference: np.ndarray | None = None,
-) -> Folded:
-    """Cast a folded float64 tensor to ``dtype``, refusing a silent float16 overflow.
+    suffix: str,
+    skip: Collection[ir.Node] = (),
+    outputs_only: bool = False,
+) -> ir.Value:
+    """Insert ``node`` (which reads ``value``) right where ``value`` is computed.
 
-    A float16 result is rejected when an element exceeds ±65504 (it would become inf),
-    or when an output slice along axis 0 that had a nonzero ``reference`` value
-    flushes entirely to zero (``|w| < 2**-24``). Then ``policy="error"`` raises and
-    ``policy="float32"`` returns a float32 array with ``float32=True``.
+    ``node``'s first output takes over ``value``'s name, type and shape, and its place
+    as a graph output; unless ``outputs_only``, every other reader of ``value`` (except
+    the nodes in ``skip``) reads it too. ``value`` is renamed ``<name>_<suffix>``.
 
-    Raises:
-        FoldError: a non-finite folded value, or a float16 misfit under ``policy="error"``.
+    Returns:
+        ``node``'s first output.
     """
-    if not np.isfinite(array64).all():
-        raise FoldError(f"{node}: folded {what} has non-finite values")
-    if dtype != ir.DataType.FLOAT16:
-        limit = np.finfo(np_dtype(dtype)).max
-        if np.abs(array64).max(initial=0.0) > limit:
-            raise FoldError(f"{node}: folded {what} overflows {dtype.name.lower()}")
-        return Folded(array64.astype(np_dtype(dtype)), float32=False)
-    why = ""
-    peak = float(np.abs(array64).max(initial=0.0))
-    if peak > FLOAT16_MAX:
-        why = f"folded {what} overflows float16 (max |value| {peak:.4g} > 65504)"
-    elif reference is not None and array64.ndim >= 1 and array64.shape == reference.shape:
-        flat = np.abs(array64.reshape(array64.shape[0], -1))
-        had = np.abs(reference.reshape(reference.shape[0], -1)).max(axis=1) > 0
-        lost = had & (flat.max(axis=1) < FLOAT16_TINY)
-        if lost.any():
-            why = (
-                f"folded {what} underflows float16 (slice {int(np.argmax(lost))} "
-                "would become all zeros)"
-            )
-    if not why:
-        return Folded(array64.astype(np.float16), float32=False)
-    if policy == "error":
-        raise FoldError(f"{node}: {why}")
-    return Folded(array64.astype(np.float32), float32=True, why=why)
+    producer = value.producer()
+    if producer is not None and producer.graph is graph:
+        graph.insert_after(producer, node)
+    elif len(graph):
+        graph.insert_before(graph.node(0), node)
+    else:
+        graph.append(node)
+    new = node.outputs[0]
+    if not outputs_only:
+        for use in list(value.uses()):
+            if use.node is not node and use.node not in skip:
+                use.node.replace_input_with(use.idx, new)
+    outputs = graph.outputs
+    for k, out in enumerate(outputs):
+        if out is value:
+            outputs[k] = new
+    name = value.name
+    value.name = namer.fresh(f"{name}_{suffix}")
+    new.name, new.type, new.shape = name, value.type, value.shape
+    return new

@@ -1,16 +1,21 @@
-"""Graph edits shared by the fold rules: bypass a placeholder, float32 islands, MatMul bias."""
+"""Graph edits shared by the fold rules: bypass a placeholder, a MatMul bias, folded weights."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import onnx_ir as ir
 
+from bnexport.export.passes.context import AffineSpec, FoldContext
 from bnexport.export.passes.graph_utils import (
     Namer,
     add_initializer,
+    append_to,
     const_array,
     single_consumer,
 )
+from bnexport.export.passes.islands import cast_folded, run_in_float32, storage_dtype
 
 
 def take_over(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
@@ -32,43 +37,6 @@ def take_over(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
     new.name = name
     if old.shape is not None and new.shape is None:
         new.shape = old.shape
-
-
-def cast_node(value: ir.Value, to: ir.DataType, namer: Namer, base: str) -> ir.Node:
-    """A ``Cast(value, to)`` node (not inserted) with a typed output."""
-    node = ir.node("Cast", [value], {"to": to}, name=namer.fresh(base))
-    node.outputs[0].name = namer.fresh(f"{value.name}_{to.name.lower()}")
-    node.outputs[0].type = ir.TensorType(to)
-    node.outputs[0].shape = value.shape
-    return node
-
-
-def run_in_float32(
-    graph: ir.Graph, namer: Namer, first: ir.Node, last: ir.Node, dtype: ir.DataType
-) -> None:
-    """Run the nodes ``first``…``last`` in float32: Cast input 0 in, Cast the output back.
-
-    Their float16 weights must already have been replaced by float32 ones; ``last``'s
-    output keeps its consumers and name through the trailing ``Cast``.
-    """
-    first.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)  # first…last: at most 2 nodes
-    cast_in = cast_node(first.inputs[0], ir.DataType.FLOAT, namer, f"{first.name}_cast_in")
-    graph.insert_before(first, cast_in)
-    first.replace_input_with(0, cast_in.outputs[0])
-    out = last.outputs[0]
-    name, shape = out.name, out.shape
-    cast_out = ir.node("Cast", [out], {"to": dtype}, name=namer.fresh(f"{last.name}_cast_out"))
-    graph.insert_after(last, cast_out)
-    back = cast_out.outputs[0]
-    for use in list(out.uses()):
-        if use.node is not cast_out:
-            use.node.replace_input_with(use.idx, back)
-    if out.is_graph_output():
-        outputs = graph.outputs
-        outputs[list(outputs).index(out)] = back
-    out.name = namer.fresh(f"{name}_float32")
-    out.type = ir.TensorType(ir.DataType.FLOAT)
-    back.name, back.type, back.shape = name, ir.TensorType(dtype), shape
 
 
 def attach_bias(
@@ -108,16 +76,66 @@ def attach_bias(
         take_over(graph, out, gemm.outputs[0])
         return gemm
     add = ir.node("Add", [out, bias_value], name=namer.fresh(f"{matmul.name}_bias_add"))
-    graph.insert_after(matmul, add)
-    new = add.outputs[0]
-    new.type = out.type
-    for use in list(out.uses()):
-        if use.node is not add:
-            use.node.replace_input_with(use.idx, new)
-    if out.is_graph_output():
-        outputs = graph.outputs
-        outputs[list(outputs).index(out)] = new
-    name = out.name
-    out.name = namer.fresh(f"{name}_nobias")
-    new.name, new.shape = name, out.shape
+    append_to(graph, namer, out, add, suffix="nobias")
     return add
+
+
+@dataclasses.dataclass
+class WeightFold:
+    """A checked fold into a linear op: its new float64 weight and bias.
+
+    Attributes:
+        node: the Conv/ConvTranspose/Gemm/MatMul that absorbs the normalization.
+        weight: the new ``W`` (float64, ``old_weight``'s shape).
+        bias: the new ``B`` (Gemm: ``C``; MatMul: the bias to add), float64 ``[N]``.
+        old_weight: the current ``W``, to tell a float16 underflow from a zero slice.
+        through: a ``Transpose`` between the normalization and ``node`` (backward fold).
+    """
+
+    node: ir.Node
+    weight: np.ndarray
+    bias: np.ndarray
+    old_weight: np.ndarray
+    through: ir.Node | None = None
+
+
+def write_weight_fold(
+    graph: ir.Graph, fold: WeightFold, spec: AffineSpec, ctx: FoldContext, *, rank: int | None
+) -> str:
+    """Give ``fold.node`` its folded weight and bias; return the node now holding them.
+
+    (A ``MatMul`` may become a ``Gemm``: the returned name is the node's in the end.)
+
+    Both tensors are cast to the graph dtype, or, if one does not fit float16, stored in
+    float32 with the op run as a float32 island (the placeholder's ``refusals`` say why).
+    A ``MatMul`` gets a bias (see :func:`attach_bias`) only when it is nonzero or the op
+    runs in float32 (where the trailing ``Cast`` needs the bias inside the island);
+    ``Conv``/``ConvTranspose``/``Gemm`` take it as input 2 (``Gemm``: with ``β = 1``).
+    ``rank`` is the rank of the ``MatMul``'s data input, if known.
+    """
+    node, namer = fold.node, ctx.namer(graph)
+    name = node.name or node.op_type
+    policy = ctx.float16_policy
+    wdtype = node.inputs[1].dtype or spec.dtype
+    w = cast_folded(fold.weight, wdtype, what="weight", node=name, policy=policy,
+                    reference=fold.old_weight)  # fmt: skip
+    b = cast_folded(fold.bias, spec.dtype, what="bias", node=name, policy=policy)
+    dtype, why = storage_dtype([w, b], spec.dtype)
+    weight = add_initializer(graph, namer, fold.weight.astype(dtype), f"{name}_W")
+    node.replace_input_with(1, weight)
+    run = [node]
+    if node.op_type == "MatMul":
+        if fold.bias.any() or why:
+            last = attach_bias(graph, namer, node, fold.bias, dtype, rank=rank)
+            run = [last] if last.op_type == "Gemm" else [node, last]
+    else:
+        if len(node.inputs) < 3:
+            node.resize_inputs(3)
+        bias = add_initializer(graph, namer, fold.bias.astype(dtype), f"{name}_B")
+        node.replace_input_with(2, bias)
+        if node.op_type == "Gemm":
+            node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
+    if why:
+        run_in_float32(graph, namer, run, spec.dtype)
+        spec.refusals.append(f"{run[0].op_type} kept in float32: {why}")
+    return run[0].name or name
