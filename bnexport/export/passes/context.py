@@ -87,12 +87,14 @@ class FoldContext:
         names: ONNX node/tensor name -> Keras layer name, for the report.
         float16_policy: what to do when a folded float16 weight does not fit float16.
         records: the report, one :class:`FoldRecord` per normalization.
+        shape_error: why shape inference failed on the model, if it did.
     """
 
     fused_norm: FusedNormKind = "onnx"
     names: Mapping[str, str] = dataclasses.field(default_factory=dict)
     float16_policy: Float16Policy = "float32"
     records: list[FoldRecord] = dataclasses.field(default_factory=list)
+    shape_error: str | None = None
     _namer: Namer | None = None
 
     def namer(self, graph: ir.Graph) -> Namer:

@@ -1,6 +1,8 @@
 """``fold_batchnorm``: make batch normalization free in an ONNX graph, or one node.
 
-The pass pipeline (onnx-ir passes in one ``PassManager``, then dead-node removal):
+The pass pipeline (onnx-ir passes in one ``PassManager``, then dead-node removal), after
+shape inference (:mod:`.shapes`; a failure is named in the report of each BN whose rank it
+left unknown):
 
 1. :class:`~.patterns.CanonicalizeAffinePass` — every inference ``BatchNormalization``
    and per-channel constant ``Mul``/``Add``/``Sub``/``Div`` chain becomes one internal
@@ -24,7 +26,6 @@ between two ``Cast`` nodes (and the record says so); with ``"error"`` a
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Literal
 
@@ -38,6 +39,7 @@ from bnexport.export.passes.context import FoldContext
 from bnexport.export.passes.forward import ForwardFoldPass
 from bnexport.export.passes.fuse import FuseNormPass
 from bnexport.export.passes.patterns import CanonicalizeAffinePass
+from bnexport.export.passes.shapes import infer_shapes
 from bnexport.export.passes.training import TrainingBatchNormPass
 from bnexport.export.report import FoldRecord
 
@@ -70,7 +72,8 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         return self.ctx.records
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        """Run the pipeline on ``model`` in place."""
+        """Run the pipeline on ``model`` in place (after shape inference, see :mod:`.shapes`)."""
+        self.ctx.shape_error = infer_shapes(model)
         manager = ir.passes.PassManager(
             [
                 CanonicalizeAffinePass(self.ctx),
@@ -90,45 +93,6 @@ def _unwrap(exc: BaseException) -> BaseException:
     while exc.__cause__ is not None and not isinstance(exc, BnexportError):
         exc = exc.__cause__
     return exc
-
-
-#: initializers larger than this are given to shape inference without their data
-_STUB_ELEMENTS = 64
-
-
-def _add_inferred_shapes(model: onnx.ModelProto, graph: ir.Graph) -> None:
-    """Give ``graph``'s untyped values the types/shapes ONNX shape inference finds.
-
-    Inference runs on a copy of the graph whose large initializers carry dims but no
-    data (it needs only their shapes; small ones stay for data propagation), so it
-    costs milliseconds even for a 100 MB model. Shapes are only a hint to the pass:
-    if inference fails, values keep what the model declared.
-    """
-    light = onnx.ModelProto(ir_version=model.ir_version, producer_name=model.producer_name)
-    light.opset_import.extend(model.opset_import)
-    light.functions.extend(model.functions)
-    src, dst = model.graph, light.graph
-    dst.name = src.name
-    for field in ("node", "input", "output", "value_info"):
-        getattr(dst, field).extend(getattr(src, field))
-    for tensor in src.initializer:
-        if math.prod(tensor.dims) > _STUB_ELEMENTS:
-            stub = dst.initializer.add()
-            stub.name, stub.data_type = tensor.name, tensor.data_type
-            stub.dims.extend(tensor.dims)
-        else:
-            dst.initializer.append(tensor)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(light)
-    except Exception:  # noqa: BLE001 - shapes are a hint, never a reason to fail
-        return
-    values = {v.name: v for node in graph for v in node.outputs if v.name}
-    for info in inferred.graph.value_info:
-        value = values.get(info.name)
-        if value is None or value.shape is not None or not info.type.HasField("tensor_type"):
-            continue
-        value.type = ir.serde.deserialize_type_proto_for_type(info.type)
-        value.shape = ir.serde.deserialize_type_proto_for_shape(info.type)
 
 
 def fold_batchnorm_with_report(
@@ -163,7 +127,6 @@ def fold_batchnorm_with_report(
         fused_norm=fused_norm, names=names, keep_float16_overflow=keep_float16_overflow
     )
     ir_model = ir.serde.deserialize_model(model)
-    _add_inferred_shapes(model, ir_model.graph)
     try:
         fold(ir_model)
     except (ir.passes.PassError, ir.passes.InvariantError) as exc:

@@ -87,8 +87,11 @@ def match_bn(node: ir.Node, ctx: FoldContext) -> Element | str:
             return f"BN input '{field}' is not a constant initializer"
         params.append(array)
     rank = rank_of(x)
-    if rank is None or rank < 2:
-        return f"BN input rank is {'unknown' if rank is None else rank}, need >= 2"
+    if rank is None:
+        failed = f" (shape inference failed: {ctx.shape_error})" if ctx.shape_error else ""
+        return f"BN input rank is unknown{failed}"
+    if rank < 2:
+        return f"BN input rank is {rank}, need >= 2"
     epsilon = attr_float(node, "epsilon", 1e-5)
     scale, shift = bn_scale_shift(*params, epsilon, name=ctx.node_label(node))
     channels = static_dim(x, 1)
