@@ -1,8 +1,27 @@
 """Exception types a caller can catch.
 
-Every error names the layer, node, input or field at fault. The CLI turns any
-``BnexportError`` into one readable line and a non-zero exit code; only
-unexpected exceptions produce a traceback.
+Every error names the layer, node, input, file or field at fault. The CLI
+(:mod:`bnexport.cli.main`) turns any ``BnexportError`` into one readable line and
+a non-zero exit code (2 for :class:`UsageError` and its subclasses, 1 otherwise);
+only unexpected exceptions (bugs) produce a traceback.
+
+Hierarchy::
+
+    BnexportError
+    ├── LayerConfigError (ValueError)
+    ├── ExportError ── FoldError, VerificationError
+    ├── InputError (ValueError)
+    ├── BackendUnavailableError ── MissingExtraError (ImportError)
+    ├── PluginError
+    └── UsageError
+        ├── OutputPathError            an output would overwrite an input / another output
+        ├── FileMissingError (FileNotFoundError)
+        └── FileFormatError (ValueError) ── ModelFileError, ArrayFileError
+
+Third-party failures (protobuf ``DecodeError``, onnx ``ValidationError``,
+onnxruntime load errors, ``np.load``'s ``ValueError``, ``zipfile.BadZipFile``) are
+translated into these at the loaders (:mod:`bnexport.io`), so the Python API and
+the CLI raise the same types.
 """
 
 from __future__ import annotations
@@ -42,6 +61,30 @@ class PluginError(BnexportError):
 
 class UsageError(BnexportError):
     """A command-line argument or file given by the user is unusable."""
+
+
+class OutputPathError(UsageError):
+    """An output path resolves to an input, or to another output of the same command."""
+
+
+class FileMissingError(UsageError, FileNotFoundError):
+    """A file or folder given by the user does not exist (names the path)."""
+
+
+class FileFormatError(UsageError, ValueError):
+    """A file given by the user is not what it should be (names the file and what is wrong)."""
+
+
+class ModelFileError(FileFormatError):
+    """A model file (ONNX, .keras, .h5, SavedModel) is corrupt, truncated, or cannot be loaded."""
+
+
+class ArrayFileError(FileFormatError):
+    """A ``.npy`` / ``.npz`` file is truncated, not NumPy, or holds pickled objects."""
+
+
+class MissingExtraError(BackendUnavailableError, ImportError):
+    """A feature needs an optional dependency; the message names the extra that installs it."""
 
 
 class QuantizeError(BnexportError):
