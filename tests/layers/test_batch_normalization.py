@@ -8,15 +8,14 @@ float64 1e-10.
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from bn_reference import make_reference, randomize
 
-tf = pytest.importorskip("tensorflow")
-keras = pytest.importorskip("keras")
-
-from bnexport.errors import LayerConfigError  # noqa: E402
-from bnexport.layers.batch_normalization import BatchNormalization  # noqa: E402
+from bnexport.errors import LayerConfigError
+from bnexport.layers.batch_normalization import BatchNormalization
 
 F32 = {"atol": 1e-4, "rtol": 1e-4}
 STAT32 = {"atol": 1e-5, "rtol": 1e-5}

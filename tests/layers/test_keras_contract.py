@@ -8,16 +8,12 @@ normalized output, masked statistics, the trainable flag, renorm expectations.
 
 from __future__ import annotations
 
+import keras
 import numpy as np
-import pytest
+from keras import layers
+from keras.src import testing
 
-tf = pytest.importorskip("tensorflow")
-keras = pytest.importorskip("keras")
-testing = pytest.importorskip("keras.src.testing")
-
-from keras import layers  # noqa: E402
-
-from bnexport.layers.batch_normalization import BatchNormalization  # noqa: E402
+from bnexport.layers.batch_normalization import BatchNormalization
 
 
 class TestKerasContract(testing.TestCase):

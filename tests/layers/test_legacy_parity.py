@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tf_keras  # the [test] extra installs it (also the [legacy] extra)
 
-tf = pytest.importorskip("tensorflow")
-tf_keras = pytest.importorskip("tf_keras", reason="tf_keras (legacy extra) not installed")
-
-from bnexport.layers.batch_normalization import BatchNormalization  # noqa: E402
+from bnexport.layers.batch_normalization import BatchNormalization
 
 CASES = [
     ((16, 5), {"renorm": True, "renorm_clipping": {"rmax": 1.3, "rmin": 0.8, "dmax": 0.5}}),

@@ -5,15 +5,14 @@ Tolerance: rtol 1e-5 (the layers run in float32; statistics are accumulated in f
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
-tf = pytest.importorskip("tensorflow")
-keras = pytest.importorskip("keras")
-
-from bnexport.errors import InputError  # noqa: E402
-from bnexport.layers.batch_normalization import BatchNormalization  # noqa: E402
-from bnexport.layers.recalibrate import recalibrate  # noqa: E402
+from bnexport.errors import InputError
+from bnexport.layers.batch_normalization import BatchNormalization
+from bnexport.layers.recalibrate import recalibrate
 
 TOL = {"rtol": 1e-5, "atol": 1e-6}
 

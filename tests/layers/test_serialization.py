@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
 from bn_reference import randomize
 
-tf = pytest.importorskip("tensorflow")
-keras = pytest.importorskip("keras")
-
-import bnexport  # noqa: E402
-from bnexport.layers.batch_normalization import (  # noqa: E402
+import bnexport
+from bnexport.layers.batch_normalization import (
     BatchNormalization,
     SyncBatchNormalization,
 )
