@@ -24,6 +24,8 @@ _LAZY: dict[str, str] = {
     "fold_batchnorm_with_report": "bnexport.export.passes.fold_batchnorm",
     "Session": "bnexport.runtime.session",
     "check_parity": "bnexport.parity.check",
+    "quantize": "bnexport.quantize",
+    "QuantizeReport": "bnexport.quantize.report",
 }
 
 __all__ = ["BnexportError", "__version__", *_LAZY]
@@ -41,6 +43,8 @@ if TYPE_CHECKING:  # pragma: no cover
     )
     from bnexport.layers.recalibrate import recalibrate as recalibrate
     from bnexport.parity.check import check_parity as check_parity
+    from bnexport.quantize.pipeline import quantize as quantize
+    from bnexport.quantize.report import QuantizeReport as QuantizeReport
     from bnexport.runtime.session import Session as Session
 
 

@@ -92,6 +92,8 @@ class ExportReport:
         timings: seconds per phase (``load``, ``convert``, ``fold``, ``float16``,
             ``verify``, ``write``, ``total``).
         notes: remarks (e.g. that the model has no batch normalization).
+        int8: the :class:`~bnexport.quantize.report.QuantizeReport` of an ``int8=`` export
+            (the file at ``path`` is then the INT8 graph), else ``None``.
     """
 
     path: str
@@ -112,6 +114,7 @@ class ExportReport:
     verify: VerifyResult | None = None
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
+    int8: Any = None
 
     @property
     def summary(self) -> dict[str, int]:

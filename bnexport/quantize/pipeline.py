@@ -1,0 +1,395 @@
+"""``bnexport.quantize``: float32 ONNX -> folded -> calibrated INT8 QDQ graph, measured.
+
+Pipeline (each step in its own module):
+
+1. refuse graphs that are float16 or already quantized (:mod:`.qdq`);
+2. fold every BN with bnexport's fold pass (:func:`bnexport.fold_batchnorm_with_report`);
+   a BN that cannot fold is refused unless ``allow_unfolded_bn=True``, which warns with
+   the measured INT8 error (such a BN runs in float32 between ``DequantizeLinear`` and
+   ``QuantizeLinear``: two extra conversions and an int8 rounding on each side);
+3. validate the calibration data against the graph inputs (:mod:`.calibration`);
+4. ``quant_pre_process`` (shape inference) and ``quantize_static`` (:mod:`.qdq`);
+5. compare the INT8 graph with the float32 folded graph on the calibration data (or
+   ``validation``): top-1 agreement, max error, SQNR (:mod:`.compare`); optionally
+   exclude the most sensitive nodes until a target agreement is met (:mod:`.sensitivity`);
+6. ``onnx.checker`` (full), then write atomically (nothing is written on any error).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bnexport.errors import QuantizeError
+from bnexport.export.report import FoldRecord
+from bnexport.quantize.calibration import DEFAULT_BATCH, CalibrationSet, make_calibration_set
+from bnexport.quantize.qdq import DEFAULT_OP_TYPES, QdqOptions
+from bnexport.quantize.report import QuantizeReport
+
+#: metadata key recording how the graph was quantized
+METADATA_KEY = "bnexport.quantize"
+_UNFOLDED_OPS = ("BatchNormalization", "FusedNorm")
+
+
+def _load(src: Any) -> tuple[Any, str]:
+    """The model and how messages name it (:func:`bnexport.io.onnx_file.load_onnx`)."""
+    import onnx
+
+    from bnexport.io.onnx_file import describe, load_onnx
+
+    if isinstance(src, onnx.ModelProto):
+        return src, "<in-memory>"
+    return load_onnx(src), describe(src)
+
+
+def _name_nodes(model: Any) -> None:
+    """Give unnamed nodes a unique name (``exclude`` and the report refer to names)."""
+    taken = {n.name for n in model.graph.node if n.name}
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{i}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+
+
+def _fold(model: Any, allow_unfolded_bn: bool) -> tuple[Any, list[FoldRecord], list[str]]:
+    """Fold every BN; return ``(folded, records, unfolded BN node names)``."""
+    from bnexport.export.passes.fold_batchnorm import fold_batchnorm_with_report
+
+    plugin = [n.name or n.op_type for n in model.graph.node if n.op_type == "FusedNorm"]
+    if plugin:
+        raise QuantizeError(
+            f"the graph has {len(plugin)} bnexport::FusedNorm node(s) (first {plugin[0]!r}), "
+            "which onnxruntime cannot calibrate; quantize the graph exported with "
+            "fused_norm='onnx'"
+        )
+    folded, records = fold_batchnorm_with_report(model, fused_norm="onnx")
+    _name_nodes(folded)
+    unfolded = [n.name for n in folded.graph.node if n.op_type in _UNFOLDED_OPS]
+    if unfolded and not allow_unfolded_bn:
+        reasons = {r.target: r.reason for r in records if r.target}
+        listed = "; ".join(
+            f"{name}" + (f" ({reasons[name]})" if reasons.get(name) else "") for name in unfolded
+        )
+        raise QuantizeError(
+            f"{len(unfolded)} batch normalization(s) could not be folded and would run in "
+            f"float32 between Q/DQ pairs: {listed}. Pass allow_unfolded_bn=True "
+            "(--allow-unfolded-bn) to quantize anyway; the report then states the measured "
+            "INT8 error"
+        )
+    return folded, records, unfolded
+
+
+def _model_inputs(model: Any) -> list[Any]:
+    from bnexport.runtime.io_check import tensor_infos_from_onnx
+
+    initializers = {t.name for t in model.graph.initializer}
+    return tensor_infos_from_onnx([v for v in model.graph.input if v.name not in initializers])
+
+
+def _check_exclude(model: Any, exclude: Sequence[str]) -> list[str]:
+    if isinstance(exclude, str):
+        exclude = [exclude]
+    names = {n.name for n in model.graph.node}
+    unknown = [name for name in exclude if name not in names]
+    if unknown:
+        raise QuantizeError(
+            f"exclude: no node named {unknown[0]!r} in the folded graph "
+            f"({len(unknown)} unknown name(s)); node names are those of the ONNX graph "
+            "(see bnexport parity --per-layer or the report's quantized_nodes)"
+        )
+    return list(exclude)
+
+
+def _check_numbers(target_agreement: float | None, max_exclude: int) -> None:
+    if target_agreement is not None and not 0.0 < float(target_agreement) <= 1.0:
+        raise QuantizeError(
+            f"target_agreement must be in (0, 1]. Received: target_agreement={target_agreement!r}"
+        )
+    if not isinstance(max_exclude, int) or max_exclude < 0:
+        raise QuantizeError(f"max_exclude must be an int >= 0. Received: {max_exclude!r}")
+
+
+def _finalize(model: Any, source_meta: Sequence[Any], info: dict[str, Any]) -> None:
+    """Copy the float32 graph's metadata (layer map) and record how it was quantized."""
+    del model.metadata_props[:]
+    for prop in source_meta:
+        if prop.key != METADATA_KEY:
+            model.metadata_props.add(key=prop.key, value=prop.value)
+    model.metadata_props.add(key=METADATA_KEY, value=json.dumps(info, sort_keys=True))
+    model.producer_name = "bnexport"
+
+
+def _check_graph(model: Any) -> None:
+    import onnx
+
+    try:
+        if model.ByteSize() < 2**31 - 1:
+            onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise QuantizeError(f"quantized graph fails onnx.checker: {first}") from exc
+
+
+def quantize_model(
+    model: Any,
+    calibration: Any,
+    *,
+    method: str = "minmax",
+    per_channel: bool = True,
+    exclude: Sequence[str] = (),
+    op_types: Sequence[str] = DEFAULT_OP_TYPES,
+    percentile: float = 99.999,
+    validation: Any = None,
+    target_agreement: float | None = None,
+    max_exclude: int = 8,
+    allow_unfolded_bn: bool = False,
+    batch_size: int = DEFAULT_BATCH,
+    fold_records: Sequence[FoldRecord] | None = None,
+    source: str = "<in-memory>",
+) -> tuple[Any, QuantizeReport]:
+    """Quantize an in-memory float32 ``onnx.ModelProto``; return ``(int8 model, report)``.
+
+    Arguments as :func:`quantize` (without the paths); ``fold_records`` are the records of
+    an earlier fold of this graph (the exporter's), reported instead of this call's when
+    this call finds nothing left to fold.
+    """
+    from bnexport.quantize import compare, qdq, sensitivity
+
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        timings[name] = round(now - since, 4)
+        return now
+
+    options = QdqOptions(method, per_channel, tuple(op_types), percentile)
+    options.check()
+    _check_numbers(target_agreement, max_exclude)
+    qdq.check_no_quantization(model)
+    qdq.check_float32(model)
+
+    t = time.perf_counter()
+    folded, records, unfolded = _fold(model, allow_unfolded_bn)
+    if fold_records is not None and not any(r.action != "kept" for r in records):
+        records = list(fold_records)
+    excluded = _check_exclude(folded, exclude)
+    infos = _model_inputs(folded)
+    calib: CalibrationSet = make_calibration_set(calibration, infos, batch_size=batch_size)
+    evaluation = calib
+    if validation is not None:
+        evaluation = make_calibration_set(validation, infos, batch_size=batch_size)
+    t = lap("fold", t)
+
+    with tempfile.TemporaryDirectory(prefix="bnexport-quantize-") as tmp:
+        workdir = Path(tmp)
+        prepared = qdq.preprocess(folded, workdir)
+        cache = workdir / "calibration.json"
+        t = lap("prepare", t)
+        fp32_session = compare.make_session(folded)
+        reference = compare.run_batches(fp32_session, evaluation.batches)
+        del fp32_session
+
+        def measure(int8: Any) -> list[compare.OutputMetrics]:
+            got = compare.run_batches(compare.make_session(int8), evaluation.batches)
+            return compare.compare_outputs(got, reference)
+
+        def quantize_excluding(names: Sequence[str]) -> tuple[Any, list[Any]]:
+            reader = None if cache.is_file() else calib.reader()
+            try:
+                int8 = qdq.run_quantize_static(
+                    prepared, reader, options, exclude=names, cache=cache, workdir=workdir
+                )
+            except QuantizeError:
+                raise
+            except Exception as exc:  # onnxruntime's errors: name the step
+                raise QuantizeError(
+                    f"onnxruntime.quantization failed: {type(exc).__name__}: {exc}"
+                ) from exc
+            return int8, measure(int8)
+
+        int8, metrics = quantize_excluding(excluded)
+        t = lap("quantize", t)
+        ranking: dict[str, float] = {}
+        steps: list[Any] = []
+        auto: list[str] = []
+        agreement = compare.primary_agreement(metrics)
+        if target_agreement is not None and (agreement is None or agreement < target_agreement):
+            candidates = [name for name in qdq.qdq_summary(int8, options.op_types).quantized_nodes]
+
+            def single(node: str) -> list[Any]:
+                one = qdq.run_quantize_static(
+                    prepared, None, options, only=[node], cache=cache, workdir=workdir
+                )
+                return measure(one)
+
+            ranking = sensitivity.rank_nodes(candidates, single)
+            int8, metrics, auto, steps = sensitivity.search_exclusions(
+                quantize_excluding,
+                list(ranking),
+                base_exclude=excluded,
+                target=float(target_agreement),
+                max_exclude=max_exclude,
+            )
+            excluded = [*excluded, *auto]
+            t = lap("search", t)
+        elif target_agreement is not None:
+            steps = [sensitivity.SearchStep(0, [], agreement, compare.mean_nmse(metrics))]
+
+    summary = qdq.qdq_summary(int8, options.op_types)
+    info = {
+        "method": method,
+        "per_channel": per_channel,
+        "op_types": list(op_types),
+        "excluded": excluded,
+        "activations": "int8 symmetric per-tensor",
+        "weights": "int8 symmetric " + ("per-channel" if per_channel else "per-tensor"),
+    }
+    _finalize(int8, model.metadata_props, info)
+    _check_graph(int8)
+    op_counts: dict[str, int] = {}
+    for node in int8.graph.node:
+        op_counts[node.op_type] = op_counts.get(node.op_type, 0) + 1
+    report = QuantizeReport(
+        source=source,
+        path=None,
+        method=method,
+        per_channel=per_channel,
+        op_types=list(op_types),
+        fold_records=list(records),
+        bn_unfolded=unfolded,
+        calibration_samples=calib.num_samples,
+        calibration_batches=len(calib.batches),
+        eval_samples=evaluation.num_samples,
+        eval_data="validation" if validation is not None else "calibration",
+        quantized_nodes=summary.quantized_nodes,
+        float_nodes=summary.float_nodes,
+        excluded=excluded,
+        auto_excluded=auto,
+        sensitivity=ranking,
+        search=steps,
+        target_agreement=target_agreement,
+        outputs=metrics,
+        weights=summary.weights,
+        tensorrt_ready=summary.tensorrt_ready,
+        tensorrt_problems=summary.problems,
+        node_counts={"float32": len(folded.graph.node), "int8": len(int8.graph.node)},
+        op_counts=op_counts,
+        sizes={"float32": folded.ByteSize(), "int8": int8.ByteSize()},
+    )
+    if validation is None:
+        report.notes.append(
+            "agreement measured on the calibration data (optimistic); pass validation= "
+            "for held-out data"
+        )
+    if not summary.quantized_nodes:
+        report.warnings.append(
+            f"no node was quantized (no {'/'.join(op_types)} with constant weights, "
+            "or all excluded)"
+        )
+    if unfolded:
+        agreement = report.top1_agreement
+        cost = f"top-1 agreement {agreement:.2%}, " if agreement is not None else ""
+        worst = max(metrics, key=lambda m: m.nmse) if metrics else None
+        message = (
+            f"{len(unfolded)} batch normalization(s) left unfolded ({', '.join(unfolded)}) "
+            "run in float32 between Q/DQ pairs; measured INT8 vs float32: "
+            + cost
+            + (f"SQNR {worst.sqnr_db:.1f} dB on {worst.name!r}" if worst else "no outputs")
+        )
+        report.warnings.append(message)
+        warnings.warn(message, UserWarning, stacklevel=3)
+    timings["total"] = round(time.perf_counter() - t_start, 4)
+    report.timings = timings
+    return int8, report
+
+
+def quantize(
+    src: str | os.PathLike[str] | Any,
+    dst: str | os.PathLike[str],
+    calibration: Any,
+    *,
+    method: str = "minmax",
+    per_channel: bool = True,
+    exclude: Sequence[str] = (),
+    op_types: Sequence[str] = DEFAULT_OP_TYPES,
+    percentile: float = 99.999,
+    validation: Any = None,
+    target_agreement: float | None = None,
+    max_exclude: int = 8,
+    allow_unfolded_bn: bool = False,
+    batch_size: int = DEFAULT_BATCH,
+) -> QuantizeReport:
+    """Fold, calibrate and quantize a float32 ONNX graph to an INT8 QDQ graph at ``dst``.
+
+    The result runs on onnxruntime (int8 kernels on CPU) and has the form TensorRT's
+    explicit quantization takes: int8 symmetric per-channel weights, int8 symmetric
+    per-tensor activations (zero point 0), float bias, Q/DQ on the inputs of
+    Conv/ConvTranspose/Gemm/MatMul (see :mod:`bnexport.quantize.qdq`).
+
+    Args:
+        src: the float32 ONNX file (or an ``onnx.ModelProto``).
+        dst: the INT8 file to write (atomically; not ``src``).
+        calibration: an array (single-input model), a dict ``{input name: array}``, or an
+            iterable of those (batches); see :mod:`bnexport.quantize.calibration`.
+        method: ``"minmax"``, ``"entropy"`` or ``"percentile"`` calibration.
+        per_channel: per-output-channel weight scales.
+        exclude: node names kept in float32 (e.g. the worst layers of
+            ``bnexport parity --per-layer``).
+        op_types: op types whose inputs get Q/DQ.
+        percentile: kept percentile of ``|x|`` for ``method="percentile"``.
+        validation: data to measure the INT8 graph on (same forms as ``calibration``);
+            default: the calibration data.
+        target_agreement: if set, keep the most sensitive nodes in float32, one more at a
+            time, until the top-1 agreement with the float32 graph reaches this fraction.
+        max_exclude: most nodes the search may exclude.
+        allow_unfolded_bn: quantize even if a BN cannot fold (warns with the measured error).
+        batch_size: calibration batch size when the batch dimension is dynamic.
+
+    Returns:
+        The :class:`~bnexport.quantize.report.QuantizeReport`.
+
+    Raises:
+        CalibrationError: empty calibration data, or a wrong input name, shape or dtype
+            (the input is named). Nothing is written.
+        OutputPathError: ``dst`` is the ``src`` file.
+        FileMissingError, ModelFileError: ``src`` is missing or not a readable ONNX file.
+        QuantizeError: ``dst`` is unwritable, bad options, an unknown
+            ``exclude`` name, an unfolded BN without ``allow_unfolded_bn``, a float16 or
+            already-quantized graph, an unmet ``target_agreement``. Nothing is written.
+    """
+    from bnexport.atomic_write import check_output_paths, check_writable, write_bytes_atomic
+
+    src_path = src if isinstance(src, (str, os.PathLike)) else None
+    check_output_paths({"dst": dst}, {"src": src_path})
+    model, source = _load(src)
+    out = check_writable(dst, error=QuantizeError)
+    int8, report = quantize_model(
+        model,
+        calibration,
+        method=method,
+        per_channel=per_channel,
+        exclude=exclude,
+        op_types=op_types,
+        percentile=percentile,
+        validation=validation,
+        target_agreement=target_agreement,
+        max_exclude=max_exclude,
+        allow_unfolded_bn=allow_unfolded_bn,
+        batch_size=batch_size,
+        source=source,
+    )
+    t = time.perf_counter()
+    write_bytes_atomic(out, int8.SerializeToString(), error=QuantizeError)
+    report.timings["write"] = round(time.perf_counter() - t, 4)
+    report.path = str(out)
+    return report
