@@ -1,4 +1,4 @@
-"""``bnexport serve``: a KServe v2 HTTP server with dynamic batching."""
+"""``bnexport serve``: a KServe v2 HTTP (and optionally gRPC) server with dynamic batching."""
 
 from __future__ import annotations
 
@@ -22,6 +22,23 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("model", metavar="MODEL.onnx|REPO_DIR", help="model file or repository")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    parser.add_argument(
+        "--grpc-port",
+        type=int,
+        default=None,
+        help="also serve KServe v2 over gRPC (Triton's GRPCInferenceService: tritonclient.grpc "
+        "works unmodified) on this port, with the same models, batching, limits and token "
+        "(metadata 'authorization: Bearer TOKEN'); default: off",
+    )
+    parser.add_argument(
+        "--model-control",
+        choices=("none", "explicit"),
+        default="none",
+        help="none: serve the models found at start (default); explicit: also accept "
+        "POST /v2/repository/models/NAME/load|unload (and gRPC RepositoryModelLoad/Unload) "
+        "to (re)load a model from REPO_DIR or unload it without a restart; requests in "
+        "flight finish on the old version",
+    )
     parser.add_argument(
         "--backend",
         choices=("auto", "onnxruntime", "tensorrt"),
@@ -100,6 +117,10 @@ def run(args: argparse.Namespace) -> int:
     bad = []
     if not 0 <= args.port <= 65535:
         bad.append(f"--port={args.port} (0..65535)")
+    if args.grpc_port is not None and not 0 <= args.grpc_port <= 65535:
+        bad.append(f"--grpc-port={args.grpc_port} (0..65535)")
+    if args.grpc_port is not None and args.grpc_port == args.port != 0:
+        bad.append(f"--grpc-port={args.grpc_port} (must differ from --port)")
     if args.max_batch < 1:
         bad.append(f"--max-batch={args.max_batch} (>= 1)")
     if args.batch_timeout_ms < 0:
@@ -131,5 +152,7 @@ def run(args: argparse.Namespace) -> int:
         arena_shrinkage=not args.no_arena_shrinkage,
         log_level=args.log_level,
         warmup=not args.no_warmup,
+        grpc_port=args.grpc_port,
+        model_control=args.model_control,
     )
     return 0

@@ -17,6 +17,14 @@ Casting rule (applied per input, nothing else is converted silently):
   integer, when every value fits the target type (int64 token ids -> int32);
 - everything else (floating -> integer, complex, strings, object arrays) is
   refused with an ``InputError``.
+
+With ``cast=False`` (the server: a KServe/Triton request names its datatype,
+and a datatype that differs from the model's is the client's mistake, as in
+Triton) nothing is converted: the dtype must be the model's, except that a
+string input accepts an object array of ``bytes``/``str``. This module is the
+one input validator of the project: ``Session.run`` and the server's
+:meth:`~bnexport.serve.repository.ServedModel.check_inputs` both call
+:func:`check_inputs`.
 """
 
 from __future__ import annotations
@@ -99,8 +107,22 @@ def _cast(name: str, arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
     )
 
 
+def _exact(name: str, arr: np.ndarray, info: TensorInfo) -> np.ndarray:
+    """``arr`` unchanged when its dtype is the model's (``cast=False``), else ``InputError``."""
+    want = np.dtype(info.dtype)
+    if arr.dtype == want or (want.kind in "SUO" and arr.dtype.kind in "SUO"):
+        return arr
+    raise InputError(
+        f"input {name!r}: the model expects {want.name} ({info.describe()}), "
+        f"received {arr.dtype.name}; no conversion is applied"
+    )
+
+
 def check_inputs(
-    inputs: Mapping[str, Any] | np.ndarray | Any, expected: Sequence[TensorInfo]
+    inputs: Mapping[str, Any] | np.ndarray | Any,
+    expected: Sequence[TensorInfo],
+    *,
+    cast: bool = True,
 ) -> dict[str, np.ndarray]:
     """Validate and convert ``inputs`` against the model's ``expected`` inputs.
 
@@ -108,6 +130,9 @@ def check_inputs(
         inputs: a mapping ``{input name: array-like}``, or a single array-like
             when the model has exactly one input.
         expected: the model's inputs.
+        cast: apply the module's casting rule (``Session.run``); ``False``: the
+            dtype must already be the model's and arrays are returned as given
+            (the server, whose requests state their datatype).
 
     Returns:
         ``{name: C-contiguous np.ndarray of the expected dtype}`` in model order.
@@ -138,13 +163,13 @@ def check_inputs(
     for info in expected:
         value = inputs[info.name]
         arr = value if isinstance(value, np.ndarray) else np.asarray(value)
-        if arr.dtype == object or arr.dtype.kind not in "biuf":
+        if cast and (arr.dtype == object or arr.dtype.kind not in "biuf"):
             raise InputError(
                 f"input {info.name!r}: expected a numeric array ({info.describe()}), "
                 f"received dtype {arr.dtype}"
             )
         if info.shape is None:
-            feed[info.name] = _cast(info.name, arr, np.dtype(info.dtype))
+            feed[info.name] = _convert(arr, info, cast)
             continue
         if arr.ndim != len(info.shape):
             raise InputError(
@@ -157,8 +182,12 @@ def check_inputs(
                     f"input {info.name!r}: dimension {axis} must be {want} "
                     f"({info.describe()}), received shape {tuple(arr.shape)}"
                 )
-        feed[info.name] = _cast(info.name, arr, np.dtype(info.dtype))
+        feed[info.name] = _convert(arr, info, cast)
     return feed
+
+
+def _convert(arr: np.ndarray, info: TensorInfo, cast: bool) -> np.ndarray:
+    return _cast(info.name, arr, np.dtype(info.dtype)) if cast else _exact(info.name, arr, info)
 
 
 def batch_size(feed: Mapping[str, np.ndarray]) -> int | None:

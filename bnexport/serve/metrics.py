@@ -13,7 +13,10 @@ as in the tests, do not share counters). Metrics:
 - ``bnexport_batch_requests{model, version}``: requests merged into one run;
 - ``bnexport_run_latency_seconds{model, version}``: time of one model run;
 - ``bnexport_queue_depth{model, version}``: requests waiting for the batcher;
-- ``bnexport_inflight_requests{model, version}``: infer requests being handled.
+- ``bnexport_inflight_requests{model, version}``: infer requests being handled;
+- ``bnexport_grpc_requests_total{rpc, code}``: gRPC calls by method and status code
+  (an infer call is also in ``bnexport_requests_total``, with the HTTP status its
+  gRPC code stands for, so the two protocols add up there).
 """
 
 from __future__ import annotations
@@ -86,6 +89,12 @@ class ServerMetrics:
             "bnexport_inflight_requests",
             "Inference requests being handled (body read to response built).",
             ["model", "version"],
+            registry=r,
+        )
+        self.grpc_requests = Counter(
+            "bnexport_grpc_requests",
+            "gRPC calls by method and status code.",
+            ["rpc", "code"],
             registry=r,
         )
 

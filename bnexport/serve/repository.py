@@ -23,10 +23,20 @@ without a version go to the highest one.
 
 A model is *batchable* when every input and output has a dynamic first
 dimension; only batchable models have their requests merged.
+
+Model files stay inside their model folder: ``default_model_filename`` must be
+a plain file name, and a model file (or a link) that resolves outside
+``<model>/`` is refused.
+
+The repository remembers where it was loaded from, so one model can be read
+again from disk (:meth:`ModelRepository.read_model`) and swapped in while the
+others keep serving (:meth:`ModelRepository.swap`); see
+:mod:`bnexport.serve.model_control` for the load/unload protocol.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import re
@@ -36,10 +46,12 @@ from typing import Any
 
 import numpy as np
 
-from bnexport.errors import UsageError
+from bnexport.errors import InputError, UsageError
+from bnexport.runtime.io_check import check_inputs
 from bnexport.serve.codec import datatype_of
 from bnexport.serve.errors import BadRequestError, ModelNotFoundError
 from bnexport.serve.protocol import MetadataTensor, ModelMetadataResponse, RequestOutput
+from bnexport.serve.statistics import ModelStats
 
 #: ``session_factory(path, **session_kwargs) -> Session-like`` (has inputs/outputs/run)
 SessionFactory = Callable[..., Any]
@@ -85,6 +97,7 @@ class ServedModel:
         batch_timeout_s: batcher wait after the first request of a batch.
         run_options: an ``onnxruntime.RunOptions`` passed to every ``session.run``
             (see :func:`bnexport.serve.server.ort_run_options`); ``None``: none passed.
+        stats: Triton statistics of this version (see :mod:`bnexport.serve.statistics`).
     """
 
     name: str
@@ -94,15 +107,17 @@ class ServedModel:
     max_batch: int
     batch_timeout_s: float
     run_options: Any = None
+    stats: ModelStats = dataclasses.field(default_factory=ModelStats)
 
     def __post_init__(self) -> None:
         self.inputs = list(self.session.inputs)
         self.outputs = list(self.session.outputs)
-        self._input_by_name = {i.name: i for i in self.inputs}
         self._output_names = {o.name for o in self.outputs}
-        self.batchable = all(len(t.shape) >= 1 and t.shape[0] is None for t in self.inputs) and all(
-            len(t.shape) >= 1 and t.shape[0] is None for t in self.outputs
-        )
+
+        def batched(t: Any) -> bool:
+            return t.shape is not None and len(t.shape) >= 1 and t.shape[0] is None
+
+        self.batchable = all(map(batched, self.inputs)) and all(map(batched, self.outputs))
         if not self.batchable:
             self.max_batch = 1
         backend = getattr(self.session, "backend", "onnxruntime")
@@ -112,7 +127,7 @@ class ServedModel:
         """KServe model metadata; dynamic dimensions are ``-1``."""
 
         def tensor(t: Any) -> MetadataTensor:
-            shape = [-1 if d is None else int(d) for d in t.shape]
+            shape = [-1 if d is None else int(d) for d in (t.shape or ())]
             return MetadataTensor(name=t.name, datatype=datatype_of(t.dtype), shape=shape)
 
         return ModelMetadataResponse(
@@ -171,40 +186,20 @@ class ServedModel:
     def check_inputs(self, inputs: Mapping[str, np.ndarray]) -> int | None:
         """Validate request tensors against the model; return their batch size.
 
-        Datatypes must match exactly; fixed dimensions must match; every input of
-        a batchable model must have the same first dimension.
+        The names, ranks and fixed dimensions are checked by the project's one input
+        validator, :func:`bnexport.runtime.io_check.check_inputs`, without casting
+        (``cast=False``): a request states its datatype, and one that differs from
+        the model's is refused, as Triton does. Every input of a batchable model
+        must also have the same first dimension.
 
         Raises:
-            BadRequestError: names the input and what the model expects.
+            BadRequestError: names the model, the input and what the model expects.
         """
-        unknown = [n for n in inputs if n not in self._input_by_name]
-        if unknown:
-            raise BadRequestError(
-                f"model '{self.name}': unknown input(s) {unknown}; "
-                f"expected {[i.name for i in self.inputs]}"
-            )
-        missing = [i.name for i in self.inputs if i.name not in inputs]
-        if missing:
-            raise BadRequestError(f"model '{self.name}': missing input(s) {missing}")
-        rows: set[int] = set()
-        for info in self.inputs:
-            arr = inputs[info.name]
-            want = np.dtype(info.dtype)
-            if arr.dtype != want and not (want.kind in "SUO" and arr.dtype == np.object_):
-                raise BadRequestError(
-                    f"model '{self.name}': input '{info.name}' has datatype "
-                    f"{datatype_of(arr.dtype)}, expected {datatype_of(want)}"
-                )
-            expected = [-1 if d is None else int(d) for d in info.shape]
-            if arr.ndim != len(info.shape) or any(
-                d is not None and d != s for d, s in zip(info.shape, arr.shape, strict=True)
-            ):
-                raise BadRequestError(
-                    f"model '{self.name}': input '{info.name}' has shape {list(arr.shape)}, "
-                    f"expected {expected}"
-                )
-            if arr.ndim:
-                rows.add(arr.shape[0])
+        try:
+            check_inputs(inputs, self.inputs, cast=False)
+        except InputError as exc:
+            raise BadRequestError(f"model '{self.name}': {exc}") from None
+        rows = {arr.shape[0] for arr in inputs.values() if arr.ndim}
         if self.batchable:
             if len(rows) > 1:
                 raise BadRequestError(
@@ -227,13 +222,49 @@ class ServedModel:
                 )
 
 
-class ModelRepository:
-    """Every served model and version; ``get(name, version)`` finds one."""
+@dataclasses.dataclass
+class _Source:
+    """Where a repository was loaded from and how, to read one model again."""
 
-    def __init__(self, models: Mapping[str, Mapping[str, ServedModel]]) -> None:
-        self._models = {
-            name: dict(sorted(vs.items(), key=lambda kv: int(kv[0]))) for name, vs in models.items()
-        }
+    root: Path
+    defaults: ModelSettings
+    session_kwargs: dict[str, Any]
+    factory: SessionFactory
+    run_options: Any = None
+
+
+class ModelRepository:
+    """Every served model and version; ``get(name, version)`` finds one.
+
+    Attributes:
+        control_mode: ``"none"`` or ``"explicit"`` (see :mod:`bnexport.serve.model_control`).
+        control_lock: held by a load or unload.
+        warmup: run each model read by :meth:`read_model` on zero batches first.
+        merged_run_options: ``RunOptions`` given to every model whose requests are merged
+            (``max_batch > 1``), now and when read again (see :meth:`set_run_options`).
+    """
+
+    def __init__(
+        self, models: Mapping[str, Mapping[str, ServedModel]], *, source: _Source | None = None
+    ) -> None:
+        self._models = {name: _sorted(vs) for name, vs in models.items()}
+        self._source = source
+        self.warmup = False
+        self.merged_run_options: Any = None
+        self.control_mode = "none"
+        self.control_lock = asyncio.Lock()  # one load/unload at a time
+
+    def set_run_options(self, run_options: Any) -> None:
+        """Give ``run_options`` to every model whose requests are merged, now and on reload.
+
+        Only merged models see varying batch sizes, so only they need the arena
+        shrinkage that ``run_options`` carries; a model run at one fixed size keeps
+        its arena (see :func:`bnexport.serve.server.ort_run_options`).
+        """
+        self.merged_run_options = run_options
+        for model in self.all():
+            if model.max_batch > 1:
+                model.run_options = run_options
 
     @classmethod
     def from_path(
@@ -262,33 +293,87 @@ class ModelRepository:
         """
         root = Path(path)
         defaults = ModelSettings(max_batch=max_batch, batch_timeout_s=batch_timeout_ms / 1000.0)
-        kwargs = dict(session_kwargs or {})
+        source = _Source(root, defaults, dict(session_kwargs or {}), session_factory, run_options)
         if root.is_file():
             if root.suffix != ".onnx":
                 raise UsageError(f"expected an .onnx file or a repository folder: {root}")
             name = _check_name(root.stem, root)
-            model = _load(name, "1", root, defaults, kwargs, session_factory, run_options)
-            return cls({name: {"1": model}})
+            return cls({name: _read_versions(source, name)}, source=source)
         if not root.is_dir():
             raise FileNotFoundError(f"model or repository not found: {root}")
         models: dict[str, dict[str, ServedModel]] = {}
-        for model_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-            if model_dir.name.startswith("."):
-                continue
-            name = _check_name(model_dir.name, model_dir)
-            settings = _read_config(model_dir, defaults)
-            found = _find_versions(model_dir, settings)
-            if not found:
-                continue
-            models[name] = {
-                str(v): _load(name, str(v), f, settings, kwargs, session_factory, run_options)
-                for v, f in found.items()
-            }
+        for name in _names_on_disk(root):
+            found = _read_versions(source, name)
+            if found:
+                models[name] = found
         if not models:
             raise UsageError(
                 f"no model found in {root}: expected <model>/<version>/model.onnx folders"
             )
-        return cls(models)
+        return cls(models, source=source)
+
+    # -- model control ----------------------------------------------------------------------------
+    def names_on_disk(self) -> list[str]:
+        """Every model name the source holds (loaded or not), sorted."""
+        if self._source is None:
+            return self.names()
+        root = self._source.root
+        return [root.stem] if root.is_file() else _names_on_disk(root)
+
+    def read_model(self, name: str) -> dict[str, ServedModel]:
+        """Read every version of ``name`` from the source again, warmed up (blocking).
+
+        The new versions are not served until :meth:`swap` puts them in.
+
+        Raises:
+            ModelNotFoundError: the source holds no model ``name``.
+            UsageError: its config or files are invalid (named in the message).
+        """
+        if self._source is None:
+            raise ModelNotFoundError(f"model '{name}': the repository cannot be read again")
+        on_disk = self.names_on_disk()
+        if name not in on_disk:
+            raise ModelNotFoundError(
+                f"no model '{name}' in {self._source.root}; models there: {on_disk}"
+            )
+        models = _read_versions(self._source, name)
+        if not models:
+            raise ModelNotFoundError(f"model '{name}' has no version with a model file")
+        for model in models.values():
+            if model.max_batch > 1 and self.merged_run_options is not None:
+                model.run_options = self.merged_run_options
+            if self.warmup:
+                model.warmup()
+        return models
+
+    def swap(self, name: str, versions: Mapping[str, ServedModel] | None) -> dict[str, ServedModel]:
+        """Serve ``versions`` as model ``name`` (``None``: unload it); return the old versions.
+
+        Not thread-safe: call it on the event loop, where requests look models up.
+        """
+        old = self._models.pop(name, {})
+        if versions:
+            self._models[name] = _sorted(versions)
+        return old
+
+    def index(self) -> list[dict[str, str]]:
+        """Triton's repository index: ``{name, version, state, reason}`` per model version.
+
+        Loaded versions are ``READY``; a model of the source that is not loaded is
+        ``UNAVAILABLE`` with reason ``unloaded`` (and no version).
+        """
+        rows = []
+        for name in sorted(set(self.names_on_disk()) | set(self._models)):
+            versions = self._models.get(name)
+            if versions:
+                rows += [
+                    {"name": name, "version": v, "state": "READY", "reason": ""} for v in versions
+                ]
+            else:
+                rows.append(
+                    {"name": name, "version": "", "state": "UNAVAILABLE", "reason": "unloaded"}
+                )
+        return rows
 
     def names(self) -> list[str]:
         """Model names, sorted."""
@@ -327,6 +412,34 @@ class ModelRepository:
             ) from None
 
 
+def _sorted(versions: Mapping[str, ServedModel]) -> dict[str, ServedModel]:
+    return dict(sorted(versions.items(), key=lambda kv: int(kv[0])))
+
+
+def _names_on_disk(root: Path) -> list[str]:
+    """Model folder names under a repository root (hidden folders skipped), validated."""
+    return [
+        _check_name(d.name, d)
+        for d in sorted(root.iterdir())
+        if d.is_dir() and not d.name.startswith(".")
+    ]
+
+
+def _read_versions(source: _Source, name: str) -> dict[str, ServedModel]:
+    """Every version of model ``name`` of ``source`` as loaded sessions (blocking)."""
+    root, kw = source.root, source.session_kwargs
+    if root.is_file():
+        return {
+            "1": _load(name, "1", root, source.defaults, kw, source.factory, source.run_options)
+        }
+    model_dir = root / name
+    settings = _read_config(model_dir, source.defaults)
+    return {
+        str(v): _load(name, str(v), f, settings, kw, source.factory, source.run_options)
+        for v, f in _find_versions(model_dir, settings).items()
+    }
+
+
 def _check_name(name: str, where: Path) -> str:
     if not _NAME_RE.match(name) or name in (".", ".."):
         raise UsageError(
@@ -363,11 +476,11 @@ def _find_versions(model_dir: Path, settings: ModelSettings) -> dict[int, Path]:
     found: dict[int, Path] = {}
     for sub in model_dir.iterdir():
         if sub.is_dir() and sub.name.isdigit() and int(sub.name) > 0:
-            f = _model_file(sub, settings.model_filename)
+            f = _model_file(sub, settings.model_filename, model_dir)
             if f is not None:
                 found[int(sub.name)] = f
     if not found:
-        f = _model_file(model_dir, settings.model_filename)
+        f = _model_file(model_dir, settings.model_filename, model_dir)
         if f is not None:
             found[1] = f
     if settings.versions is not None:
@@ -376,20 +489,42 @@ def _find_versions(model_dir: Path, settings: ModelSettings) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
-def _model_file(folder: Path, filename: str | None) -> Path | None:
+def _model_file(folder: Path, filename: str | None, model_dir: Path) -> Path | None:
+    """The model file of a version ``folder``, confined to ``model_dir``; ``None`` if absent."""
     if filename:
         f = folder / filename
-        return f if f.is_file() else None
+        return _confined(f, model_dir) if f.is_file() else None
     default = folder / "model.onnx"
     if default.is_file():
-        return default
+        return _confined(default, model_dir)
     onnx_files = sorted(folder.glob("*.onnx"))
     if len(onnx_files) > 1:
         raise UsageError(
             f"{folder} holds several .onnx files {[p.name for p in onnx_files]}; "
             "name one model.onnx or set default_model_filename in config.pbtxt"
         )
-    return onnx_files[0] if onnx_files else None
+    return _confined(onnx_files[0], model_dir) if onnx_files else None
+
+
+def _confined(path: Path, model_dir: Path) -> Path:
+    """``path`` when it resolves (links followed) inside ``model_dir``, else ``UsageError``."""
+    real, home = path.resolve(), model_dir.resolve()
+    if not real.is_relative_to(home):
+        raise UsageError(
+            f"model file {path} resolves to {real}, outside its model folder {home}; "
+            "model files must stay inside <repository>/<model>/"
+        )
+    return path
+
+
+def _check_filename(value: str, cfg_path: Path) -> str:
+    """``default_model_filename`` must be a plain file name (no folder, no '..')."""
+    if value in (".", "..") or any(sep in value for sep in ("/", "\\", "\0")):
+        raise UsageError(
+            f"{cfg_path}: default_model_filename {value!r} must be a file name inside the "
+            "version folder (no '/', '\\' or '..')"
+        )
+    return value
 
 
 def _read_config(model_dir: Path, defaults: ModelSettings) -> ModelSettings:
@@ -409,7 +544,7 @@ def _read_config(model_dir: Path, defaults: ModelSettings) -> ModelSettings:
         if delay:
             settings.batch_timeout_s = delay / 1e6
     if cfg.default_model_filename:
-        settings.model_filename = cfg.default_model_filename
+        settings.model_filename = _check_filename(cfg.default_model_filename, cfg_path)
     if cfg.HasField("version_policy"):
         policy = cfg.version_policy
         kind = policy.WhichOneof("policy_choice")

@@ -1,0 +1,379 @@
+"""KServe v2 / Triton ``inference.GRPCInferenceService`` over the HTTP server's state.
+
+The servicer subclasses the generated base class shipped with ``tritonclient[grpc]``
+(``service_pb2_grpc.GRPCInferenceServiceServicer``) and shares everything with
+the HTTP endpoints: the model repository, the per-model dynamic batcher, the
+admission bound, the token, the logs and the Prometheus metrics (an infer
+request is counted in ``bnexport_requests_total`` with the HTTP status it would
+have had; every RPC also in ``bnexport_grpc_requests_total{method, code}``).
+
+RPCs: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata,
+ModelConfig, ModelInfer, ModelStreamInfer, ModelStatistics, RepositoryIndex,
+RepositoryModelLoad, RepositoryModelUnload. The shared-memory, trace and log
+settings RPCs answer UNIMPLEMENTED (the base class).
+
+Errors end the RPC with a status code and a one-line message, as Triton does::
+
+    400 malformed / wrong input         -> INVALID_ARGUMENT
+    401 missing or wrong token          -> UNAUTHENTICATED
+    404 unknown model or version        -> NOT_FOUND
+    413 message over --max-body-mb      -> RESOURCE_EXHAUSTED (grpc's own check)
+    503 in-flight bound reached         -> RESOURCE_EXHAUSTED
+    503 shutting down                   -> UNAVAILABLE
+    500 the model failed on the request -> INTERNAL
+    model control not enabled           -> FAILED_PRECONDITION
+
+Auth: with a token, every RPC but ServerLive and ServerReady (the health
+checks, open like ``/v2/health/*``) needs the metadata ``authorization: Bearer
+<token>`` (scheme case-insensitive, token compared in constant time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from google.protobuf import json_format
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
+
+from bnexport import __version__
+from bnexport.errors import InputError
+from bnexport.serve import grpc_codec
+from bnexport.serve.errors import (
+    BadRequestError,
+    ModelRunError,
+    OverloadedError,
+    ServeError,
+    UnauthorizedError,
+)
+from bnexport.serve.logs import get_logger
+from bnexport.serve.model_control import load_model, unload_model
+from bnexport.serve.statistics import statistics_response
+
+if TYPE_CHECKING:
+    from bnexport.serve.app import ServerState
+
+#: extensions announced in ServerMetadata
+EXTENSIONS = ["model_configuration", "model_repository", "statistics"]
+#: RPCs that need no token (health checks)
+_OPEN = frozenset({"ServerLive", "ServerReady"})
+
+_CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND,
+    408: grpc.StatusCode.DEADLINE_EXCEEDED,
+    409: grpc.StatusCode.FAILED_PRECONDITION,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    415: grpc.StatusCode.INVALID_ARGUMENT,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    499: grpc.StatusCode.CANCELLED,
+    500: grpc.StatusCode.INTERNAL,
+    503: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def status_code(exc: ServeError) -> grpc.StatusCode:
+    """The gRPC status of a server error (see the module docstring)."""
+    if isinstance(exc, OverloadedError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    return _CODES.get(exc.status_code, grpc.StatusCode.UNKNOWN)
+
+
+class _Abort(Exception):
+    """Raised by ``context.abort``'s replacement in unary calls (carries code and message)."""
+
+
+def _rpc(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Wrap one unary RPC: token check, error -> status code, access log, RPC counter."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    async def wrapper(self: InferenceServicer, request: Any, context: Any) -> Any:
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            if name not in _OPEN:
+                self.check_token(context)
+            return await method(self, request, context)
+        except ServeError as exc:
+            code = status_code(exc)
+            await context.abort(code, str(exc))
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:
+            if isinstance(exc, grpc.aio.AbortError):  # context.abort inside the method
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            code = grpc.StatusCode.INTERNAL
+            get_logger().error("grpc handler failed", exc_info=exc, extra={"fields": {"rpc": name}})
+            await context.abort(code, f"{name}: {type(exc).__name__}: {exc}")
+        finally:
+            self.record(name, code, start, context)
+
+    return wrapper
+
+
+class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+    """``inference.GRPCInferenceService`` answering from ``state`` (shared with HTTP).
+
+    Args:
+        state: the HTTP app's :class:`~bnexport.serve.app.ServerState`.
+        token: bearer token required on every RPC but ServerLive/ServerReady.
+        admission: the HTTP app's :class:`~bnexport.serve.admission.Admission` (in-flight
+            bound, shared by both protocols); a request over it gets RESOURCE_EXHAUSTED.
+    """
+
+    def __init__(self, state: ServerState, token: str | None = None, admission: Any = None) -> None:
+        self.state = state
+        self.admission = admission
+        self._token = token.encode() if token else None
+        self._log = get_logger()
+        self._rpc_counter = getattr(state.metrics, "grpc_requests", None)
+
+    # -- shared plumbing --------------------------------------------------------------------------
+    def check_token(self, context: Any) -> None:
+        """Raise ``UnauthorizedError`` unless ``authorization: Bearer <token>`` is sent."""
+        if self._token is None:
+            return
+        given = b""
+        for key, value in context.invocation_metadata() or ():
+            if key.lower() == "authorization":
+                given = value.encode() if isinstance(value, str) else bytes(value)
+                break
+        scheme, _, credential = given.strip().partition(b" ")
+        ok = scheme.lower() == b"bearer" and hmac.compare_digest(credential.strip(), self._token)
+        if not ok:
+            raise UnauthorizedError(
+                "missing or invalid bearer token (metadata 'authorization: Bearer <token>')"
+            )
+
+    def record(self, rpc: str, code: grpc.StatusCode, start: float, context: Any) -> None:
+        """Access log line and RPC counter of one finished RPC."""
+        if self._rpc_counter is not None:
+            self._rpc_counter.labels(rpc, code.name).inc()
+        if self._log.isEnabledFor(logging.INFO):
+            self._log.info(
+                "request",
+                extra={
+                    "fields": {
+                        "method": "grpc",
+                        "path": f"/inference.GRPCInferenceService/{rpc}",
+                        "status": code.name,
+                        "ms": round((time.perf_counter() - start) * 1000, 3),
+                        "client": context.peer(),
+                    }
+                },
+            )
+
+    # -- health and metadata ----------------------------------------------------------------------
+    @_rpc
+    async def ServerLive(self, request: Any, context: Any) -> Any:  # noqa: N802, D102
+        return service_pb2.ServerLiveResponse(live=True)
+
+    @_rpc
+    async def ServerReady(self, request: Any, context: Any) -> Any:  # noqa: N802, D102
+        return service_pb2.ServerReadyResponse(ready=self.state.ready)
+
+    @_rpc
+    async def ModelReady(self, request: Any, context: Any) -> Any:  # noqa: N802, D102
+        try:
+            self.state.repository.get(request.name, request.version or None)
+        except ServeError:
+            return service_pb2.ModelReadyResponse(ready=False)
+        return service_pb2.ModelReadyResponse(ready=self.state.ready)
+
+    @_rpc
+    async def ServerMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802, D102
+        return service_pb2.ServerMetadataResponse(
+            name="bnexport", version=__version__, extensions=EXTENSIONS
+        )
+
+    @_rpc
+    async def ModelMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802, D102
+        repo = self.state.repository
+        model = repo.get(request.name, request.version or None)
+        versions = repo.versions(request.name) if not request.version else [model.version]
+        meta = model.metadata(versions).model_dump(exclude_none=True)
+        return json_format.ParseDict(meta, service_pb2.ModelMetadataResponse())
+
+    @_rpc
+    async def ModelConfig(self, request: Any, context: Any) -> Any:  # noqa: N802, D102
+        from bnexport.serve.app import _config_json
+
+        model = self.state.repository.get(request.name, request.version or None)
+        config = json_format.ParseDict(_config_json(model), model_config_pb2.ModelConfig())
+        return service_pb2.ModelConfigResponse(config=config)
+
+    # -- statistics and repository ----------------------------------------------------------------
+    @_rpc
+    async def ModelStatistics(self, request: Any, context: Any) -> Any:  # noqa: N802, D102
+        body = statistics_response(self.state.repository, request.name, request.version)
+        return json_format.ParseDict(body, service_pb2.ModelStatisticsResponse())
+
+    @_rpc
+    async def RepositoryIndex(self, request: Any, context: Any) -> Any:  # noqa: N802, D102
+        rows = self.state.repository.index()
+        if request.ready:
+            rows = [r for r in rows if r["state"] == "READY"]
+        return json_format.ParseDict({"models": rows}, service_pb2.RepositoryIndexResponse())
+
+    @_rpc
+    async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:  # noqa: N802, D102
+        params = grpc_codec.parameters(request.parameters)
+        await load_model(self.state, request.model_name, params)
+        return service_pb2.RepositoryModelLoadResponse()
+
+    @_rpc
+    async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:  # noqa: N802, D102
+        await unload_model(self.state, request.model_name)
+        return service_pb2.RepositoryModelUnloadResponse()
+
+    # -- inference --------------------------------------------------------------------------------
+    @_rpc
+    async def ModelInfer(self, request: Any, context: Any) -> Any:  # noqa: N802, D102
+        return await self.infer(request)
+
+    async def ModelStreamInfer(  # noqa: N802
+        self, request_iterator: Any, context: Any
+    ) -> AsyncIterator[Any]:
+        """Bidirectional stream: each request is answered (in completion order) as it finishes.
+
+        Requests of one stream run concurrently, so they are batched together; an
+        error ends only its own request, with ``error_message`` set.
+        """
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            self.check_token(context)
+        except ServeError as exc:
+            self.record("ModelStreamInfer", status_code(exc), start, context)
+            await context.abort(status_code(exc), str(exc))
+        answers: asyncio.Queue = asyncio.Queue()
+        pending: set[asyncio.Task] = set()
+
+        async def answer(req: Any) -> None:
+            try:
+                msg = service_pb2.ModelStreamInferResponse(infer_response=await self.infer(req))
+            except ServeError as exc:
+                msg = service_pb2.ModelStreamInferResponse(error_message=str(exc))
+            await answers.put(msg)
+
+        async def read() -> None:
+            async for req in request_iterator:
+                task = asyncio.ensure_future(answer(req))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+            if pending:
+                await asyncio.gather(*list(pending), return_exceptions=True)
+            await answers.put(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (msg := await answers.get()) is not None:
+                yield msg
+            await reader
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            reader.cancel()
+            for task in list(pending):
+                task.cancel()
+            self.record("ModelStreamInfer", code, start, context)
+
+    async def infer(self, request: Any) -> Any:
+        """Answer one ``ModelInferRequest`` through the model's batcher.
+
+        Mirrors the HTTP endpoint: look the model up, announce the request to the
+        batcher, decode and validate, submit, encode. Counted in the Prometheus
+        request metrics with the HTTP status it maps to.
+
+        Raises:
+            ServeError: whatever ends the request (mapped to a status by the caller).
+        """
+        state = self.state
+        metrics = state.metrics
+        received = time.perf_counter_ns()
+        labels, status, inflight, expected = ("unknown", ""), 500, None, None
+        try:
+            async with _admitted(self.admission, request):
+                # lookup -> batcher -> expect() without an await in between, so that a model
+                # being unloaded either serves this request or was already gone
+                model = state.repository.get(request.model_name, request.model_version or None)
+                labels = (model.name, model.version)
+                inflight = metrics.inflight.labels(*labels)
+                inflight.inc()
+                batcher = state.batcher(model)
+                batcher.expect()
+                expected = batcher
+                if grpc_codec.typed_elements(request) > grpc_codec.OFFLOAD_ELEMENTS:
+                    req = await asyncio.to_thread(grpc_codec.decode_request, request)
+                else:
+                    req = grpc_codec.decode_request(request)
+                rows = model.check_inputs(req.inputs)
+                model.check_outputs(req.outputs)
+                expected = None
+                results = await _submit(batcher, model, req.inputs, rows, received)
+                response = grpc_codec.encode_response(
+                    service_pb2.ModelInferResponse,
+                    model.name,
+                    model.version,
+                    req.id,
+                    results,
+                    req.outputs,
+                )
+            status = 200
+            return response
+        except ServeError as exc:
+            status = exc.status_code
+            raise
+        except asyncio.CancelledError:
+            status = 499
+            raise
+        finally:
+            if expected is not None:
+                expected.unexpect()
+            if inflight is not None:
+                inflight.dec()
+            metrics.requests.labels(*labels, str(status)).inc()
+            if labels[0] != "unknown":
+                metrics.latency.labels(*labels).observe((time.perf_counter_ns() - received) / 1e9)
+
+
+def _admitted(admission: Any, request: Any) -> Any:
+    """The server's admission bound (when it has one) for a request of its message size."""
+    if admission is None:
+        return contextlib.nullcontext()
+    return admission.admit(request.ByteSize())
+
+
+async def _submit(
+    batcher: Any, model: Any, inputs: dict, rows: int | None, received_ns: int
+) -> dict:
+    """Run one (expected) request through the batcher, mapping errors to server errors."""
+    try:
+        return await batcher.submit(inputs, rows, expected=True, received_ns=received_ns)
+    except ServeError:
+        raise
+    except InputError as exc:
+        raise BadRequestError(f"model '{model.name}': {exc}") from None
+    except Exception as exc:
+        get_logger().error(
+            "model run failed",
+            exc_info=exc,
+            extra={"fields": {"model": model.name, "version": model.version}},
+        )
+        raise ModelRunError(
+            f"model '{model.name}' version {model.version} failed on this request: "
+            f"{type(exc).__name__}: {exc}"
+        ) from None
