@@ -49,9 +49,9 @@ from bnexport.serve import grpc_codec
 from bnexport.serve.errors import (
     BadRequestError,
     ModelRunError,
-    OverloadedError,
     ServeError,
     UnauthorizedError,
+    UnavailableError,
 )
 from bnexport.serve.logs import get_logger
 from bnexport.serve.model_control import load_model, unload_model
@@ -82,8 +82,12 @@ _CODES = {
 
 
 def status_code(exc: ServeError) -> grpc.StatusCode:
-    """The gRPC status of a server error (see the module docstring)."""
-    if isinstance(exc, OverloadedError):
+    """The gRPC status of a server error (see the module docstring).
+
+    A 503 that is not :class:`UnavailableError` (shutting down) is the in-flight bound
+    (``OverloadedError``): RESOURCE_EXHAUSTED, as grpc answers an over-limit call.
+    """
+    if exc.status_code == 503 and not isinstance(exc, UnavailableError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     return _CODES.get(exc.status_code, grpc.StatusCode.UNKNOWN)
 
