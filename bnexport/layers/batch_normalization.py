@@ -45,6 +45,12 @@ def _validate_axis(axis: Any, data_format: str | None) -> int | list[int]:
     )
 
 
+def _validate_fused(fused: Any) -> None:
+    """``fused`` must be ``None``, ``True`` or ``False``."""
+    if fused not in (None, True, False) or not isinstance(fused, (bool, type(None))):
+        raise LayerConfigError(f"`fused` must be None, True or False. Received: fused={fused!r}")
+
+
 def _compose(
     scale: tf.Tensor | None,
     offset: tf.Tensor | None,
@@ -97,7 +103,9 @@ class BatchNormalization(keras.layers.Layer):
             one feature axis that is 1 or last, float16/bfloat16/float32, no mask,
             adjustment or synchronization, ``epsilon >= 1.001e-5``); ``True`` requires it
             (:class:`LayerConfigError` naming ``fused`` where it cannot be honoured, also
-            accepted for any rank >= 2); ``False`` never uses it.
+            accepted for any rank >= 2); ``False`` never uses it. After ``build``,
+            ``layer.fused`` reads ``True``/``False`` (whether the kernel is used), as in
+            legacy tf.keras; ``get_config()["fused"]`` stays the argument.
         virtual_batch_size: ghost batch size ``v``: during training, each of the ``N/v``
             contiguous groups of ``v`` examples (examples ``g·v … g·v+v−1``, as in Hoffer
             et al., 2017) is normalized with its own statistics; ``N`` must be a multiple
@@ -186,10 +194,7 @@ class BatchNormalization(keras.layers.Layer):
                 f"`ema_update` must be one of {list(EMA_UPDATE_MODES)}. "
                 f"Received: ema_update={ema_update!r}"
             )
-        if fused not in (None, True, False):
-            raise LayerConfigError(
-                f"`fused` must be None, True or False. Received: fused={fused!r}"
-            )
+        _validate_fused(fused)
         if adjustment is not None and not callable(adjustment):
             raise LayerConfigError(
                 f"`adjustment` must be a callable. Received: adjustment={adjustment!r}"
@@ -231,7 +236,7 @@ class BatchNormalization(keras.layers.Layer):
         self.renorm_clipping = validate_renorm_clipping(renorm_clipping)
         self.renorm_momentum = float(renorm_momentum)
         self.synchronized = bool(synchronized)
-        self.fused = fused
+        self._fused_arg = fused
         self.virtual_batch_size = virtual_batch_size
         self.adjustment = adjustment
         self.ema_update = ema_update
@@ -242,6 +247,29 @@ class BatchNormalization(keras.layers.Layer):
         self.moving_mean = None
         self.moving_variance = None
         self._plan: fused_lib.FusedPlan | None = None
+        self._fused_resolved: bool | None = None  # set by build
+
+    @property
+    def fused(self) -> bool | None:
+        """The ``fused`` argument before ``build``; after it, whether the fused kernel is used.
+
+        As in legacy ``tf.keras``, ``build`` resolves ``fused=None`` to ``True`` or
+        ``False`` for the input it sees: ``True`` when unmasked inputs of the compute
+        dtype take TensorFlow's fused kernel (a masked or float64 call then falls back
+        to the plain ops, where tf.keras raised). ``get_config`` keeps the argument, so
+        a layer re-created from its config makes the same choice for its own input.
+        """
+        return self._fused_arg if self._fused_resolved is None else self._fused_resolved
+
+    @fused.setter
+    def fused(self, value: bool | None) -> None:
+        if getattr(self, "_fused_resolved", None) is not None:
+            raise LayerConfigError(
+                f"Layer '{self.name}': `fused` can only be set before the layer is built "
+                f"(it is resolved to {self._fused_resolved} by build). Received: fused={value!r}"
+            )
+        _validate_fused(value)
+        self._fused_arg = value
 
     # ------------------------------------------------------------------ build
     def _normalized_axes(self, rank: int) -> list[int]:
@@ -269,7 +297,7 @@ class BatchNormalization(keras.layers.Layer):
 
     def _choose_plan(self, rank: int, axes: list[int]) -> fused_lib.FusedPlan | None:
         """The fused-kernel plan for this input, or ``None`` (raises if ``fused=True``)."""
-        if self.fused is False:
+        if self._fused_arg is False:
             return None
         reason = None
         if len(axes) != 1 or not (axes[0] == rank - 1 or axes[0] == 1):
@@ -283,13 +311,13 @@ class BatchNormalization(keras.layers.Layer):
         elif self.compute_dtype not in fused_lib.FUSED_DTYPES:
             reason = f"the kernel does not support compute dtype {self.compute_dtype}"
         if reason is not None:
-            if self.fused:
+            if self._fused_arg:
                 raise LayerConfigError(
                     f"`fused=True` cannot be honoured for layer '{self.name}': {reason}. "
                     f"Received: fused=True, axis={self._axis_arg!r}, input rank={rank}"
                 )
             return None
-        if self.fused is None and rank not in (4, 5):
+        if self._fused_arg is None and rank not in (4, 5):
             return None  # small tensors: the plain path is as fast and exact
         return fused_lib.FusedPlan(channels_first=axes[0] == 1 and rank > 2, rank=rank)
 
@@ -313,6 +341,7 @@ class BatchNormalization(keras.layers.Layer):
         self._broadcast_shape = [int(input_shape[i]) if i in axes else 1 for i in range(rank)]
         self._reduction_axes = [i for i in range(rank) if i not in axes]
         self._plan = self._choose_plan(rank, axes)
+        self._fused_resolved = self._plan is not None
         dtype = self.variable_dtype
         dtype = "float32" if dtype in _16BIT else dtype
         shape = self._param_shape
@@ -479,7 +508,7 @@ class BatchNormalization(keras.layers.Layer):
         use_fused = (
             self._plan is not None and mask is None and x.dtype.name in fused_lib.FUSED_DTYPES
         )
-        if self.fused and not use_fused:
+        if self._fused_arg and not use_fused:
             why = "a mask was given" if mask is not None else f"inputs are {x.dtype.name}"
             raise LayerConfigError(
                 f"`fused=True` cannot be honoured for layer '{self.name}': {why}. "
@@ -697,7 +726,7 @@ class BatchNormalization(keras.layers.Layer):
             "renorm_clipping": dict(self.renorm_clipping) or None,
             "renorm_momentum": self.renorm_momentum,
             "synchronized": self.synchronized,
-            "fused": self.fused,
+            "fused": self._fused_arg,
             "virtual_batch_size": self.virtual_batch_size,
             "ema_update": self.ema_update,
             "data_format": self.data_format,

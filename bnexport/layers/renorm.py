@@ -21,6 +21,7 @@ Inference is the same as without renorm (moving mean/variance).
 
 from __future__ import annotations
 
+import difflib
 import math
 from typing import Any
 
@@ -41,8 +42,12 @@ def validate_renorm_clipping(renorm_clipping: Any) -> dict[str, float]:
         A new dict with the same keys and float values (``None`` values dropped).
 
     Raises:
-        LayerConfigError: not a dict, unknown keys, non-numeric or NaN values,
-            ``rmin > rmax``, ``rmin < 0`` or ``dmax < 0``.
+        LayerConfigError: (a ``ValueError``) not a dict, unknown keys, non-numeric or
+            NaN values, ``rmin > rmax``, ``rmin < 0`` or ``dmax < 0``. The messages
+            start with Keras 3's wording (``"Received invalid keys for
+            `renorm_clipping` argument"``, ``"rmax should be greater than rmin"``,
+            ``"dmax should be non-negative"``), so code written against Keras 3 that
+            catches ``ValueError`` and matches the message keeps working.
     """
     if renorm_clipping is None:
         return {}
@@ -51,11 +56,17 @@ def validate_renorm_clipping(renorm_clipping: Any) -> dict[str, float]:
             f"`renorm_clipping` must be a dict with keys {list(RENORM_CLIPPING_KEYS)}. "
             f"Received: renorm_clipping={renorm_clipping!r}"
         )
-    unknown = sorted(set(renorm_clipping) - set(RENORM_CLIPPING_KEYS))
+    unknown = sorted(set(renorm_clipping) - set(RENORM_CLIPPING_KEYS), key=str)
     if unknown:
+        # Keras 3's wording first (callers match it), then which key and a suggestion
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(str(key), RENORM_CLIPPING_KEYS, n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise LayerConfigError(
-            f"`renorm_clipping` has unknown keys {unknown}; supported keys are "
-            f"{list(RENORM_CLIPPING_KEYS)}. Received: renorm_clipping={renorm_clipping!r}"
+            "Received invalid keys for `renorm_clipping` argument: "
+            f"{renorm_clipping}. Supported values: {list(RENORM_CLIPPING_KEYS)}. "
+            f"Unknown: {', '.join(hints)}."
         )
     clipping: dict[str, float] = {}
     for key, value in renorm_clipping.items():
@@ -73,13 +84,17 @@ def validate_renorm_clipping(renorm_clipping: Any) -> dict[str, float]:
     rmin, rmax, dmax = (clipping.get(k) for k in ("rmin", "rmax", "dmax"))
     if rmin is not None and rmax is not None and rmin > rmax:
         raise LayerConfigError(
-            "`renorm_clipping` needs rmin <= rmax. "
-            f"Received: rmin={rmin}, rmax={rmax} (renorm_clipping={renorm_clipping!r})"
+            "rmax should be greater than rmin in the `renorm_clipping` argument "
+            f"(rmin <= rmax). Received: rmax={rmax}, rmin={rmin}."
         )
     if rmin is not None and rmin < 0:
-        raise LayerConfigError(f"`renorm_clipping` needs rmin >= 0. Received: rmin={rmin}")
+        raise LayerConfigError(
+            f"rmin should be non-negative in the `renorm_clipping` argument. Received: rmin={rmin}."
+        )
     if dmax is not None and dmax < 0:
-        raise LayerConfigError(f"`renorm_clipping` needs dmax >= 0. Received: dmax={dmax}")
+        raise LayerConfigError(
+            f"dmax should be non-negative in the `renorm_clipping` argument. Received: dmax={dmax}."
+        )
     return clipping
 
 

@@ -372,8 +372,11 @@ def test_variable_names_and_shapes():
         ({"virtual_batch_size": 0}, r"virtual_batch_size=0"),
         ({"virtual_batch_size": 2.5}, r"virtual_batch_size=2.5"),
         ({"ema_update": "collection"}, r"ema_update='collection'"),
-        ({"renorm": True, "renorm_clipping": {"rmax": 1, "r_min": 0}}, r"unknown keys \['r_min'\]"),
-        ({"renorm": True, "renorm_clipping": {"rmax": 1.0, "rmin": 2.0}}, r"rmin=2.0, rmax=1.0"),
+        (
+            {"renorm": True, "renorm_clipping": {"rmax": 1, "r_min": 0}},
+            r"invalid keys.*'r_min' \(did you mean 'rmin'",
+        ),
+        ({"renorm": True, "renorm_clipping": {"rmax": 1.0, "rmin": 2.0}}, r"rmax=1.0, rmin=2.0"),
         ({"renorm": True, "renorm_clipping": {"dmax": -1}}, r"dmax=-1"),
         ({"renorm": True, "renorm_clipping": [1, 2]}, r"renorm_clipping=\[1, 2\]"),
         ({"momentum": 1.5}, r"momentum=1.5"),
@@ -411,6 +414,59 @@ def test_fused_true_with_mask_or_float64_is_an_error():
         layer(tf.ones((2, 3, 4, 5)), training=True, mask=tf.ones((2, 3, 4)))
     with pytest.raises(LayerConfigError, match="fused=True.*float64"):
         BatchNormalization(fused=True, dtype="float64")(tf.ones((2, 3, 4, 5), tf.float64))
+
+
+@pytest.mark.parametrize("layer_cls", [BatchNormalization, keras.layers.BatchNormalization])
+def test_bad_renorm_clipping_key_is_a_value_error_with_keras_wording(layer_cls):
+    """Keras 3 users catch ValueError and match Keras's message; ours raises the same."""
+    with pytest.raises(ValueError, match=r"Received invalid keys for `renorm_clipping` argument"):
+        layer_cls(renorm=True, renorm_clipping={"rmax": 2.0, "r_max": 3.0})
+
+
+@pytest.mark.parametrize(
+    "shape,kwargs,resolved",
+    [
+        ((8, 4, 4, 3), {}, True),  # rank 4, last axis: the kernel
+        ((8, 3, 4, 4), {"axis": 1}, True),  # NCHW
+        ((8, 2, 4, 4, 3), {}, True),  # rank 5
+        ((8, 5), {}, False),  # rank 2: plain ops unless asked
+        ((8, 5), {"fused": True}, True),
+        ((8, 4, 4, 3), {"fused": False}, False),
+        ((8, 4, 4, 3), {"synchronized": True}, False),
+        ((8, 4, 4, 3), {"axis": [1, 3]}, False),
+        ((8, 4, 4, 3), {"epsilon": 1e-6}, False),
+    ],
+)
+def test_fused_is_resolved_by_build_like_tf_keras(shape, kwargs, resolved, rng):
+    """``layer.fused`` is the argument before build, True/False after (legacy tf.keras)."""
+    layer = BatchNormalization(**kwargs)
+    assert layer.fused is kwargs.get("fused")
+    layer.build(shape)
+    assert layer.fused is resolved
+    assert layer.get_config()["fused"] is kwargs.get("fused")  # the argument round-trips
+    clone = BatchNormalization.from_config(layer.get_config())
+    assert clone.fused is kwargs.get("fused")
+    clone.build(shape)
+    assert clone.fused is resolved
+    # the flag tells the truth: the fused path matches the reference like the plain one
+    x = rng.normal(size=shape).astype("float32")
+    np.testing.assert_allclose(
+        layer(x, training=True).numpy(), make_reference(layer).train(x), **F32
+    )
+    with pytest.raises(LayerConfigError, match="before the layer is built"):
+        layer.fused = not resolved  # (setting the value it has is a no-op in Keras)
+
+
+def test_fused_resolved_true_still_accepts_a_mask(rng):
+    """``fused=None`` resolved to True falls back to plain ops for a masked call."""
+    shape = (4, 3, 5, 2)
+    layer = build(shape, seed=3)
+    assert layer.fused is True
+    x = rng.normal(size=shape).astype("float32")
+    mask = rng.uniform(size=shape[:-1]) > 0.3
+    ref = make_reference(layer)
+    y = layer(x, training=True, mask=mask).numpy()
+    np.testing.assert_allclose(y, ref.train(x, mask=mask), **F32)
 
 
 def test_large_mean_small_spread_float32(rng):
