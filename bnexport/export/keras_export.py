@@ -121,6 +121,7 @@ def export(
     keep_float16_overflow: Literal["float32", "error"] = "float32",
     verify_batch: int = 2,
     seed: int = 0,
+    int8: Any = None,
 ) -> ExportReport:
     """Export ``model`` to ONNX at ``path`` with batch normalization folded.
 
@@ -144,6 +145,8 @@ def export(
             weights overflow float16 in float32; ``"error"`` fails naming the layer.
         verify_batch: batch size of the verification inputs when the batch is dynamic.
         seed: seed of the verification inputs.
+        int8: calibration data (see :func:`bnexport.quantize`): export, fold, then write
+            the INT8 QDQ graph at ``path``; ``report.int8`` is its ``QuantizeReport``.
 
     Returns:
         The :class:`~bnexport.export.report.ExportReport`.
@@ -156,6 +159,10 @@ def export(
     """
     io_dtype = io_dtype or dtype
     _check_options(opset, dtype, io_dtype, fused_norm, keep_float16_overflow)
+    if int8 is not None:
+        from bnexport.quantize.export_hook import check_int8_options
+
+        check_int8_options(dtype, fused_norm)
     from bnexport.export.atomic_write import atomic_path, check_writable
 
     out = check_writable(path)
@@ -237,6 +244,13 @@ def export(
         result = run_verify(loaded, folded, dtype=dtype, batch=batch, seed=seed)
         t = lap("verify", t)
 
+    int8_report = None
+    if int8 is not None:
+        from bnexport.quantize.export_hook import quantize_export
+
+        folded, serialized, int8_report = quantize_export(folded, int8, records)
+        t = lap("int8", t)
+
     with atomic_path(out) as tmp:
         onnx.save_model(folded, str(tmp))
     t = lap("write", t)
@@ -264,4 +278,5 @@ def export(
         verify=result,
         timings=timings,
         notes=notes,
+        int8=int8_report,
     )
