@@ -63,6 +63,14 @@ class UsageError(BnexportError):
     """A command-line argument or file given by the user is unusable."""
 
 
+class UnsafeModelError(BnexportError, ValueError):
+    """Loading a model file would run Python code stored in it (a ``Lambda`` layer).
+
+    Raised in safe mode (the default); names the layer and the opt-in
+    (``safe_mode=False`` in Python, ``--unsafe-load`` on the command line).
+    """
+
+
 class OutputPathError(UsageError):
     """An output path resolves to an input, or to another output of the same command."""
 

@@ -52,6 +52,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "(default) or fail naming the layer",
     )
     parser.add_argument("--no-verify", action="store_true", help="skip the comparison run")
+    parser.add_argument(
+        "--unsafe-load",
+        action="store_true",
+        help="load a model file even if that runs Python code stored in it (a Lambda "
+        "layer's lambda); refused by default. Only for files you trust",
+    )
     parser.add_argument("--json", metavar="REPORT.json", help="also write the report as JSON")
     return parser
 
@@ -88,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         fused_norm=args.fused_norm,
         verify=not args.no_verify,
         keep_float16_overflow=args.keep_float16_overflow,
+        safe_mode=not args.unsafe_load,
     )
     Console(soft_wrap=False).print(report.table())
     if args.json:

@@ -58,6 +58,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--precision", choices=("fp32", "fp16"), default="fp32", help="TensorRT precision"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random samples")
+    parser.add_argument(
+        "--unsafe-load",
+        action="store_true",
+        help="load a model file even if that runs Python code stored in it (a Lambda "
+        "layer's lambda); refused by default. Only for files you trust",
+    )
     parser.add_argument("--report", help="write the JSON report here")
     parser.add_argument("--html", help="write the HTML report (per-layer error plot) here")
     return parser
@@ -109,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision,
         training_mode=args.training_mode,
         seed=args.seed,
+        safe_mode=not args.unsafe_load,
     )
     console = Console()
     report.print(console)

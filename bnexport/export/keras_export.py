@@ -12,13 +12,14 @@ Pipeline (each step in its own module):
 5. :mod:`.layer_map` — map Keras layers to the tensors carrying their outputs;
 6. :mod:`.float16` — convert to float16 after folding (``dtype="float16"``);
 7. ``onnx.checker`` (full check) and shape inference; :mod:`.verify` — run both, compare;
-8. :mod:`.atomic_write` — write the file atomically (nothing left behind on failure).
+8. :mod:`bnexport.atomic_write` — write the file atomically (nothing left behind on failure).
 """
 
 from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Any, Literal
 
 from bnexport.errors import ExportError
@@ -51,12 +52,16 @@ def _check_options(
         raise ExportError("; ".join(problems))
 
 
-def check_graph(model: Any) -> None:
-    """``onnx.checker`` full check (schemas, types, shape inference) on ``model``.
+def check_graph(model: Any, serialized: bytes | None = None) -> None:
+    """``onnx.checker`` full check (schemas, types, strict shape inference) on ``model``.
 
     Graphs with ``bnexport::FusedNorm`` nodes are checked against the plugin's ONNX schema
     (``bnexport_plugins.fused_norm.onnx_node.register_onnx_schema``); if that is missing,
-    they get the structural check only.
+    they get the structural check and a lenient shape inference only.
+
+    Args:
+        model: the ``ModelProto``.
+        serialized: ``model.SerializeToString()`` if the caller has it (saves a copy).
 
     Raises:
         ExportError: the graph is invalid (the checker's message).
@@ -72,8 +77,10 @@ def check_graph(model: Any) -> None:
         except ImportError:
             full = False
     try:
-        onnx.checker.check_model(model, full_check=full)
-        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=full)
+        # full_check runs shape inference with check_type=True, strict_mode=True itself
+        onnx.checker.check_model(serialized or model, full_check=full)
+        if not full:
+            onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=False)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ExportError(f"exported graph is invalid: {exc}") from exc
 
@@ -121,6 +128,7 @@ def export(
     keep_float16_overflow: Literal["float32", "error"] = "float32",
     verify_batch: int = 2,
     seed: int = 0,
+    safe_mode: bool = True,
     int8: Any = None,
 ) -> ExportReport:
     """Export ``model`` to ONNX at ``path`` with batch normalization folded.
@@ -145,17 +153,23 @@ def export(
             weights overflow float16 in float32; ``"error"`` fails naming the layer.
         verify_batch: batch size of the verification inputs when the batch is dynamic.
         seed: seed of the verification inputs.
+        safe_mode: when ``model`` is a path, refuse a file that needs Python code to
+            load (a ``Lambda`` layer) instead of running it; ``False`` only for files
+            you trust (see :func:`bnexport.export.loaders.load_model`).
         int8: calibration data (see :func:`bnexport.quantize`): export, fold, then write
             the INT8 QDQ graph at ``path``; ``report.int8`` is its ``QuantizeReport``.
 
     Returns:
-        The :class:`~bnexport.export.report.ExportReport`.
+        The :class:`~bnexport.export.report.ExportReport`; ``report.timings`` has the
+        seconds of each stage: ``load``, ``trace``, ``freeze``, ``convert``, ``fold``,
+        ``layer_map``, (``float16``), ``check``, ``verify``, ``write``, and ``total``.
 
     Raises:
         ExportError: bad options, unwritable path (checked before anything is done),
             invalid BN statistics or a layer tf2onnx cannot convert (named), an invalid
-            graph; :class:`~bnexport.errors.VerificationError` when verification fails.
-            Nothing is written in any of these cases.
+            graph; :class:`~bnexport.errors.VerificationError` when verification fails;
+            :class:`~bnexport.errors.UnsafeModelError` for a file that would run code
+            while loading (``safe_mode=True``). Nothing is written in any of these cases.
     """
     io_dtype = io_dtype or dtype
     _check_options(opset, dtype, io_dtype, fused_norm, keep_float16_overflow)
@@ -163,9 +177,11 @@ def export(
         from bnexport.quantize.export_hook import check_int8_options
 
         check_int8_options(dtype, fused_norm)
-    from bnexport.export.atomic_write import atomic_path, check_writable
+    from bnexport.atomic_write import atomic_path, check_output_paths, check_writable
 
-    out = check_writable(path)
+    if isinstance(model, str | os.PathLike):  # never overwrite the model being exported
+        check_output_paths({"path": path}, {"model": model}, error=ExportError)
+    out = check_writable(path, error=ExportError)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -178,20 +194,23 @@ def export(
 
     from bnexport.export import layer_map
     from bnexport.export.bn_layers import find_bn_layers
-    from bnexport.export.layout import sink_reshapes, sink_transposes
     from bnexport.export.loaders import load_model
     from bnexport.export.passes.fold_batchnorm import fold_batchnorm_with_report
+    from bnexport.export.passes.layout import sink_layout_ops
     from bnexport.export.trace import trace_and_convert
 
     t = time.perf_counter()
-    loaded = load_model(model)
+    loaded = load_model(model, safe_mode=safe_mode)
     bns = find_bn_layers(loaded.model) if loaded.is_keras else []
     t = lap("load", t)
 
-    traced = trace_and_convert(loaded, bns, opset=opset, dynamic_batch=dynamic_batch)
-    sink_transposes(traced.model, traced.bn_nodes)
-    sink_reshapes(traced.model, traced.bn_nodes)
-    t = lap("convert", t)
+    stages: dict[str, float] = {}
+    traced = trace_and_convert(
+        loaded, bns, opset=opset, dynamic_batch=dynamic_batch, timings=stages
+    )
+    timings.update(stages)
+    t = time.perf_counter()
+    traced.model = sink_layout_ops(traced.model, traced.bn_nodes)
 
     folded, records = fold_batchnorm_with_report(
         traced.model,
@@ -212,6 +231,7 @@ def export(
     mapping, perms = layer_map.layer_outputs(
         folded, traced.layer_tensors, traced.layer_shapes, records, input_layers, output_layers
     )
+    t = lap("layer_map", t)
 
     float32_nodes: list[str] = []
     if dtype == "float16":
@@ -233,7 +253,8 @@ def export(
 
     layer_map.write_metadata(folded, mapping, perms)
     folded.producer_name = "bnexport"
-    check_graph(folded)
+    serialized = folded.SerializeToString()  # once: checker, verification and file
+    check_graph(folded, serialized)
     t = lap("check", t)
 
     result = None
@@ -241,7 +262,9 @@ def export(
         from bnexport.export.verify import verify as run_verify
 
         batch = verify_batch if dynamic_batch else (loaded.inputs[0].shape[0] or 1)
-        result = run_verify(loaded, folded, dtype=dtype, batch=batch, seed=seed)
+        result = run_verify(
+            loaded, folded, dtype=dtype, batch=batch, seed=seed, serialized=serialized
+        )
         t = lap("verify", t)
 
     int8_report = None
@@ -251,8 +274,8 @@ def export(
         folded, serialized, int8_report = quantize_export(folded, int8, records)
         t = lap("int8", t)
 
-    with atomic_path(out) as tmp:
-        onnx.save_model(folded, str(tmp))
+    with atomic_path(out, error=ExportError) as tmp:
+        Path(tmp).write_bytes(serialized)
     t = lap("write", t)
     timings["total"] = round(time.perf_counter() - t_start, 4)
 

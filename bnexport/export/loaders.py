@@ -5,17 +5,37 @@ package) model or ``.h5`` file, or a SavedModel directory. A SavedModel written 
 tf.keras (it has ``keras_metadata.pb``) is loaded as a tf.keras model, so its
 layers are known; any other SavedModel is exported from its serving signature and
 its ``FusedBatchNorm*`` ops are folded on the ONNX side.
+
+Safety — loading never runs the file's Python code unless asked to
+------------------------------------------------------------------
+:func:`load_model` is the one place bnexport loads a model file (export, parity,
+recalibration helpers, the Python API, the quickstart). With ``safe_mode=True`` (the
+default) a file that needs Python code to load — a ``Lambda`` layer holding a
+marshalled ``lambda`` — is refused with :class:`~bnexport.errors.UnsafeModelError`
+naming the layer(s) and the opt-in, before any of that code can run:
+
+* ``.keras``: Keras 3's own ``safe_mode``;
+* ``.h5`` and tf.keras SavedModel folders: tf-keras's ``SafeModeScope`` (passing
+  ``safe_mode=True`` to ``tf_keras.models.load_model`` does *not* cover the legacy
+  ``.h5`` path, the scope does); Keras 3's scope when tf-keras is not installed.
+
+A SavedModel folder without Keras metadata has no Python code to run: loading it
+restores its TensorFlow graph and variables, and exporting runs that graph (TF ops
+only). ``safe_mode=False`` (``--unsafe-load`` on the command line) loads Lambda code —
+only for files you trust.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bnexport.errors import ExportError
+from bnexport.errors import ExportError, UnsafeModelError
 
 #: what was loaded
 KIND_KERAS = "keras"
@@ -134,14 +154,150 @@ def from_keras(model: Any) -> LoadedModel:
     return LoadedModel(kind=kind, model=model, inputs=inputs, outputs=outputs)
 
 
-def _load_saved_model(path: Path) -> LoadedModel:
-    if (path / "keras_metadata.pb").exists():
+def _holds_code(layer_config: Any) -> bool:
+    """Whether a ``Lambda`` layer's config holds a marshalled ``lambda`` (Python bytecode).
+
+    tf.keras writes ``function_type: "lambda"``; Keras 3 a ``__lambda__`` function object.
+    A ``Lambda`` wrapping a named, registered function holds only its name.
+    """
+    if not isinstance(layer_config, dict):
+        return True
+    if layer_config.get("function_type") == "lambda":
+        return True
+    function = layer_config.get("function")
+    return isinstance(function, dict) and function.get("class_name") == "__lambda__"
+
+
+def _lambda_layers(config: Any, *, code_only: bool = False) -> list[str]:
+    """Names of the ``Lambda`` layers anywhere in a (JSON-decoded) model config.
+
+    With ``code_only``, only those holding Python bytecode (:func:`_holds_code`).
+    """
+    found: list[str] = []
+    if isinstance(config, dict):
+        if config.get("class_name") == "Lambda":
+            inner = config.get("config")
+            if not code_only or _holds_code(inner):
+                name = inner.get("name") if isinstance(inner, dict) else None
+                found.append(str(name or config.get("name") or "?"))
+        for value in config.values():
+            found.extend(_lambda_layers(value, code_only=code_only))
+    elif isinstance(config, list):
+        for value in config:
+            found.extend(_lambda_layers(value, code_only=code_only))
+    return list(dict.fromkeys(found))
+
+
+def _config_of(path: Path) -> Any:
+    """The model config stored in ``path`` (``.keras``, ``.h5``, tf.keras SavedModel), or None.
+
+    Read without deserializing anything (JSON only); used to name the layer that made
+    safe mode refuse the file.
+    """
+    import json
+    import zipfile
+
+    try:
+        if path.is_dir():
+            meta = path / "keras_metadata.pb"
+            if not meta.exists():
+                return None
+            from tf_keras.protobuf import saved_metadata_pb2
+
+            proto = saved_metadata_pb2.SavedMetadata()
+            proto.ParseFromString(meta.read_bytes())
+            return [json.loads(node.metadata) for node in proto.nodes if node.metadata]
+        if path.suffix.lower() == ".keras":
+            with zipfile.ZipFile(path) as archive:
+                return json.loads(archive.read("config.json"))
+        import h5py
+
+        with h5py.File(path, "r") as h5:
+            raw = h5.attrs.get("model_config")
+            if raw is None:
+                return None
+            return json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+    except Exception:  # noqa: BLE001 - only used to improve a message
+        return None
+
+
+def _is_safe_mode_refusal(exc: BaseException) -> bool:
+    text = str(exc)
+    return "safe_mode=False" in text or ("safe_mode" in text and "lambda" in text.lower())
+
+
+def _unsafe(path: Path) -> UnsafeModelError:
+    layers = _lambda_layers(_config_of(path))
+    what = (
+        f"Lambda layer(s) {', '.join(repr(n) for n in layers)}"
+        if layers
+        else "a layer that holds Python code"
+    )
+    return UnsafeModelError(
+        f"{str(path)!r}: refused to load {what}: loading would run Python code stored in "
+        "the file. If you trust it, pass safe_mode=False (Python) or --unsafe-load (CLI)"
+    )
+
+
+@contextlib.contextmanager
+def _safe_mode_scopes(safe_mode: bool) -> Iterator[None]:
+    """Keras 3's and tf-keras's safe-mode scopes (whichever is installed), both set."""
+    with contextlib.ExitStack() as stack:
         try:
-            import tf_keras
+            from keras.src.saving.serialization_lib import SafeModeScope as KerasScope
         except ImportError:
             pass
         else:
-            return from_keras(tf_keras.models.load_model(str(path), compile=False))
+            stack.enter_context(KerasScope(safe_mode))
+        try:
+            from tf_keras.src.saving.serialization_lib import SafeModeScope as TfKerasScope
+        except ImportError:
+            pass
+        else:
+            stack.enter_context(TfKerasScope(safe_mode))
+        yield
+
+
+def _load_keras_file(path: Path, safe_mode: bool) -> Any:
+    """Deserialize a ``.keras`` / ``.h5`` file or tf.keras SavedModel under safe mode."""
+    suffix = path.suffix.lower()
+    try:
+        with _safe_mode_scopes(safe_mode):
+            if suffix == ".keras":
+                import keras
+
+                return keras.saving.load_model(
+                    str(path),
+                    custom_objects=_keras_custom_objects(),
+                    compile=False,
+                    safe_mode=safe_mode,
+                )
+            try:
+                import tf_keras
+            except ImportError:
+                import keras
+
+                return keras.saving.load_model(str(path), compile=False, safe_mode=safe_mode)
+            return tf_keras.models.load_model(str(path), compile=False, safe_mode=safe_mode)
+    except (ValueError, TypeError) as exc:
+        if safe_mode and _is_safe_mode_refusal(exc):
+            raise _unsafe(path) from None
+        raise
+
+
+def _load_saved_model(path: Path, safe_mode: bool = True) -> LoadedModel:
+    if (path / "keras_metadata.pb").exists():
+        try:
+            import tf_keras  # noqa: F401
+        except ImportError:
+            pass
+        else:
+            # tf-keras's SavedModel loader answers a refused Lambda by silently reviving
+            # the layer from its traced graph: a model that is not the one saved. Refuse
+            # up front instead, like the .keras and .h5 paths do.
+            if safe_mode and _lambda_layers(_config_of(path), code_only=True):
+                raise _unsafe(path)
+            return from_keras(_load_keras_file(path, safe_mode))
     import tensorflow as tf
 
     loaded = tf.saved_model.load(str(path))
@@ -186,15 +342,20 @@ def _load_saved_model(path: Path) -> LoadedModel:
     )
 
 
-def load_model(source: Any) -> LoadedModel:
-    """Load ``source`` (a model object or a path) for export.
+def load_model(source: Any, *, safe_mode: bool = True) -> LoadedModel:
+    """Load ``source`` (a model object or a path) for export, parity or recalibration.
 
     Args:
         source: Keras 3 or tf.keras model, or a path to a ``.keras`` file, an
             ``.h5`` file, or a SavedModel directory.
+        safe_mode: refuse a file whose loading would run Python code stored in it
+            (a ``Lambda`` layer's ``lambda``); see the module doc. ``False`` only for
+            files you trust. In-memory models are returned as they are.
 
     Raises:
         ExportError: the path does not exist or is not a supported format.
+        UnsafeModelError: ``safe_mode=True`` and the file holds code (names the layer
+            and the opt-in).
     """
     if not isinstance(source, str | os.PathLike):
         if hasattr(source, "layers") and hasattr(source, "inputs"):
@@ -206,27 +367,15 @@ def load_model(source: Any) -> LoadedModel:
     path = Path(source).expanduser()
     if not path.exists():
         raise ExportError(f"model path {str(path)!r} does not exist")
+    from bnexport.io.keras_file import check_keras_source
+
+    check_keras_source(path)  # ModelFileError: empty, text, zip of garbage, not HDF5
     if path.is_dir():
         if not (path / "saved_model.pb").exists():
             raise ExportError(f"{str(path)!r} is a directory without saved_model.pb")
-        return _load_saved_model(path)
-    suffix = path.suffix.lower()
-    if suffix == ".keras":
-        import keras
-
-        model = keras.saving.load_model(
-            str(path), custom_objects=_keras_custom_objects(), compile=False
-        )
-        return from_keras(model)
-    if suffix in (".h5", ".hdf5"):
-        try:
-            import tf_keras
-
-            return from_keras(tf_keras.models.load_model(str(path), compile=False))
-        except ImportError:
-            import keras
-
-            return from_keras(keras.saving.load_model(str(path), compile=False))
+        return _load_saved_model(path, safe_mode)
+    if path.suffix.lower() in (".keras", ".h5", ".hdf5"):
+        return from_keras(_load_keras_file(path, safe_mode))
     raise ExportError(
         f"unsupported model file {str(path)!r}: expected .keras, .h5 or a SavedModel directory"
     )

@@ -71,7 +71,7 @@ def run_reference(loaded: LoadedModel, feeds: dict[str, np.ndarray]) -> dict[str
     }
 
 
-def make_session(model: Any) -> tuple[Any, str]:
+def make_session(model: Any, serialized: bytes | None = None) -> tuple[Any, str]:
     """An onnxruntime CPU session for ``model`` and a description of the route taken.
 
     Graphs with ``bnexport::FusedNorm`` nodes go through the plugin's CPU path
@@ -88,16 +88,21 @@ def make_session(model: Any) -> tuple[Any, str]:
         route = "onnxruntime + bnexport_plugins FusedNorm CPU"
         return make_cpu_session(model, sess_options=opts), route
     session = ort.InferenceSession(
-        model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
+        serialized or model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
     )
     return session, "onnxruntime"
 
 
-def run_onnx(model: Any, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], str]:
-    """Run ``model`` with onnxruntime on ``feeds`` (cast to the graph's input dtypes)."""
+def run_onnx(
+    model: Any, feeds: dict[str, np.ndarray], serialized: bytes | None = None
+) -> tuple[dict[str, np.ndarray], str]:
+    """Run ``model`` with onnxruntime on ``feeds`` (cast to the graph's input dtypes).
+
+    ``serialized`` is ``model.SerializeToString()`` when the caller already has it.
+    """
     import onnx
 
-    session, route = make_session(model)
+    session, route = make_session(model, serialized)
     typed: dict[str, np.ndarray] = {}
     for inp in model.graph.input:
         if inp.name not in feeds:
@@ -158,8 +163,12 @@ def verify(
     dtype: str,
     batch: int,
     seed: int = 0,
+    serialized: bytes | None = None,
 ) -> VerifyResult:
     """Run both and compare (see module doc for inputs and tolerances).
+
+    One batch of ``batch`` generated samples (the exporter uses 2: the smallest batch
+    that still shows a batch dimension baked into the graph).
 
     Raises:
         VerificationError: an output differs beyond tolerance (names the worst output,
@@ -168,7 +177,7 @@ def verify(
     rtol, atol = TOLERANCES[dtype]
     feeds = make_inputs(loaded.inputs, batch, seed)
     reference = run_reference(loaded, feeds)
-    actual, route = run_onnx(model, feeds)
+    actual, route = run_onnx(model, feeds, serialized)
     result = compare(reference, actual, rtol=rtol, atol=atol, batch=batch, runtime=route)
     if not result.passed:
         worst = result.per_output[result.worst_output]

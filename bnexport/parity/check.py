@@ -18,7 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from bnexport.errors import BackendUnavailableError, BnexportError, InputError, UsageError
+from bnexport.errors import (
+    BackendUnavailableError,
+    BnexportError,
+    InputError,
+    UnsafeModelError,
+    UsageError,
+)
 from bnexport.parity.compare import Check, compare_arrays, default_tolerances, resolve_tolerance
 from bnexport.parity.per_layer import (
     align,
@@ -36,7 +42,7 @@ BACKENDS = ("onnxruntime", "tensorrt")
 DEFAULT_SAMPLES = 8
 
 
-def load_keras_model(source: Any) -> tuple[Any, str]:
+def load_keras_model(source: Any, *, safe_mode: bool = True) -> tuple[Any, str]:
     """Load the reference model: ``(keras model, description)``.
 
     Uses the exporter's loader (``bnexport.export.loaders.load_model``), so the
@@ -55,7 +61,9 @@ def load_keras_model(source: Any) -> tuple[Any, str]:
         else getattr(source, "name", type(source).__name__)
     )
     try:
-        loaded = load_model(source)
+        loaded = load_model(source, safe_mode=safe_mode)
+    except UnsafeModelError:
+        raise  # already one line naming the layer and the opt-in
     except BnexportError as exc:
         raise UsageError(str(exc)) from exc
     if not loaded.is_keras:
@@ -163,7 +171,7 @@ def check_parity(
     onnx_path: Any,
     *,
     backends: Sequence[str] = ("onnxruntime",),
-    inputs: Mapping[str, Any] | str | os.PathLike[str] | None = None,
+    inputs: Mapping[str, Any] | np.ndarray | str | os.PathLike[str] | None = None,
     samples: int = DEFAULT_SAMPLES,
     per_layer: bool = False,
     rtol: float | Mapping[str, float] | None = None,
@@ -173,6 +181,7 @@ def check_parity(
     training_mode: bool = False,
     seed: int = 0,
     session_options: Mapping[str, Any] | None = None,
+    safe_mode: bool = True,
 ) -> ParityReport:
     """Compare the Keras model with its ONNX export on every requested backend.
 
@@ -180,7 +189,8 @@ def check_parity(
         model: a Keras model, or a path the exporter's loader accepts.
         onnx_path: the exported ``.onnx`` path (or an ``onnx.ModelProto``).
         backends: any of ``"onnxruntime"`` (CPU) and ``"tensorrt"`` (CUDA).
-        inputs: ``{input name: array}``, or a ``.npz``/``.npy`` path; ``None``:
+        inputs: ``{input name: array}``, one array (single-input models), or a
+            ``.npz``/``.npy`` path; ``None``:
             ``samples`` random samples (N(0, 1) floats).
         samples: number of random samples when ``inputs`` is ``None``.
         per_layer: also compare every layer mapped to an ONNX tensor and name
@@ -196,6 +206,8 @@ def check_parity(
             ghost-batch size.
         seed: seed of the random inputs.
         session_options: extra :class:`bnexport.Session` keyword arguments for every backend.
+        safe_mode: when ``model`` is a path, refuse a file whose loading would run
+            Python code stored in it (a ``Lambda``); ``False`` only for trusted files.
 
     Returns:
         A :class:`ParityReport` (truthy when parity holds).
@@ -218,7 +230,7 @@ def check_parity(
     keras_model, model_desc = (
         (model, getattr(model, "name", "keras model"))
         if not isinstance(model, str | os.PathLike)
-        else load_keras_model(model)
+        else load_keras_model(model, safe_mode=safe_mode)
     )
     inits = {i.name for i in onnx_model.graph.initializer}
     onnx_inputs = tensor_infos_from_onnx([i for i in onnx_model.graph.input if i.name not in inits])
@@ -226,7 +238,12 @@ def check_parity(
     if inputs is None:
         feed = make_inputs(onnx_inputs, samples, seed)
     else:
-        raw = load_inputs(inputs) if isinstance(inputs, str | os.PathLike) else inputs
+        if isinstance(inputs, str | os.PathLike):
+            raw = load_inputs(inputs)
+        elif isinstance(inputs, np.ndarray):  # one array feeds a single-input model (as x.npy)
+            raw = {"": inputs}
+        else:
+            raw = inputs
         feed = _fit_feed(raw, onnx_inputs, keras_model)
     from bnexport.runtime.io_check import batch_size, check_inputs
 
