@@ -72,16 +72,16 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--opset must be in [13, 21]. Received: --opset={args.opset}")
     if args.io_dtype == "float16" and args.dtype != "float16":
         raise UsageError("--io-dtype float16 needs --dtype float16")
+    from bnexport.atomic_write import check_output_paths, check_writable, write_text_atomic
+
+    check_output_paths({"-o/--output": args.output, "--json": args.json}, {"MODEL": args.model})
     if not Path(args.model).exists():
         raise UsageError(f"{args.model}: no such file or directory")
     if args.json:
-        from bnexport.export.atomic_write import check_writable
-
         check_writable(args.json)
 
     from rich.console import Console
 
-    from bnexport.export.atomic_write import write_text_atomic
     from bnexport.export.keras_export import export
 
     report = export(

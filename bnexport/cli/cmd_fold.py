@@ -17,11 +17,19 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description=(
             "Fold inference BatchNormalization nodes and per-channel constant Mul/Add chains "
             "into neighbouring Conv/ConvTranspose/Gemm/MatMul weights; whatever cannot fold "
-            "becomes one node. Prints what became of each BN."
+            "becomes one node. Prints what became of each BN. OUT.onnx may be IN.onnx "
+            "(folded in place: the input is read first and replaced atomically); any other "
+            "output that resolves to an input or to another output is refused."
         ),
     )
     parser.add_argument("input", metavar="IN.onnx", help="ONNX model to fold")
-    parser.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="folded model")
+    parser.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="OUT.onnx",
+        help="folded model (may be IN.onnx: folds in place, atomically)",
+    )
     parser.add_argument(
         "--fused-norm",
         choices=("onnx", "plugin"),
@@ -41,19 +49,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def _load(path: Path) -> Any:
-    import onnx
-    from google.protobuf.message import DecodeError
-
     from bnexport.errors import UsageError
+    from bnexport.io.onnx_file import load_onnx
 
-    if path.is_dir():
-        raise UsageError(f"{path}: is a folder, not an ONNX file")
-    if not path.is_file():
-        raise UsageError(f"{path}: no such file")
-    try:
-        model = onnx.load(str(path))
-    except (DecodeError, ValueError, RuntimeError, OSError) as exc:
-        raise UsageError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from exc
+    model = load_onnx(path)
     if not model.graph.node and not model.opset_import:
         raise UsageError(f"{path}: not an ONNX model (empty graph, no opset_import)")
     return model
@@ -104,10 +103,15 @@ def _print_report(records: list, before: int, after: int, out: Path) -> dict[str
 
 def run(args: argparse.Namespace) -> int:
     """Load, fold, check and write the model (and the JSON report); return 0."""
-    from bnexport.export.atomic_write import check_writable, write_bytes_atomic
+    from bnexport.atomic_write import check_output_paths, check_writable, write_bytes_atomic
     from bnexport.export.passes.fold_batchnorm import fold_batchnorm_with_report
 
     src, dst = Path(args.input), Path(args.output)
+    check_output_paths(
+        {"-o/--output": dst, "--json": args.json},
+        {"IN.onnx": src},
+        in_place=[("-o/--output", "IN.onnx")],
+    )
     model = _load(src)
     check_writable(dst)  # fail before the work, creating nothing
     if args.json:

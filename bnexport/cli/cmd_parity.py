@@ -89,6 +89,12 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None and value < 0:
             raise UsageError(f"--{flag} must be >= 0. Received: --{flag}={value}")
+    from bnexport.atomic_write import check_output_paths
+
+    check_output_paths(
+        {"--report": args.report, "--html": args.html},
+        {"MODEL": args.model, "ONNX": args.onnx, "--inputs": args.inputs},
+    )
     if not os.path.exists(args.model):
         raise UsageError(f"Keras model not found: {args.model}")
     if not os.path.isfile(args.onnx):

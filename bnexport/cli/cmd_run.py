@@ -13,7 +13,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description=(
             "Run MODEL.onnx with bnexport.Session. --input is a .npy file (single-input "
             "models) or a .npz file with one array per input name. Outputs go to --output "
-            "(.npz, one array per output name) or are summarized on stdout."
+            "(.npz, one array per output name) or are summarized on stdout. --output may not "
+            "be MODEL or the --input file."
         ),
     )
     parser.add_argument("model", help="the .onnx file")
@@ -36,18 +37,23 @@ def run(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from bnexport.atomic_write import write_bytes_atomic
+    from bnexport.atomic_write import check_output_paths, write_bytes_atomic
     from bnexport.errors import InputError, UsageError
-    from bnexport.parity.check import load_inputs
+    from bnexport.io.arrays import load_arrays
     from bnexport.runtime.session import Session
 
+    check_output_paths(
+        {"-o/--output": args.output}, {"MODEL": args.model, "-i/--input": args.input}
+    )
+    if os.path.isdir(args.model):
+        raise UsageError(f"{args.model}: is a folder, not an ONNX file")
     if not os.path.isfile(args.model):
         raise UsageError(f"ONNX model not found: {args.model}")
     if args.output is not None and not args.output.endswith(".npz"):
         raise UsageError(f"--output must end in .npz. Received: {args.output}")
     if args.output is not None and not Path(args.output).parent.resolve().is_dir():
         raise UsageError(f"--output folder does not exist: {Path(args.output).parent}")
-    feed = load_inputs(args.input)
+    feed = load_arrays(args.input)
     sess = Session(
         args.model,
         backend=args.backend,

@@ -50,9 +50,11 @@ def run(args: argparse.Namespace) -> int:
     """Write the repository; print what was written and what is left to do."""
     from pathlib import Path
 
-    from bnexport.atomic_write import write_text_atomic
+    from bnexport.atomic_write import check_output_paths, write_text_atomic
     from bnexport.serve.triton_repo import kserve_inferenceservice_yaml, write_triton_repo
 
+    model_dir = Path(args.out_dir) / (args.name or Path(args.model).stem)
+    check_output_paths({"OUT_DIR/<model>": model_dir}, {"MODEL.onnx": args.model})
     result = write_triton_repo(
         args.model,
         args.out_dir,

@@ -1,18 +1,29 @@
-"""The ``bnexport`` command line.
+"""The ``bnexport`` command line, and the one place where errors become messages.
 
 Each subcommand lives in its own module ``bnexport.cli.cmd_<name>`` exposing
 ``add_parser(subparsers) -> argparse.ArgumentParser`` and ``run(args) -> int``.
 Modules are imported only to build the parser (they must keep their own heavy
 imports inside ``run``), so ``bnexport --help`` is fast and never loads TensorFlow.
 
-Expected errors (``BnexportError``, missing files) become one readable line on
-stderr and a non-zero exit code; exit code 2 means a usage error.
+Error translation happens here and only here (:func:`translate`): commands and the
+library raise typed exceptions, and an expected one becomes exactly one line on
+stderr, ``bnexport <command>: error: <message naming the file/field>``:
+
+- :class:`~bnexport.errors.UsageError` (bad arguments, unusable input files, an output
+  that would overwrite an input): exit 2;
+- any other :class:`~bnexport.errors.BnexportError`, an ``OSError`` naming a file, or a
+  missing optional dependency (named with the extra that installs it): exit 1;
+- ``KeyboardInterrupt``: exit 130.
+
+Anything else is a bug and keeps its traceback. ``--debug`` (before or after the
+command) or ``BNEXPORT_DEBUG=1`` shows the traceback of expected errors too.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -20,27 +31,87 @@ from bnexport import __version__
 from bnexport.errors import BnexportError, UsageError
 
 #: top-level module -> the extra that installs it, for "not installed" messages
-_EXTRA_OF_MODULE = {
+EXTRA_OF_MODULE = {
+    "tensorflow": "keras",
+    "keras": "keras",
+    "tf2onnx": "keras",
+    "sklearn": "keras",
+    "matplotlib": "keras",
+    "tf_keras": "legacy",
     "fastapi": "serve",
     "uvicorn": "serve",
     "httpx": "serve",
     "prometheus_client": "serve",
+    "pydantic": "serve",
+    "grpc": "serve",
+    "tritonclient": "serve",
     "tensorrt": "tensorrt",
-    "tf_keras": "legacy",
     "cuda": "gpu",
     "cupy": "gpu",
+    "onnxruntime_extensions": "test",
 }
 
-#: subcommand modules, in the order ``--help`` lists them
+#: subcommand modules, in the order ``--help`` lists them (absent modules are skipped)
 COMMANDS = (
     "quickstart",
     "export",
     "fold",
+    "quantize",
     "run",
     "parity",
     "serve",
     "triton_repo",
 )
+
+#: OSErrors that always concern a path the user gave (their message names it)
+_FILE_ERRORS = (
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
+
+DEBUG_ENV = "BNEXPORT_DEBUG"
+_DEBUG_HELP = f"show the traceback of expected errors too (or set {DEBUG_ENV}=1)"
+
+
+def missing_extra_message(exc: ModuleNotFoundError) -> str | None:
+    """``"X is not installed (pip install 'bnexport[extra]')"``, or ``None`` for our own modules."""
+    missing = (exc.name or "").split(".")[0]
+    if not missing or missing in ("bnexport", "bnexport_plugins"):
+        return None
+    extra = EXTRA_OF_MODULE.get(missing)
+    hint = f"pip install 'bnexport[{extra}]'" if extra else f"pip install {missing}"
+    return f"{missing} is not installed ({hint})"
+
+
+def _one_line(text: str) -> str:
+    """Collapse a (possibly multi-line) message into one line."""
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+def translate(exc: BaseException) -> tuple[int, str] | None:
+    """``(exit code, message)`` for an expected error; ``None`` for a bug (keep the traceback)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return 130, "interrupted"
+    if isinstance(exc, UsageError):
+        return 2, _one_line(str(exc))
+    if isinstance(exc, BnexportError):
+        return 1, _one_line(str(exc)) or type(exc).__name__
+    if isinstance(exc, ModuleNotFoundError):
+        message = missing_extra_message(exc)
+        return None if message is None else (1, message)
+    if isinstance(exc, _FILE_ERRORS) or (
+        isinstance(exc, OSError) and (exc.filename is not None or exc.strerror)
+    ):
+        where = f"{exc.filename}: " if exc.filename is not None else ""
+        return 1, _one_line(f"{where}{exc.strerror or exc}") or type(exc).__name__
+    return None
+
+
+def _debug_requested(argv: Sequence[str]) -> bool:
+    return "--debug" in argv or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,8 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bnexport",
         description="Batch-normalized Keras models from training to fast, verified inference.",
+        epilog="Expected errors print one line and exit 1 (2: usage or unusable input). "
+        f"--debug or {DEBUG_ENV}=1 shows their traceback.",
     )
     parser.add_argument("--version", action="version", version=f"bnexport {__version__}")
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         try:
@@ -59,12 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # subcommand not part of this build
             raise
         cmd = module.add_parser(sub)
+        cmd.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP
+        )
         cmd.set_defaults(_run=module.run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bnexport`` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = _debug_requested(argv)
+    if not debug:  # TensorFlow's C++ INFO/WARNING lines would bury the one-line error
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "_run", None) is None:
@@ -72,23 +153,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args._run(args) or 0)
-    except UsageError as exc:
-        print(f"bnexport {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except (BnexportError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
-        print(f"bnexport {args.command}: error: {exc}", file=sys.stderr)
-        return 1
-    except ModuleNotFoundError as exc:
-        missing = (exc.name or "").split(".")[0]
-        extra = _EXTRA_OF_MODULE.get(missing)
-        hint = f"pip install 'bnexport[{extra}]'" if extra else f"pip install {missing}"
-        print(
-            f"bnexport {args.command}: error: {missing} is not installed ({hint})", file=sys.stderr
-        )
-        return 1
-    except KeyboardInterrupt:
-        print(f"bnexport {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except BaseException as exc:
+        translated = translate(exc)
+        if translated is None or debug:
+            raise
+        code, message = translated
+        if code == 130:
+            print(f"bnexport {args.command}: interrupted", file=sys.stderr)
+        else:
+            print(f"bnexport {args.command}: error: {message}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -80,15 +80,9 @@ def load_inputs(source: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     Raises:
         UsageError: missing file or another extension.
     """
-    path = os.fspath(source)
-    if not os.path.isfile(path):
-        raise UsageError(f"inputs file not found: {path}")
-    if path.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    if path.endswith(".npy"):
-        return {"": np.load(path, allow_pickle=False)}
-    raise UsageError(f"inputs must be a .npz or .npy file. Received: {path}")
+    from bnexport.io.arrays import load_arrays
+
+    return load_arrays(source)  # FileMissingError / ArrayFileError (UsageErrors) name the file
 
 
 def make_inputs(infos: Sequence[TensorInfo], samples: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -226,7 +220,9 @@ def check_parity(
     else:
         if not os.path.isfile(onnx_path):
             raise UsageError(f"ONNX model not found: {os.fspath(onnx_path)}")
-        onnx_model, onnx_desc = onnx.load(os.fspath(onnx_path)), os.fspath(onnx_path)
+        from bnexport.io.onnx_file import load_onnx
+
+        onnx_model, onnx_desc = load_onnx(onnx_path), os.fspath(onnx_path)
     keras_model, model_desc = (
         (model, getattr(model, "name", "keras model"))
         if not isinstance(model, str | os.PathLike)
@@ -279,7 +275,11 @@ def check_parity(
         d_rtol, d_atol = default_tolerances(prec)
         result = BackendResult(backend=backend, precision=prec, layer_map_source=map_source)
         results.append(result)
-        runner = make_runner(backend, probe, **({"precision": prec} | dict(session_options or {})))
+        runner = make_runner(
+            backend,
+            probe,
+            **({"precision": prec, "model_name": onnx_desc} | dict(session_options or {})),
+        )
         try:
             with runner:
                 got = runner.infer(feed)

@@ -69,21 +69,11 @@ def resolve_backend(backend: str, device: str) -> str:
 
 def _load_model(path_or_model: Any) -> tuple[Any, str | None]:
     """Return ``(onnx.ModelProto, path or None)`` from a path, bytes or a ModelProto."""
-    import onnx
+    from bnexport.io.onnx_file import load_onnx
 
-    if isinstance(path_or_model, onnx.ModelProto):
-        return path_or_model, None
-    if isinstance(path_or_model, bytes | bytearray):
-        return onnx.load_from_string(bytes(path_or_model)), None
-    if isinstance(path_or_model, str | os.PathLike):
-        path = os.fspath(path_or_model)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"ONNX model not found: {path}")
-        return onnx.load(path), path
-    raise UsageError(
-        "Session expects a path, serialized bytes or an onnx.ModelProto. "
-        f"Received: {type(path_or_model).__name__}"
-    )
+    model = load_onnx(path_or_model)  # a UsageError subclass naming the file or the type
+    is_path = isinstance(path_or_model, str | os.PathLike)
+    return model, os.fspath(path_or_model) if is_path else None
 
 
 class Session:
@@ -103,6 +93,8 @@ class Session:
         trt_options: TensorRT only: extra keyword arguments of
             :class:`~bnexport.runtime.trt_backend.TrtBackend` (``tf32``,
             ``workspace_bytes``, ``device_id``, ``profile_overrides``, ``cache``).
+        model_name: how error messages name the model (default: its path, or
+            ``<in-memory model>``); callers that load the file themselves pass its path.
 
     Attributes:
         inputs: list of :class:`TensorInfo` (name, numpy dtype, shape with ``None`` if dynamic).
@@ -112,6 +104,9 @@ class Session:
     Raises:
         BackendUnavailableError: the backend or device is not installed / present.
         UsageError: an invalid argument (names it and the value received).
+        FileMissingError: no file at the path.
+        ModelFileError: the file or bytes are not a loadable ONNX model (corrupt,
+            external data outside its folder, an op onnxruntime does not know).
     """
 
     def __init__(
@@ -125,6 +120,7 @@ class Session:
         providers_options: Mapping[str, Mapping[str, Any]] | None = None,
         session_options: Any = None,
         trt_options: Mapping[str, Any] | None = None,
+        model_name: str | None = None,
     ) -> None:
         bad = [
             f"{arg}={value!r} (one of {choices})"
@@ -166,18 +162,20 @@ class Session:
             )
             self.max_batch = self._impl.max_batch
         else:
+            from bnexport.io.onnx_file import onnxruntime_load_errors
             from bnexport.runtime.ort_backend import OrtBackend
 
-            self._impl = OrtBackend(
-                model,
-                path,
-                self.inputs,
-                self.outputs,
-                device=device,
-                precision=precision,
-                providers_options=providers_options,
-                session_options=session_options,
-            )
+            with onnxruntime_load_errors(model_name or path or "<in-memory model>"):
+                self._impl = OrtBackend(
+                    model,
+                    path,
+                    self.inputs,
+                    self.outputs,
+                    device=device,
+                    precision=precision,
+                    providers_options=providers_options,
+                    session_options=session_options,
+                )
 
     @property
     def input_names(self) -> list[str]:

@@ -328,7 +328,9 @@ def write_triton_repo(
     if model_name is None:
         model_name = re.sub(r"[^A-Za-z0-9_.\-]", "_", src.stem)
     name = validate_model_name(model_name)
-    model = onnx.load(str(src), load_external_data=False)
+    from bnexport.io.onnx_file import load_onnx
+
+    model = load_onnx(src, load_external_data=False)  # ModelFileError names the file
     if any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer):
         raise UsageError(f"{src} keeps weights in external data files; save it as one file first")
     initializers = {init.name for init in model.graph.initializer}
