@@ -113,27 +113,45 @@ def _finite(batch: Mapping[str, np.ndarray], where: str) -> None:
             raise CalibrationError(f"calibration input {name!r}{where}: {bad} NaN/Inf value(s)")
 
 
-def _split(feed: dict[str, np.ndarray], infos: Sequence[Any], batch_size: int) -> list[dict]:
-    """Split ``feed`` along axis 0 into batches the model accepts."""
-    first = infos[0]
-    n = feed[first.name].shape[0] if feed[first.name].ndim else None
-    for info in infos:
-        arr = feed[info.name]
-        if arr.ndim == 0:
-            return [feed]  # scalars: nothing to split
-        if arr.shape[0] != n:
-            raise CalibrationError(
-                f"calibration input {info.name!r}: {arr.shape[0]} samples, but input "
-                f"{first.name!r} has {n}; every input needs the same number of samples"
-            )
-    static = {info.shape[0] for info in infos if info.shape and info.shape[0] is not None}
-    step = static.pop() if len(static) == 1 else batch_size
-    if n % step and static:
+def _static_batch(infos: Sequence[Any]) -> int | None:
+    """The model's static batch size, if every input states the same one."""
+    sizes = {info.shape[0] if info.shape else None for info in infos}
+    return sizes.pop() if len(sizes) == 1 and None not in sizes else None
+
+
+def _presplit(item: Any, infos: Sequence[Any], static: int) -> list[Any]:
+    """Cut a raw batch into chunks of the model's static batch size (before validation)."""
+    feed = item if isinstance(item, Mapping) else {infos[0].name: item}
+    arrays = {k: np.asarray(v) for k, v in feed.items()}
+    if len(infos) != 1 and not isinstance(item, Mapping):
+        return [item]  # check_inputs names the problem
+    leading = {a.shape[0] for a in arrays.values() if a.ndim}
+    if len(leading) != 1 or any(a.ndim == 0 for a in arrays.values()):
+        return [item]
+    n = leading.pop()
+    if n % static:
+        name = next(iter(arrays))
         raise CalibrationError(
-            f"calibration input {first.name!r}: {n} samples do not split into batches of the "
-            f"model's static batch size {step}"
+            f"calibration input {name!r}: {n} samples do not split into batches of the "
+            f"model's static batch size {static}"
         )
-    return [{k: v[i : i + step] for k, v in feed.items()} for i in range(0, n, step)]
+    return [{k: v[i : i + static] for k, v in arrays.items()} for i in range(0, n, static)]
+
+
+def _split(feed: dict[str, np.ndarray], infos: Sequence[Any], batch_size: int) -> list[dict]:
+    """Split a validated ``feed`` along axis 0 into batches of at most ``batch_size``."""
+    first = infos[0]
+    arrays = list(feed.values())
+    if any(a.ndim == 0 for a in arrays) or _static_batch(infos) is not None:
+        return [feed]
+    n = feed[first.name].shape[0]
+    for info in infos:
+        if feed[info.name].shape[0] != n:
+            raise CalibrationError(
+                f"calibration input {info.name!r}: {feed[info.name].shape[0]} samples, but "
+                f"input {first.name!r} has {n}; every input needs the same number of samples"
+            )
+    return [{k: v[i : i + batch_size] for k, v in feed.items()} for i in range(0, n, batch_size)]
 
 
 def make_calibration_set(
@@ -163,6 +181,9 @@ def make_calibration_set(
     if not raw:
         raise CalibrationError("calibration data is empty (no batches)")
     infos = list(model_inputs)
+    static = _static_batch(infos)
+    if static is not None:
+        raw = [chunk for item in raw for chunk in _presplit(item, infos, static)]
     batches: list[dict[str, np.ndarray]] = []
     for i, item in enumerate(raw):
         where = f" (calibration batch {i})" if len(raw) > 1 else ""
