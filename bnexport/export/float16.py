@@ -4,8 +4,9 @@ Order matters: BNs are folded in float64 and cast to float32 first, *then* every
 tensor (weights, activations, ``Cast(to=float)``, ``Constant``/``ConstantOfShape``
 values) becomes float16. A node with a float32 constant input whose largest finite
 magnitude exceeds float16's 65504 would get ``inf`` weights; by policy it either stays in
-float32 (``"float32"``: its float inputs are cast up, its outputs cast back down, names
-kept) or the export fails naming the layer (``"error"``).
+float32 (``"float32"``: a float32 island, see :mod:`bnexport.export.passes.islands` —
+its float inputs are cast up, its outputs cast back down, names kept) or the export
+fails naming the layer (``"error"``).
 
 Slots whose type the ONNX spec (or the FusedNorm plugin) fixes to float32 stay float32:
 ``Resize`` scales and roi, ``FusedNorm`` scale/shift.
@@ -13,48 +14,230 @@ Slots whose type the ONNX spec (or the FusedNorm plugin) fixes to float32 stay f
 Graph inputs and outputs become float16 too (what TensorRT engines usually take) unless
 ``io_dtype="float32"``, in which case a ``Cast`` follows each float input and precedes each
 float output, so callers keep feeding float32.
+
+The islands need the type of every input of a kept node, so shape inference runs first
+(:mod:`bnexport.export.passes.shapes`); an input it leaves untyped is an
+:class:`~bnexport.errors.ExportError` that names the node and the inference error.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Literal
+from collections.abc import Iterable, Mapping
+from typing import Literal
 
 import numpy as np
+import onnx
+import onnx_ir as ir
 from bnexport_plugins.fused_norm import spec as fused_norm_spec
 
 from bnexport.errors import ExportError
+from bnexport.export.passes.graph_utils import Namer, append_to
+from bnexport.export.passes.islands import (
+    FLOAT16_MAX,
+    Float16Policy,
+    overflows_float16,
+    run_in_float32,
+)
+from bnexport.export.passes.shapes import infer_shapes
 
-FLOAT16_MAX = 65504.0
-OverflowPolicy = Literal["float32", "error"]
+FLOAT, HALF = ir.DataType.FLOAT, ir.DataType.FLOAT16
+IODtype = Literal["float16", "float32"]
 
 #: (op_type, input index) of default-domain ops that must stay float32
 _FLOAT32_SLOTS = {("Resize", 1), ("Resize", 2), ("Upsample", 1)}
 
 
-def _float32_slot(node: Any, idx: int) -> bool:
+def _float32_slot(node: ir.Node, idx: int) -> bool:
     """Input ``idx`` of ``node`` must stay float32 (ONNX spec, or FusedNorm's scale/shift)."""
     if fused_norm_spec.is_fused_norm(node):
         return idx in fused_norm_spec.FLOAT32_INPUTS
     return (node.op_type, idx) in _FLOAT32_SLOTS
 
 
-def _overflows(array: np.ndarray) -> bool:
-    finite = array[np.isfinite(array)]
-    return bool(finite.size) and float(np.max(np.abs(finite))) > FLOAT16_MAX
-
-
-def _to_fp16_tensor(ir: Any, tensor: Any, name: str | None) -> Any:
+def _to_float16(tensor: ir.TensorProtocol, name: str | None) -> ir.Tensor:
     return ir.tensor(np.asarray(tensor.numpy()).astype(np.float16), name=name)
 
 
+def _float_constants(node: ir.Node) -> Iterable[ir.Value]:
+    """The float32 constant (initializer) inputs of ``node``."""
+    for value in node.inputs:
+        if value is not None and value.const_value is not None and value.dtype == FLOAT:
+            yield value
+
+
+def overflowing_nodes(
+    graph: ir.Graph, on_overflow: Float16Policy, labels: Mapping[str, str]
+) -> list[ir.Node]:
+    """Nodes with a float32 constant input that does not fit float16.
+
+    Raises:
+        ExportError: ``on_overflow="error"`` and such a node exists (names the layer).
+    """
+    kept = []
+    for node in graph:
+        value = next(
+            (v for v in _float_constants(node) if overflows_float16(v.const_value.numpy())), None
+        )
+        if value is None:
+            continue
+        if on_overflow == "error":
+            label = labels.get(node.name or "", node.name)
+            raise ExportError(
+                f"{label}: folded weight {value.name!r} of node {node.name!r} exceeds "
+                f"float16's range (max |w| > {FLOAT16_MAX:g}); use "
+                "keep_float16_overflow='float32' to keep this op in float32"
+            )
+        kept.append(node)
+    return kept
+
+
+def values_kept_float32(graph: ir.Graph, keep32: Iterable[ir.Node]) -> set[ir.Value]:
+    """Values that stay float32: fixed float32 slots, and the outputs/constants of ``keep32``."""
+    stay = {
+        value
+        for node in graph
+        for i, value in enumerate(node.inputs)
+        if value is not None
+        and _float32_slot(node, i)
+        and (value.const_value is not None or value.is_graph_input())
+    }
+    for node in keep32:
+        stay.update(node.outputs)
+        stay.update(v for v in node.inputs if v is not None and v.const_value is not None)
+    return stay
+
+
+def convert_initializers(graph: ir.Graph, keep32: set[ir.Node]) -> None:
+    """Float32 initializers become float16, but for the readers that need float32.
+
+    An initializer read only by nodes that need float32 (``keep32``, fixed slots) stays;
+    one read by both kinds keeps its float32 value and gets a float16 copy
+    (``<name>_fp16``) for the other readers.
+    """
+    namer = Namer(graph)
+    for name, value in list(graph.initializers.items()):
+        if value.dtype != FLOAT or value.const_value is None:
+            continue
+        uses = list(value.uses())
+        needs32 = [u for u in uses if u.node in keep32 or _float32_slot(u.node, u.idx)]
+        if uses and len(needs32) == len(uses):
+            continue
+        if not needs32:
+            value.const_value = _to_float16(value.const_value, name)
+            value.type = ir.TensorType(HALF)
+            continue
+        half = ir.Value(name=namer.fresh(f"{name}_fp16"), type=ir.TensorType(HALF))
+        half.shape = value.shape
+        half.const_value = _to_float16(value.const_value, half.name)
+        graph.register_initializer(half)
+        for use in uses:
+            if use not in needs32:
+                use.node.replace_input_with(use.idx, half)
+
+
+def _convert_attributes(node: ir.Node) -> None:
+    """``Cast(to=float)`` → float16; float ``Constant``/``ConstantOfShape`` values → float16."""
+    if node.op_type == "Cast" and node.attributes["to"].as_int() == FLOAT.value:
+        node.attributes["to"] = ir.AttrInt64("to", HALF.value)
+    if node.op_type in ("Constant", "ConstantOfShape") and "value" in node.attributes:
+        tensor = node.attributes["value"].as_tensor()
+        if tensor.dtype == FLOAT:
+            node.attributes["value"] = ir.AttrTensor("value", _to_float16(tensor, None))
+
+
+def convert_values(graph: ir.Graph, keep32: set[ir.Node], stay32: set[ir.Value]) -> None:
+    """Every other float32 value, attribute and ``Cast`` target becomes float16."""
+    for node in graph:
+        if node in keep32:
+            continue
+        _convert_attributes(node)
+        for value in node.outputs:
+            if value.dtype == FLOAT and value not in stay32:
+                value.type = ir.TensorType(HALF)
+    for value in graph.inputs:
+        if value.dtype == FLOAT and value not in stay32:
+            value.type = ir.TensorType(HALF)
+
+
+def _check_typed_inputs(node: ir.Node, shape_error: str | None, label: str) -> None:
+    """An island casts its float16 inputs up: each input's type must be known."""
+    for value in node.inputs:
+        if value is not None and value.const_value is None and value.dtype is None:
+            why = f" (shape inference failed: {shape_error})" if shape_error else ""
+            raise ExportError(
+                f"{label}: node {node.name!r} must run in float32 but the type of its input "
+                f"{value.name!r} is unknown{why}"
+            )
+
+
+def float32_io(graph: ir.Graph, namer: Namer) -> None:
+    """Float16 graph inputs/outputs become float32 ones with a ``Cast`` inside (names kept)."""
+    first = graph.node(0) if len(graph) else None
+    for k, value in enumerate(list(graph.inputs)):
+        if value.dtype != HALF:
+            continue
+        name = value.name
+        new_input = ir.Value(name=name, type=ir.TensorType(FLOAT), shape=value.shape)
+        value.name = namer.fresh(f"{name}_fp16")
+        cast = ir.node("Cast", [new_input], {"to": HALF}, name=namer.fresh(f"{name}_to_fp16"))
+        if first is None:
+            graph.append(cast)
+        else:
+            graph.insert_before(first, cast)
+        value.replace_all_uses_with(cast.outputs[0], replace_graph_outputs=True)
+        cast.outputs[0].name = value.name
+        cast.outputs[0].type, cast.outputs[0].shape = ir.TensorType(HALF), value.shape
+        graph.inputs[k] = new_input
+    for value in list(graph.outputs):
+        if value.dtype != HALF:
+            continue
+        cast = ir.node("Cast", [value], {"to": FLOAT}, name=namer.fresh(f"{value.name}_to_fp32"))
+        out = append_to(graph, namer, value, cast, suffix="fp16", outputs_only=True)
+        out.type = ir.TensorType(FLOAT)
+
+
+class Float16ConversionPass(ir.passes.InPlacePass):
+    """Convert a float32 graph to float16 in place; ``float32_nodes`` names the islands."""
+
+    def __init__(
+        self,
+        *,
+        io_dtype: IODtype = "float16",
+        on_overflow: Float16Policy = "float32",
+        labels: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.io_dtype = io_dtype
+        self.on_overflow = on_overflow
+        self.labels = dict(labels or {})
+        self.float32_nodes: list[str] = []
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        """Shape inference, then float32 islands, float16 everything else, float IO."""
+        shape_error = infer_shapes(model)
+        graph = model.graph
+        keep32 = overflowing_nodes(graph, self.on_overflow, self.labels)
+        for node in keep32:
+            _check_typed_inputs(node, shape_error, self.labels.get(node.name or "", node.name))
+        stay32 = values_kept_float32(graph, keep32)
+        convert_initializers(graph, set(keep32))
+        convert_values(graph, set(keep32), stay32)
+        namer = Namer(graph)
+        for node in keep32:
+            run_in_float32(graph, namer, [node], HALF)
+        if self.io_dtype == "float32":
+            float32_io(graph, namer)
+        self.float32_nodes = [node.name or "" for node in keep32]
+        return ir.passes.PassResult(model, True)
+
+
 def convert_to_float16(
-    model: Any,
+    model: onnx.ModelProto,
     *,
-    io_dtype: Literal["float16", "float32"] = "float16",
-    on_overflow: OverflowPolicy = "float32",
+    io_dtype: IODtype = "float16",
+    on_overflow: Float16Policy = "float32",
     labels: Mapping[str, str] | None = None,
-) -> tuple[Any, list[str]]:
+) -> tuple[onnx.ModelProto, list[str]]:
     """Return ``(float16 ModelProto, names of nodes kept in float32)``.
 
     Args:
@@ -64,139 +247,12 @@ def convert_to_float16(
         labels: ``{onnx node name: layer name}`` used to name the layer in errors/reports.
 
     Raises:
-        ExportError: ``on_overflow="error"`` and a weight overflows float16 (names the layer).
+        ExportError: ``on_overflow="error"`` and a weight overflows float16 (names the layer),
+            or a node that must stay float32 has an input of unknown type.
     """
-    import onnx
-    import onnx_ir as ir
-
-    labels = dict(labels or {})
-    FLOAT, HALF = ir.DataType.FLOAT, ir.DataType.FLOAT16
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    graph_model = ir.serde.deserialize_model(inferred)
-    graph = graph_model.graph
-
-    # 1. nodes whose float32 constants would overflow float16
-    keep32: list[Any] = []
-    for node in graph:
-        for value in node.inputs:
-            if value is None or value.const_value is None or value.dtype != FLOAT:
-                continue
-            if _overflows(np.asarray(value.const_value.numpy())):
-                label = labels.get(node.name or "", node.name)
-                if on_overflow == "error":
-                    raise ExportError(
-                        f"{label}: folded weight {value.name!r} of node {node.name!r} exceeds "
-                        f"float16's range (max |w| > {FLOAT16_MAX:g}); use "
-                        "keep_float16_overflow='float32' to keep this op in float32"
-                    )
-                keep32.append(node)
-                break
-    keep_ids = {id(n) for n in keep32}
-
-    # 2. which float32 values must stay float32: inputs/outputs of kept nodes, fixed slots
-    stay32: set[int] = set()
-    for node in graph:
-        for i, value in enumerate(node.inputs):
-            if value is not None and _float32_slot(node, i):
-                if value.const_value is not None or value.is_graph_input():
-                    stay32.add(id(value))
-    for node in keep32:
-        stay32.update(id(v) for v in node.outputs)
-        stay32.update(id(v) for v in node.inputs if v is not None and v.const_value is not None)
-
-    # 3. initializers: float16 copies where any float16 consumer needs them
-    for name, value in list(graph.initializers.items()):
-        if value.dtype != FLOAT or value.const_value is None:
-            continue
-        uses = list(value.uses())
-        needs32 = [u for u in uses if id(u.node) in keep_ids or _float32_slot(u.node, u.idx)]
-        if len(needs32) == len(uses) and uses:
-            continue
-        if needs32:  # shared: give the float16 consumers their own copy
-            half = ir.Value(name=f"{name}_fp16", type=ir.TensorType(HALF), shape=value.shape)
-            half.const_value = _to_fp16_tensor(ir, value.const_value, half.name)
-            graph.register_initializer(half)
-            for use in uses:
-                if use not in needs32:
-                    use.node.replace_input_with(use.idx, half)
-            continue
-        value.const_value = _to_fp16_tensor(ir, value.const_value, name)
-        value.type = ir.TensorType(HALF)
-
-    # 4. every other float32 value, attribute and Cast target
-    for node in graph:
-        if id(node) in keep_ids:
-            continue
-        if node.op_type == "Cast" and node.attributes["to"].as_int() == FLOAT.value:
-            node.attributes["to"] = ir.AttrInt64("to", HALF.value)
-        if node.op_type in ("Constant", "ConstantOfShape") and "value" in node.attributes:
-            tensor = node.attributes["value"].as_tensor()
-            if tensor.dtype == FLOAT:
-                node.attributes["value"] = ir.AttrTensor("value", _to_fp16_tensor(ir, tensor, None))
-        for value in node.outputs:
-            if value.dtype == FLOAT and id(value) not in stay32:
-                value.type = ir.TensorType(HALF)
-    for value in graph.inputs:
-        if value.dtype == FLOAT and id(value) not in stay32:
-            value.type = ir.TensorType(HALF)
-
-    # 5. float32 islands: cast float16 inputs up, outputs back down (names kept)
-    for node in keep32:
-        for i, value in enumerate(node.inputs):
-            if value is None or value.dtype != HALF:
-                continue
-            cast = ir.node("Cast", [value], {"to": FLOAT.value}, name=f"{node.name}_cast_in{i}")
-            cast.outputs[0].name = f"{value.name}_fp32_for_{node.name}"
-            cast.outputs[0].type = ir.TensorType(FLOAT)
-            cast.outputs[0].shape = value.shape
-            graph.insert_before(node, cast)
-            node.replace_input_with(i, cast.outputs[0])
-        for j, out in enumerate(node.outputs):
-            if out.dtype != FLOAT or not (out.uses() or out.is_graph_output()):
-                continue
-            name = out.name
-            cast = ir.node("Cast", [out], {"to": HALF.value}, name=f"{node.name}_cast_out{j}")
-            graph.insert_after(node, cast)
-            down = cast.outputs[0]
-            down.type = ir.TensorType(HALF)
-            down.shape = out.shape
-            out.replace_all_uses_with(down, replace_graph_outputs=True)
-            cast.replace_input_with(0, out)
-            out.name = f"{name}_fp32"
-            down.name = name
-
-    # 6. float32 graph IO on request
-    if io_dtype == "float32":
-        _float32_io(ir, graph, FLOAT, HALF)
-
-    result = ir.serde.serialize_model(graph_model)
+    ir_model = ir.serde.deserialize_model(model)
+    conversion = Float16ConversionPass(io_dtype=io_dtype, on_overflow=on_overflow, labels=labels)
+    conversion(ir_model)
+    result = ir.serde.serialize_model(ir_model)
     del result.graph.value_info[:]  # stale float32 annotations; shape inference redoes them
-    return result, [n.name for n in keep32]
-
-
-def _float32_io(ir: Any, graph: Any, FLOAT: Any, HALF: Any) -> None:  # noqa: N803
-    for k, value in enumerate(list(graph.inputs)):
-        if value.dtype != HALF:
-            continue
-        name = value.name
-        new_input = ir.Value(name=name, type=ir.TensorType(FLOAT), shape=value.shape)
-        value.name = f"{name}_fp16"
-        cast = ir.node("Cast", [new_input], {"to": HALF.value}, name=f"{name}_to_fp16")
-        graph.insert_before(graph.node(0), cast)
-        value.replace_all_uses_with(cast.outputs[0])
-        cast.outputs[0].name = f"{name}_fp16"
-        cast.outputs[0].type = ir.TensorType(HALF)
-        cast.outputs[0].shape = value.shape
-        graph.inputs[k] = new_input
-    for k, value in enumerate(list(graph.outputs)):
-        if value.dtype != HALF:
-            continue
-        name = value.name
-        value.name = f"{name}_fp16"
-        cast = ir.node("Cast", [value], {"to": FLOAT.value}, name=f"{name}_to_fp32")
-        graph.append(cast)
-        out = cast.outputs[0]
-        out.name = name
-        out.type = ir.TensorType(FLOAT)
-        out.shape = value.shape
-        graph.outputs[k] = out
+    return result, conversion.float32_nodes
