@@ -35,12 +35,16 @@ from bnexport.export.passes.graph_utils import (
     attr_int,
     attr_ints,
     attr_str,
-    const_array,
     single_consumer,
     static_dim,
     transpose_perm,
 )
-from bnexport.export.passes.rewrite import WeightFold, write_weight_fold
+from bnexport.export.passes.rewrite import (
+    WeightFold,
+    constant_weights,
+    gemm_bias,
+    write_weight_fold,
+)
 
 TARGET_OPS = ("Conv", "Gemm", "MatMul")
 
@@ -70,61 +74,82 @@ def conv_padding_is_zero(conv: ir.Node, x: ir.Value, weight: np.ndarray) -> bool
     return True
 
 
-def check(ph: ir.Node, spec: AffineSpec) -> WeightFold | str:
-    """Check the backward fold of placeholder ``ph``; return a plan or the refusal reason."""
+def _target(ph: ir.Node, spec: AffineSpec) -> tuple[ir.Value, ir.Node, ir.Node | None, int] | str:
+    """``(value it reads, target op, Transpose in between, channel axis there)`` or why not."""
     y = ph.outputs[0]
     if y.is_graph_output():
         return "BN output is a graph output"
     consumer = single_consumer(y)
     if consumer is None:
         return "BN output has another consumer" if y.uses() else "BN output is unused"
-    through, axis = None, spec.axis
     if consumer.op_type == "Transpose" and consumer.domain == "":
         after = single_consumer(consumer.outputs[0])
         if after is not None and after.op_type in TARGET_OPS and after.domain == "":
             perm = transpose_perm(consumer, spec.rank)
-            through, axis = consumer, perm.index(spec.positive_axis) - spec.rank
-            y, consumer = consumer.outputs[0], after
-    op, name = consumer.op_type, consumer.name
-    if consumer.domain != "" or op not in TARGET_OPS:
-        return f"BN output feeds {op} '{name}', not Conv/Gemm/MatMul"
-    if consumer.inputs[0] is not y:
-        return f"BN output is not the data input of {op} '{name}'"
-    weight = const_array(consumer.inputs[1])
-    if weight is None:
-        return f"W of {op} '{name}' is not a constant initializer"
-    bias_value = consumer.inputs[2] if len(consumer.inputs) > 2 else None
-    bias = const_array(bias_value)
-    if bias_value is not None and bias is None:
-        return f"bias of {op} '{name}' is not a constant initializer"
-    if op == "Conv":
-        if axis != 1 - weight.ndim:
-            return f"normalized axis is not Conv '{name}''s input channel axis"
-        groups = attr_int(consumer, "group", 1)
-        if weight.shape[1] * groups != spec.channels:
-            return f"Conv '{name}' has {weight.shape[1] * groups} input channels"
-        if spec.shift.any() and not conv_padding_is_zero(consumer, y, weight):
-            return f"Conv '{name}' has nonzero padding (backward fold inexact)"
-        w, b = fold_into_consumer_weights(
-            weight, bias, spec.scale, spec.shift, in_axis=1, out_axis=0, groups=groups
-        )
-        return WeightFold(consumer, w, b, weight, through)
+            return consumer.outputs[0], after, consumer, perm.index(spec.positive_axis) - spec.rank
+    return y, consumer, None, spec.axis
+
+
+def _conv_fold(
+    conv: ir.Node, y: ir.Value, axis: int, params: tuple[np.ndarray, np.ndarray | None],
+    spec: AffineSpec,
+) -> tuple[np.ndarray, np.ndarray] | str:  # fmt: skip
+    """Folded ``(W', B')`` of a Conv reading the normalized ``y``, or why not."""
+    (weight, bias), name = params, conv.name
+    if axis != 1 - weight.ndim:
+        return f"normalized axis is not Conv '{name}''s input channel axis"
+    groups = attr_int(conv, "group", 1)
+    if weight.shape[1] * groups != spec.channels:
+        return f"Conv '{name}' has {weight.shape[1] * groups} input channels"
+    if spec.shift.any() and not conv_padding_is_zero(conv, y, weight):
+        return f"Conv '{name}' has nonzero padding (backward fold inexact)"
+    return fold_into_consumer_weights(
+        weight, bias, spec.scale, spec.shift, in_axis=1, out_axis=0, groups=groups
+    )
+
+
+def _matrix_fold(
+    node: ir.Node, axis: int, params: tuple[np.ndarray, np.ndarray | None], spec: AffineSpec
+) -> tuple[np.ndarray, np.ndarray] | str:
+    """Folded ``(B', C')`` of a Gemm (``(W', bias)`` of a MatMul) reading it, or why not."""
+    (weight, bias), op, name = params, node.op_type, node.name
     if weight.ndim != 2:
         return f"W of {op} '{name}' is not 2-D"
-    trans_a = op == "Gemm" and attr_int(consumer, "transA", 0) == 1
+    trans_a = op == "Gemm" and attr_int(node, "transA", 0) == 1
     if axis != (-2 if trans_a else -1) or spec.rank < 2:
         return f"normalized axis is not the reduced (K) axis of {op} '{name}'"
-    in_axis, out_axis = (1, 0) if op == "Gemm" and attr_int(consumer, "transB", 0) else (0, 1)
+    in_axis, out_axis = (1, 0) if op == "Gemm" and attr_int(node, "transB", 0) else (0, 1)
     if weight.shape[in_axis] != spec.channels:
         return f"{op} '{name}' has K={weight.shape[in_axis]}, BN {spec.channels} channels"
     w, added = fold_into_consumer_weights(
         weight, None, spec.scale, spec.shift, in_axis=in_axis, out_axis=out_axis
     )
     if op == "MatMul":
-        return WeightFold(consumer, w, added, weight, through)
-    alpha, beta = attr_float(consumer, "alpha", 1.0), attr_float(consumer, "beta", 1.0)
-    effective = np.float64(0.0) if bias is None or beta == 0 else beta * bias.astype(np.float64)
-    return WeightFold(consumer, w, effective + alpha * added, weight, through)
+        return w, added
+    return w, gemm_bias(node, bias) + attr_float(node, "alpha", 1.0) * added
+
+
+def check(ph: ir.Node, spec: AffineSpec) -> WeightFold | str:
+    """Check the backward fold of placeholder ``ph``; return a plan or the refusal reason."""
+    target = _target(ph, spec)
+    if isinstance(target, str):
+        return target
+    y, node, through, axis = target
+    op, name = node.op_type, node.name
+    if node.domain != "" or op not in TARGET_OPS:
+        return f"BN output feeds {op} '{name}', not Conv/Gemm/MatMul"
+    if node.inputs[0] is not y:
+        return f"BN output is not the data input of {op} '{name}'"
+    params = constant_weights(node)
+    if isinstance(params, str):
+        return params
+    if op == "Conv":
+        folded = _conv_fold(node, y, axis, params, spec)
+    else:
+        folded = _matrix_fold(node, axis, params, spec)
+    if isinstance(folded, str):
+        return folded
+    return WeightFold(node, *folded, old_weight=params[0], through=through)
 
 
 def rewrite(graph: ir.Graph, ph: ir.Node, plan: WeightFold, ctx: FoldContext) -> str:

@@ -122,7 +122,15 @@ class FoldContext:
             self.records.append(FoldRecord(name, action, target, reason))
 
 
-class FoldRulePass(ir.passes.InPlacePass):
+class FoldPass(ir.passes.InPlacePass):
+    """A pass of one ``fold_batchnorm`` run; ``ctx`` is the state the run's passes share."""
+
+    def __init__(self, ctx: FoldContext) -> None:
+        super().__init__()
+        self.ctx = ctx
+
+
+class FoldRulePass(FoldPass):
     """Apply one fold rule to every placeholder: ``check`` → a plan or a refusal reason.
 
     Subclasses set ``direction`` (prefix of the recorded refusal), ``action`` (the
@@ -132,10 +140,6 @@ class FoldRulePass(ir.passes.InPlacePass):
 
     direction: str
     action: Action
-
-    def __init__(self, ctx: FoldContext) -> None:
-        super().__init__()
-        self.ctx = ctx
 
     @staticmethod
     def check(ph: ir.Node, spec: AffineSpec) -> object | str:

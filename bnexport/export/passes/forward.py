@@ -23,20 +23,24 @@ under ``keep_float16_overflow="error"``, a folded float16 weight does not fit fl
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_ir as ir
 
 from bnexport.export.fold_math import fold_into_producer_weights
 from bnexport.export.passes.context import AffineSpec, FoldContext, FoldRulePass, spec_of
 from bnexport.export.passes.graph_utils import (
-    attr_float,
     attr_int,
     const_array,
     rank_of,
     single_consumer,
     transpose_perm,
 )
-from bnexport.export.passes.rewrite import WeightFold, take_over, write_weight_fold
+from bnexport.export.passes.rewrite import (
+    WeightFold,
+    constant_weights,
+    gemm_bias,
+    take_over,
+    write_weight_fold,
+)
 
 LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -83,13 +87,10 @@ def check(ph: ir.Node, spec: AffineSpec) -> WeightFold | str:
     inputs = producer.inputs
     if op == "MatMul" and const_array(inputs[0]) is not None:
         return "MatMul's constant operand is on the left"
-    weight = const_array(inputs[1])
-    if weight is None:
-        return f"W of {op} '{producer.name}' is not a constant initializer"
-    bias_value = inputs[2] if len(inputs) > 2 else None
-    bias = const_array(bias_value)
-    if bias_value is not None and bias is None:
-        return f"bias of {op} '{producer.name}' is not a constant initializer"
+    params = constant_weights(producer)
+    if isinstance(params, str):
+        return params
+    weight, bias = params
     if op in ("Conv", "ConvTranspose"):
         if (err := _axis_error(producer, axis, 1 - weight.ndim)) is not None:
             return err
@@ -113,9 +114,7 @@ def check(ph: ir.Node, spec: AffineSpec) -> WeightFold | str:
     w, _ = fold_into_producer_weights(weight, None, spec.scale, spec.shift, out_axis=out_axis)
     if op == "MatMul":
         return WeightFold(producer, w, spec.shift.copy(), weight)
-    beta = attr_float(producer, "beta", 1.0)
-    effective = np.float64(0.0) if bias is None or beta == 0 else beta * bias.astype(np.float64)
-    return WeightFold(producer, w, effective * spec.scale + spec.shift, weight)
+    return WeightFold(producer, w, gemm_bias(producer, bias) * spec.scale + spec.shift, weight)
 
 
 def rewrite(graph: ir.Graph, ph: ir.Node, plan: WeightFold, ctx: FoldContext) -> str:

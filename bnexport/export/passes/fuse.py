@@ -29,6 +29,7 @@ from bnexport.export.passes.context import (
     INTERNAL_DOMAIN,
     AffineSpec,
     FoldContext,
+    FoldPass,
     placeholders,
     spec_of,
 )
@@ -99,6 +100,23 @@ def find_activation(y: ir.Value) -> Activation | None:
     return None
 
 
+def take_over_activation(
+    graph: ir.Graph, y: ir.Value, new: ir.Value, act: Activation | None
+) -> None:
+    """``new`` takes over ``y`` — or the output of ``act``, the activation it absorbed.
+
+    ``y``'s producer goes once unused; so do the absorbed activation's nodes.
+    """
+    if act is None:
+        take_over(graph, y, new)
+        return
+    producer = y.producer()
+    take_over(graph, act.output, new)
+    graph.remove([n for n in reversed(act.nodes) if n.graph is graph], safe=True)
+    if producer is not None and producer.graph is graph:
+        graph.remove(producer, safe=True)
+
+
 def fused_norm_node(
     graph: ir.Graph,
     ctx: FoldContext,
@@ -116,20 +134,12 @@ def fused_norm_node(
     for what, array in (("scale", scale), ("shift", shift)):
         cast = cast_folded(array, ir.DataType.FLOAT, what=what, node=name, policy="error")
         tensors.append(add_initializer(graph, namer, cast.array, f"{name}_{what}"))
-    attrs = []
-    for key, value in fn_spec.node_attributes(**attributes).items():
-        if isinstance(value, str):
-            attrs.append(ir.AttrString(key, value))
-        elif isinstance(value, float):
-            attrs.append(ir.AttrFloat32(key, value))
-        else:
-            attrs.append(ir.AttrInt64(key, int(value)))
     graph.opset_imports[fn_spec.DOMAIN] = fn_spec.OPSET_VERSION
-    node = ir.Node(
-        fn_spec.DOMAIN,
+    node = ir.node(
         fn_spec.OP_TYPE,
         [x, *tensors],
-        attrs,
+        fn_spec.node_attributes(**attributes),
+        domain=fn_spec.DOMAIN,
         num_outputs=num_outputs,
         name=namer.fresh(name),
     )
@@ -199,22 +209,12 @@ def fuse_plugin(
     if ph.name:
         node.name = ph.name  # ph is removed below
     graph.insert_before(ph, node)
-    if act is None:
-        take_over(graph, y, node.outputs[0])
-        return node.name or "", ""
-    final = act.output
-    take_over(graph, final, node.outputs[0])
-    graph.remove([n for n in reversed(act.nodes) if n.graph is graph], safe=True)
-    graph.remove(ph, safe=True)
-    return node.name or "", f"{act.kind} absorbed"
+    take_over_activation(graph, y, node.outputs[0], act)
+    return node.name or "", "" if act is None else f"{act.kind} absorbed"
 
 
-class FuseNormPass(ir.passes.InPlacePass):
+class FuseNormPass(FoldPass):
     """Turn every remaining placeholder into exactly one node (ONNX op or FusedNorm)."""
-
-    def __init__(self, ctx: FoldContext) -> None:
-        super().__init__()
-        self.ctx = ctx
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         """Fuse each placeholder; record why folding was refused."""

@@ -279,6 +279,8 @@ def sink_layout_ops(model: onnx.ModelProto, bn_nodes: Mapping[str, str]) -> onnx
         The rewritten model (unused initializers dropped), or ``model`` itself when
         nothing moved.
     """
+    if not any(node.name in bn_nodes for node in model.graph.node):
+        return model
     ir_model = ir.serde.deserialize_model(model)
     passes = [SinkTransposesPass(bn_nodes), SinkReshapesPass(bn_nodes)]
     if not ir.passes.Sequential(*passes)(ir_model).modified:

@@ -32,6 +32,7 @@ from bnexport.export.passes.context import (
     META_KEY,
     AffineSpec,
     FoldContext,
+    FoldPass,
 )
 from bnexport.export.passes.graph_utils import (
     FLOAT_TYPES,
@@ -42,6 +43,7 @@ from bnexport.export.passes.graph_utils import (
     single_consumer,
     static_dim,
 )
+from bnexport.export.passes.rewrite import take_over
 
 _ELEMENTWISE = ("Mul", "Add", "Sub", "Div")
 _BN_FIELDS = ("scale", "B", "input_mean", "input_var")
@@ -237,20 +239,14 @@ def replace_chain(graph: ir.Graph, chain: list[Element], ctx: FoldContext) -> ir
     out.type = last_out.type or ir.TensorType(spec.dtype)
     out.shape = last_out.shape
     graph.insert_before(chain[-1].node, node)
-    name = last_out.name
-    last_out.replace_all_uses_with(out, replace_graph_outputs=True)
-    graph.remove([e.node for e in chain], safe=True)
-    out.name = name
+    take_over(graph, last_out, out)  # removes the last node of the chain
+    graph.remove([e.node for e in chain[:-1]], safe=True)
     node.name = chain[0].node.name
     return node
 
 
-class CanonicalizeAffinePass(ir.passes.InPlacePass):
+class CanonicalizeAffinePass(FoldPass):
     """Collapse every foldable BN / constant Mul-Add chain into one placeholder node."""
-
-    def __init__(self, ctx: FoldContext) -> None:
-        super().__init__()
-        self.ctx = ctx
 
     def requires(self, model: ir.Model) -> None:
         """The model must import the default ONNX domain at opset >= 7."""

@@ -12,6 +12,7 @@ from bnexport.export.passes.graph_utils import (
     Namer,
     add_initializer,
     append_to,
+    attr_float,
     const_array,
     single_consumer,
 )
@@ -78,6 +79,27 @@ def attach_bias(
     add = ir.node("Add", [out, bias_value], name=namer.fresh(f"{matmul.name}_bias_add"))
     append_to(graph, namer, out, add, suffix="nobias")
     return add
+
+
+def constant_weights(node: ir.Node) -> tuple[np.ndarray, np.ndarray | None] | str:
+    """``(W, B)`` of a linear op as constants (``B`` is ``None`` when absent), or why not."""
+    op, name = node.op_type, node.name
+    weight = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    if weight is None:
+        return f"W of {op} '{name}' is not a constant initializer"
+    bias_value = node.inputs[2] if len(node.inputs) > 2 else None
+    bias = const_array(bias_value)
+    if bias_value is not None and bias is None:
+        return f"bias of {op} '{name}' is not a constant initializer"
+    return weight, bias
+
+
+def gemm_bias(gemm: ir.Node, bias: np.ndarray | None) -> np.ndarray:
+    """The ``β·C`` term of ``Y = α·A'·B' + β·C`` in float64 (0 without ``C`` or with β = 0)."""
+    beta = attr_float(gemm, "beta", 1.0)
+    if bias is None or beta == 0:
+        return np.float64(0.0)
+    return beta * bias.astype(np.float64)
 
 
 @dataclasses.dataclass

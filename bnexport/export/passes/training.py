@@ -16,8 +16,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from bnexport.export.passes.context import FoldContext
-from bnexport.export.passes.fuse import find_activation, fused_norm_node
+from bnexport.export.passes.context import FoldContext, FoldPass
+from bnexport.export.passes.fuse import find_activation, fused_norm_node, take_over_activation
 from bnexport.export.passes.graph_utils import add_initializer, attr_float, const_array
 from bnexport.export.passes.islands import cast_node
 from bnexport.export.passes.patterns import is_training_bn
@@ -77,24 +77,13 @@ def map_training_bn(graph: ir.Graph, node: ir.Node, ctx: FoldContext) -> tuple[s
             new_nodes.append(cast_node(add.outputs[0], out_dtype, namer, f"{fused.name}_stat{k}"))
         graph.insert_after(fused, new_nodes)
         take_over(graph, running, new_nodes[-1].outputs[0])
-    if act is None:
-        take_over(graph, y, fused.outputs[0])
-        return fused.name or "", "training-mode BN mapped onto FusedNorm batch_stats"
-    take_over(graph, act.output, fused.outputs[0])
-    graph.remove([n for n in reversed(act.nodes) if n.graph is graph], safe=True)
-    graph.remove(node, safe=True)
-    return (
-        fused.name or "",
-        f"training-mode BN mapped onto FusedNorm batch_stats; {act.kind} absorbed",
-    )
+    take_over_activation(graph, y, fused.outputs[0], act)
+    note = "training-mode BN mapped onto FusedNorm batch_stats"
+    return fused.name or "", note if act is None else f"{note}; {act.kind} absorbed"
 
 
-class TrainingBatchNormPass(ir.passes.InPlacePass):
+class TrainingBatchNormPass(FoldPass):
     """Record (``onnx``) or map onto FusedNorm batch_stats (``plugin``) each training BN."""
-
-    def __init__(self, ctx: FoldContext) -> None:
-        super().__init__()
-        self.ctx = ctx
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         """Handle every ``training_mode=1`` BatchNormalization of the main graph."""
