@@ -50,6 +50,7 @@ from bnexport.serve.protocol import (
     ServerReadyResponse,
 )
 from bnexport.serve.repository import ModelRepository, ServedModel
+from bnexport.serve.routes_triton import triton_router
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "ServerState", "create_app", "error_response", "read_body"]
 
@@ -90,9 +91,14 @@ class ServerState:
                 on_queue=self.metrics.queue_hook(*key),
                 policy=self.batch_policy,
                 inline_below_s=INLINE_BELOW_S,
+                stats=model.stats,
             )
             self._batchers[key] = batcher
         return batcher
+
+    def release(self, model: ServedModel) -> DynamicBatcher | None:
+        """Forget the batcher of ``model`` (unloaded or replaced); the caller closes it."""
+        return self._batchers.pop((model.name, model.version), None)
 
     def begin_drain(self) -> None:
         """Shutdown has begun: report not ready, run queued batches without waiting."""
@@ -142,6 +148,7 @@ def create_app(
     _add_error_handlers(api)
     # -- routers: one line per group of endpoints --------------------------------------------
     api.include_router(health_router(state))
+    api.include_router(triton_router(state))  # before metadata: /v2/models/stats
     api.include_router(metadata_router(state))
     api.include_router(infer_router(state, max_body_bytes))
     # ------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from bnexport.serve.repository import ModelRepository, ServedModel
 
 if TYPE_CHECKING:
     from bnexport.serve.app import ServerState
+    from bnexport.serve.grpc_server import GrpcFrontend
 
 _INLINE_LIMIT = 256  # elements written into the curl command itself
 
@@ -154,6 +155,8 @@ def serve_model(
     log_level: str = "info",
     graceful_timeout_s: float = 30.0,
     warmup: bool = True,
+    grpc_port: int | None = None,
+    model_control: str = "none",
     print_fn: Callable[[str], None] = print,
 ) -> None:
     """Serve ``MODEL.onnx`` or a model repository over KServe v2 HTTP; blocks.
@@ -189,6 +192,11 @@ def serve_model(
         graceful_timeout_s: on SIGTERM, how long in-flight requests may take.
         warmup: run each model on zero batches before serving, ``max_batch`` rows halved
             down to 1, each twice (see :meth:`ServedModel.warmup`).
+        grpc_port: also serve KServe v2 over gRPC on this port (same models, batcher,
+            limits, token, logs and metrics; see :mod:`bnexport.serve.grpc_service`);
+            ``None``: HTTP only.
+        model_control: ``"none"`` or ``"explicit"`` (load/unload over HTTP and gRPC; see
+            :mod:`bnexport.serve.model_control`).
         print_fn: where the ``curl`` example goes.
     """
     from bnexport.serve.app import create_app
@@ -207,13 +215,12 @@ def serve_model(
             **ort_session_kwargs(backend, intra_op_threads, ort_spinning, memory_arena),
         },
     )
-    shrink = ort_run_options(backend, device, memory_arena, arena_shrinkage)
-    for model in repository.all():
-        # only models whose requests are merged see varying batch sizes; one run at a fixed
-        # size keeps its arena (measured: shrinking it there raised the RSS of a ResNet50
-        # max_batch=1 server after warm-up from ~350 to ~440 MB, in serve_bench)
-        if model.max_batch > 1:
-            model.run_options = shrink
+    # only models whose requests are merged see varying batch sizes; one run at a fixed
+    # size keeps its arena (measured: shrinking it there raised the RSS of a ResNet50
+    # max_batch=1 server after warm-up from ~350 to ~440 MB, in serve_bench)
+    repository.set_run_options(ort_run_options(backend, device, memory_arena, arena_shrinkage))
+    repository.warmup = warmup  # models (re)loaded later through model control
+    repository.control_mode = model_control
     if not _is_loopback(host) and not token:
         log.warning(
             "serving on a non-loopback address without a token; pass --token to require one",
@@ -267,9 +274,22 @@ def serve_model(
     )
     # uvicorn re-raises a captured SIGTERM after its graceful shutdown, with the handler that
     # was installed before it ran; a no-op handler there makes a drained SIGTERM exit 0.
+    grpc = None
+    if grpc_port is not None:
+        from bnexport.serve.grpc_server import GrpcFrontend
+
+        grpc = GrpcFrontend(
+            app.state,
+            host,
+            grpc_port,
+            token=token,
+            max_message_bytes=int(max_body_mb * (1 << 20)),
+            admission=getattr(app, "admission", None),
+        )
+        print_fn(f"gRPC (KServe v2 / Triton GRPCInferenceService) on {grpc.address}")
     previous = _quiet_sigterm()
     try:
-        DrainingServer(config, app.state).run()
+        DrainingServer(config, app.state, grpc=grpc).run()
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -283,15 +303,43 @@ class DrainingServer(uvicorn.Server):
     the batching window, while uvicorn waits for the requests in flight.
     """
 
-    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+    def __init__(
+        self, config: uvicorn.Config, state: ServerState, grpc: GrpcFrontend | None = None
+    ) -> None:
         super().__init__(config)
         self._state = state
+        self._grpc = grpc
 
     def handle_exit(self, sig: int, frame: Any) -> None:  # noqa: D102 - signal handler
         loop = self._state.loop
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(self._state.begin_drain)
+            if self._grpc is not None:  # refuse new RPCs now; those in flight finish
+                loop.call_soon_threadsafe(self._grpc.begin_stop, self._grace_s)
         super().handle_exit(sig, frame)
+
+    @property
+    def _grace_s(self) -> float:
+        return float(self.config.timeout_graceful_shutdown or 30.0)
+
+    async def startup(self, sockets: list | None = None) -> None:  # noqa: D102
+        if self._grpc is not None:  # same loop as the app: the batchers belong to it
+            await self._grpc.start()
+        await super().startup(sockets)
+
+    async def shutdown(self, sockets: list | None = None) -> None:
+        """Drain as uvicorn does; the batchers close only after the gRPC calls in flight end."""
+        grpc = self._grpc
+        if grpc is not None:
+            grpc.begin_stop(self._grace_s)
+            lifespan_shutdown = self.lifespan.shutdown
+
+            async def shutdown_after_grpc() -> None:
+                await grpc.stop(self._grace_s)
+                await lifespan_shutdown()
+
+            self.lifespan.shutdown = shutdown_after_grpc  # type: ignore[method-assign]
+        await super().shutdown(sockets)
 
 
 def _quiet_sigterm():

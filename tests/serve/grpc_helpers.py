@@ -36,7 +36,9 @@ class Servers:
 
 
 @contextlib.contextmanager
-def running_servers(app: Any, *, token: str | None = None, grace_s: float = 10.0) -> Iterator[Servers]:
+def running_servers(
+    app: Any, *, token: str | None = None, grace_s: float = 10.0
+) -> Iterator[Servers]:
     """Serve ``app`` over HTTP and gRPC on 127.0.0.1; yield their addresses."""
     config = uvicorn.Config(
         app,

@@ -140,8 +140,8 @@ def _status(exc_info) -> str:
     "make_inputs, fragment",
     [
         (lambda: [_input(images(1, 0), True, name="img")], "unknown input"),
-        (lambda: [_input(np.zeros((1, 8, 8, 2), np.float32), True)], "shape [1, 8, 8, 2]"),
-        (lambda: [_input(np.zeros((1, 8, 8, 1), np.int64), True)], "datatype INT64"),
+        (lambda: [_input(np.zeros((1, 8, 8, 2), np.float32), True)], "8, 8, 2"),
+        (lambda: [_input(np.zeros((1, 8, 8, 1), np.int64), True)], "int64"),
         (lambda: [], "missing input"),
     ],
     ids=["name", "shape", "dtype", "missing"],
@@ -151,7 +151,7 @@ def test_bad_inputs_are_400_and_server_survives(server, make_inputs, fragment):
     with pytest.raises(InferenceServerException) as exc:
         client.infer("digits", make_inputs())
     assert _status(exc) == "400"
-    assert fragment in exc.value.message()
+    assert fragment in exc.value.message().lower() and "image" in exc.value.message()
     assert client.is_server_live()
     client.infer("digits", [_input(images(1, 0), True)])  # still serving
 
