@@ -52,7 +52,15 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'bnexport' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    try:
+        value = getattr(importlib.import_module(module), name)
+    except ModuleNotFoundError as exc:  # an optional extra is not installed: name it
+        from bnexport.extras import missing_extra_error
+
+        error = missing_extra_error(exc, f"bnexport.{name}")
+        if error is None:
+            raise
+        raise error from exc
     globals()[name] = value
     return value
 

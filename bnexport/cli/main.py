@@ -29,27 +29,7 @@ from collections.abc import Sequence
 
 from bnexport import __version__
 from bnexport.errors import BnexportError, UsageError
-
-#: top-level module -> the extra that installs it, for "not installed" messages
-EXTRA_OF_MODULE = {
-    "tensorflow": "keras",
-    "keras": "keras",
-    "tf2onnx": "keras",
-    "sklearn": "keras",
-    "matplotlib": "keras",
-    "tf_keras": "legacy",
-    "fastapi": "serve",
-    "uvicorn": "serve",
-    "httpx": "serve",
-    "prometheus_client": "serve",
-    "pydantic": "serve",
-    "grpc": "serve",
-    "tritonclient": "serve",
-    "tensorrt": "tensorrt",
-    "cuda": "gpu",
-    "cupy": "gpu",
-    "onnxruntime_extensions": "test",
-}
+from bnexport.extras import missing_extra_message
 
 #: subcommand modules, in the order ``--help`` lists them (absent modules are skipped)
 COMMANDS = (
@@ -74,16 +54,6 @@ _FILE_ERRORS = (
 
 DEBUG_ENV = "BNEXPORT_DEBUG"
 _DEBUG_HELP = f"show the traceback of expected errors too (or set {DEBUG_ENV}=1)"
-
-
-def missing_extra_message(exc: ModuleNotFoundError) -> str | None:
-    """``"X is not installed (pip install 'bnexport[extra]')"``, or ``None`` for our own modules."""
-    missing = (exc.name or "").split(".")[0]
-    if not missing or missing in ("bnexport", "bnexport_plugins"):
-        return None
-    extra = EXTRA_OF_MODULE.get(missing)
-    hint = f"pip install 'bnexport[{extra}]'" if extra else f"pip install {missing}"
-    return f"{missing} is not installed ({hint})"
 
 
 def _one_line(text: str) -> str:

@@ -1,0 +1,55 @@
+"""Which optional extra installs which module, for "X is not installed" messages.
+
+``pip install bnexport`` is the inference side (numpy, onnx, onnx-ir, onnxruntime, rich);
+everything else comes with an extra (see ``pyproject.toml``). A feature that needs a
+missing module fails with one line naming the extra: the CLI through
+:func:`missing_extra_message`, the lazy top-level attributes (``bnexport.BatchNormalization``)
+with :class:`~bnexport.errors.MissingExtraError`, still an ``ImportError``.
+"""
+
+from __future__ import annotations
+
+from bnexport.errors import MissingExtraError
+
+#: top-level module -> the extra that installs it
+EXTRA_OF_MODULE = {
+    "tensorflow": "keras",
+    "keras": "keras",
+    "tf2onnx": "keras",
+    "sklearn": "keras",
+    "matplotlib": "keras",
+    "h5py": "keras",
+    "tf_keras": "legacy",
+    "fastapi": "serve",
+    "starlette": "serve",
+    "uvicorn": "serve",
+    "httpx": "serve",
+    "prometheus_client": "serve",
+    "pydantic": "serve",
+    "grpc": "serve",
+    "tritonclient": "serve",
+    "tensorrt": "tensorrt",
+    "cuda": "gpu",
+    "onnxruntime_extensions": "test",
+}
+
+
+def missing_extra_message(exc: ModuleNotFoundError) -> str | None:
+    """``"X is not installed (pip install 'bnexport[extra]')"``, or ``None`` for our modules.
+
+    A missing ``bnexport.*`` module is a broken install or a bug, never a missing extra.
+    """
+    missing = (exc.name or "").split(".")[0]
+    if not missing or missing in ("bnexport", "bnexport_plugins"):
+        return None
+    extra = EXTRA_OF_MODULE.get(missing)
+    hint = f"pip install 'bnexport[{extra}]'" if extra else f"pip install {missing}"
+    return f"{missing} is not installed ({hint})"
+
+
+def missing_extra_error(exc: ModuleNotFoundError, feature: str) -> MissingExtraError | None:
+    """A :class:`MissingExtraError` saying that ``feature`` needs the missing module's extra."""
+    message = missing_extra_message(exc)
+    if message is None:
+        return None
+    return MissingExtraError(f"{feature} needs {message}", name=exc.name)
