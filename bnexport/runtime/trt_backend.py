@@ -1,25 +1,20 @@
 """TensorRT backend of :class:`bnexport.Session` (extra ``bnexport[tensorrt]``).
 
-Build (once per ONNX file, TensorRT version, GPU and flags; then from the
-engine cache, see :mod:`bnexport.runtime.engine_cache`):
-
-1. register TensorRT's own plugins and, for graphs with ``bnexport::FusedNorm``
-   nodes, the project's plugin (``trt_plugin.register_fused_norm_plugin``);
-2. parse the ONNX bytes with ``trt.OnnxParser`` into a network created with
-   ``builder.create_network(flags)`` (explicit batch is the only mode in TensorRT 10;
-   ``PREFER_AOT_PYTHON_PLUGINS`` where available, so the plugin's ahead-of-time
-   kernel is compiled into the engine);
-3. configure: workspace pool limit, ``BuilderFlag.FP16`` for ``precision="fp16"``,
-   ``BuilderFlag.TF32`` cleared unless ``tf32=True`` (so fp32 engines compute in
-   fp32, like the Keras reference), a timing cache loaded from and saved to disk,
-   and one optimization profile whose batch spans ``1..max_batch``;
-4. ``builder.build_serialized_network`` and ``trt.Runtime.deserialize_cuda_engine``.
+Build: once per ONNX file, TensorRT version, GPU and
+:class:`~bnexport.runtime.trt_build.BuildSettings` (then from the engine cache, see
+:mod:`bnexport.runtime.engine_cache`), by the project's one builder,
+:func:`bnexport.runtime.trt_build.build_serialized_engine`: bundled plugins and, for
+graphs with ``bnexport::FusedNorm``, the project's plugin registered; ahead-of-time
+Python plugins preferred; TF32 cleared unless ``tf32=True``; one optimization profile
+whose batch spans ``1..max_batch``; a timing cache shared per TensorRT version and GPU.
+Then ``trt.Runtime.deserialize_cuda_engine``.
 
 Run: inputs are copied host -> device on a private CUDA stream, input shapes
 set with ``IExecutionContext.set_input_shape``, every tensor address bound with
 ``set_tensor_address``, ``execute_async_v3`` enqueued, outputs copied back and
 the stream synchronized. Device buffers grow on demand and are reused. One
-execution context is not re-entrant, so ``run`` holds a lock.
+execution context is not re-entrant, so ``run`` holds a lock. CUDA is reached
+through :mod:`bnexport.runtime.cuda_api` (cuda-bindings' runtime API).
 """
 
 from __future__ import annotations
@@ -30,8 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from bnexport.atomic_write import write_bytes_atomic
 from bnexport.errors import BackendUnavailableError, InputError
+from bnexport.runtime.cuda_api import check as _check_cuda
+from bnexport.runtime.cuda_api import handle_value
+from bnexport.runtime.cuda_api import runtime as import_cudart
 from bnexport.runtime.engine_cache import (
     DEFAULT_TRT_MAX_BATCH,
     EngineCache,
@@ -40,46 +37,15 @@ from bnexport.runtime.engine_cache import (
     timing_cache_path,
 )
 from bnexport.runtime.io_check import TensorInfo
+from bnexport.runtime.trt_build import (
+    DEFAULT_WORKSPACE_BYTES,
+    BuildSettings,
+    build_serialized_engine,
+    import_tensorrt,
+    register_plugins,
+)
 
-DEFAULT_WORKSPACE_BYTES = 1 << 30
-
-
-def import_tensorrt() -> Any:
-    """Import ``tensorrt`` or raise ``BackendUnavailableError`` saying what is missing."""
-    try:
-        import tensorrt as trt
-    except ImportError as exc:
-        raise BackendUnavailableError(
-            "backend='tensorrt' needs the tensorrt package (pip install 'bnexport[tensorrt]')"
-        ) from exc
-    return trt
-
-
-def import_cudart() -> Any:
-    """Import the CUDA runtime bindings of cuda-python (``cuda.bindings.runtime``)."""
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        try:
-            from cuda import cudart  # cuda-python < 12.6 layout
-        except ImportError as exc:
-            raise BackendUnavailableError(
-                "backend='tensorrt' needs cuda-python (pip install 'bnexport[tensorrt]')"
-            ) from exc
-    return cudart
-
-
-def _check_cuda(result: Any, what: str) -> Any:
-    """Unpack a cuda-python ``(err, *values)`` tuple, raising on a non-success code."""
-    if isinstance(result, tuple):
-        err, rest = result[0], result[1:]
-    else:
-        err, rest = result, ()
-    if int(err) != 0:
-        raise BackendUnavailableError(f"CUDA call {what} failed: {err}")
-    if not rest:
-        return None
-    return rest[0] if len(rest) == 1 else rest
+__all__ = ["DEFAULT_WORKSPACE_BYTES", "TrtBackend", "gpu_name", "import_cudart", "import_tensorrt"]
 
 
 def gpu_name(cudart: Any, device_id: int) -> str:
@@ -94,39 +60,6 @@ def gpu_name(cudart: Any, device_id: int) -> str:
     return str(name)
 
 
-def register_plugins(trt: Any, logger: Any, needs_fused_norm: bool) -> None:
-    """Register TensorRT's bundled plugins and, for graphs that need it, the FusedNorm plugin.
-
-    Raises:
-        BackendUnavailableError: the graph has FusedNorm nodes and the plugin cannot be
-            registered (``bnexport_plugins.fused_norm.trt_plugin`` needs TensorRT >= 10.9).
-    """
-    trt.init_libnvinfer_plugins(logger, "")
-    if not needs_fused_norm:
-        return
-    try:
-        from bnexport_plugins.fused_norm.trt_plugin import register_fused_norm_plugin
-    except ImportError as exc:
-        raise BackendUnavailableError(
-            f"the graph contains bnexport::FusedNorm but its TensorRT plugin is missing: {exc}"
-        ) from exc
-    register_fused_norm_plugin()
-
-
-def network_flags(trt: Any) -> int:
-    """Network creation flags for ``builder.create_network``.
-
-    Explicit batch is TensorRT 10's only mode (flag value 0); ``PREFER_AOT_PYTHON_PLUGINS``
-    is added where this TensorRT has it, so Python plugins are compiled into the engine
-    (which then runs without Python).
-    """
-    flags = 0
-    flag = getattr(trt.NetworkDefinitionCreationFlag, "PREFER_AOT_PYTHON_PLUGINS", None)
-    if flag is not None:
-        flags |= 1 << int(flag)
-    return flags
-
-
 class _DeviceBuffer:
     """A growable device allocation."""
 
@@ -138,7 +71,8 @@ class _DeviceBuffer:
     def ensure(self, nbytes: int) -> int:
         if nbytes > self.nbytes:
             self.free()
-            self.ptr = int(_check_cuda(self._cudart.cudaMalloc(max(nbytes, 1)), "cudaMalloc"))
+            ptr = _check_cuda(self._cudart.cudaMalloc(max(nbytes, 1)), "cudaMalloc")
+            self.ptr = handle_value(ptr)
             self.nbytes = nbytes
         return self.ptr
 
@@ -191,21 +125,28 @@ class TrtBackend:
         _check_cuda(cudart.cudaSetDevice(device_id), "cudaSetDevice")
         self.device = gpu_name(cudart, device_id)
         self.shapes = profile_shapes(inputs, self.max_batch, overrides=profile_overrides)
-        flags = {
-            "network_flags": network_flags(trt),
-            "precision": precision,
-            "tf32": bool(tf32),
-            "workspace": int(workspace_bytes),
-            "profile": {k: [list(s) for s in v] for k, v in self.shapes.items()},
-        }
+        self.settings = BuildSettings(
+            precision=precision,
+            tf32=bool(tf32),
+            workspace_bytes=int(workspace_bytes),
+            profiles=(self.shapes,),
+        )
         self.cache = cache or EngineCache()
-        self.cache_key = engine_cache_key(model_bytes, trt.__version__, self.device, flags)
+        self.cache_key = engine_cache_key(
+            model_bytes, trt.__version__, self.device, self.settings.key(trt)
+        )
         self._logger = trt.Logger(trt.Logger.WARNING)
         register_plugins(trt, self._logger, needs_fused_norm)
         engine_bytes = self.cache.get(self.cache_key)
         self.from_cache = engine_bytes is not None
         if engine_bytes is None:
-            engine_bytes = self._build(model_bytes, precision, tf32, workspace_bytes)
+            engine_bytes = build_serialized_engine(
+                model_bytes,
+                self.settings,
+                needs_fused_norm=needs_fused_norm,
+                timing_cache=timing_cache_path(trt.__version__, self.device, self.cache.root),
+                logger=self._logger,
+            )
             self.cache.put(self.cache_key, engine_bytes)
         self._runtime = trt.Runtime(self._logger)
         self.engine = self._runtime.deserialize_cuda_engine(engine_bytes)
@@ -217,37 +158,6 @@ class TrtBackend:
         self._stream = _check_cuda(cudart.cudaStreamCreate(), "cudaStreamCreate")
         self._buffers: dict[str, _DeviceBuffer] = {}
         self._lock = threading.Lock()
-
-    # -- build ------------------------------------------------------------------------------
-    def _build(self, model_bytes: bytes, precision: str, tf32: bool, workspace: int) -> bytes:
-        trt = self._trt
-        builder = trt.Builder(self._logger)
-        network = builder.create_network(network_flags(trt))
-        parser = trt.OnnxParser(network, self._logger)
-        if not parser.parse(model_bytes):
-            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise BackendUnavailableError(f"TensorRT's ONNX parser failed: {errors}")
-        config = builder.create_builder_config()
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace))
-        if precision == "fp16":
-            config.set_flag(trt.BuilderFlag.FP16)
-        if tf32:
-            config.set_flag(trt.BuilderFlag.TF32)
-        else:
-            config.clear_flag(trt.BuilderFlag.TF32)
-        profile = builder.create_optimization_profile()
-        for name, (lo, opt, hi) in self.shapes.items():
-            profile.set_shape(name, lo, opt, hi)
-        config.add_optimization_profile(profile)
-        timing_path = timing_cache_path(trt.__version__, self.device, self.cache.root)
-        previous = timing_path.read_bytes() if timing_path.exists() else b""
-        timing = config.create_timing_cache(previous)
-        config.set_timing_cache(timing, ignore_mismatch=False)
-        serialized = builder.build_serialized_network(network, config)
-        if serialized is None:
-            raise BackendUnavailableError("TensorRT failed to build the engine (see its log above)")
-        write_bytes_atomic(timing_path, bytes(timing.serialize()), make_parents=True)
-        return bytes(serialized)
 
     # -- run --------------------------------------------------------------------------------
     def _buffer(self, name: str) -> _DeviceBuffer:
@@ -285,7 +195,7 @@ class TrtBackend:
                 ptr = self._buffer(info.name).ensure(out.nbytes)
                 self.context.set_tensor_address(info.name, ptr)
                 results[info.name] = out
-            if not self.context.execute_async_v3(int(self._stream)):
+            if not self.context.execute_async_v3(handle_value(self._stream)):
                 raise BackendUnavailableError("TensorRT execute_async_v3 failed")
             for name, out in results.items():
                 _check_cuda(

@@ -1,10 +1,13 @@
-"""Run the FusedNorm kernels on a CUDA GPU with cuda-python's driver API.
+"""Run the FusedNorm kernels on a CUDA GPU with cuda-bindings' driver API.
 
-:class:`FusedNormCuda` compiles (NVRTC, cached) a cubin for the current device,
-loads it with ``cuModuleLoadData`` and launches the :mod:`launch` plan on raw
+:class:`FusedNormCuda` compiles (NVRTC, cached) the kernels for the current device,
+loads them with ``cuModuleLoadData`` and launches the :mod:`launch` plan on raw
 device pointers; :func:`run_numpy` is the host-array convenience the GPU tests
-and the benchmark use. ``cuda`` is imported inside functions, so this module
-imports on machines without a GPU.
+and the benchmark use. The image is a cubin when the driver's CUDA major is at
+least NVRTC's, else PTX whose ISA is lowered to what ``cuDriverGetVersion`` says
+the driver accepts (:func:`nvrtc_build.ptx_isa_for_driver`); a GPU newer than
+NVRTC also gets PTX. CUDA is reached through :mod:`bnexport.runtime.cuda_api`
+only when used, so this module imports on machines without a GPU.
 """
 
 from __future__ import annotations
@@ -15,39 +18,40 @@ import numpy as np
 from bnexport_plugins.fused_norm import spec
 from bnexport_plugins.fused_norm.checks import check_inputs, dtype_name
 from bnexport_plugins.fused_norm.launch import Plan, plan
-from bnexport_plugins.fused_norm.nvrtc_build import compile_kernels
+from bnexport_plugins.fused_norm.nvrtc_build import (
+    compile_kernels,
+    image_kind_for_driver,
+    nvrtc_version,
+    ptx_isa_for_driver,
+)
+
+from bnexport.errors import BackendUnavailableError
+from bnexport.runtime.cuda_api import check, driver_version, handle_value
+from bnexport.runtime.cuda_api import driver as _driver
+
+__all__ = ["FusedNormCuda", "check", "default_runtime", "gpu_available", "run_numpy"]
 
 
-def _driver():
-    try:
-        from cuda.bindings import driver
-    except ImportError as exc:
-        from bnexport.errors import BackendUnavailableError
+def gpu_unavailable_reason() -> str | None:
+    """Why the FusedNorm kernels cannot run here (``None`` when a CUDA device is usable).
 
-        raise BackendUnavailableError("the FusedNorm GPU runtime needs cuda-python") from exc
-    return driver
-
-
-def check(result: Any, what: str) -> Any:
-    """Unwrap a cuda-python ``(err, *values)`` result; raise on error."""
-    err, *values = result if isinstance(result, tuple) else (result,)
-    if int(err) != 0:
-        from bnexport.errors import BackendUnavailableError
-
-        raise BackendUnavailableError(f"CUDA {what} failed: {err!r}")
-    if not values:
-        return None
-    return values[0] if len(values) == 1 else tuple(values)
-
-
-def gpu_available() -> bool:
-    """True when cuda-python finds at least one CUDA device."""
+    Missing cuda-bindings, no driver, no device, or an NVRTC that cannot be loaded
+    (e.g. another CUDA major) are reasons; any other exception is a bug and propagates.
+    """
     try:
         drv = _driver()
         check(drv.cuInit(0), "cuInit")
-        return check(drv.cuDeviceGetCount(), "cuDeviceGetCount") > 0
-    except Exception:  # noqa: BLE001 - any failure means no usable GPU
-        return False
+        if check(drv.cuDeviceGetCount(), "cuDeviceGetCount") < 1:
+            return "no CUDA device"
+        nvrtc_version()
+    except BackendUnavailableError as exc:
+        return str(exc)
+    return None
+
+
+def gpu_available() -> bool:
+    """True when a CUDA device and a loadable NVRTC are present (:func:`gpu_unavailable_reason`)."""
+    return gpu_unavailable_reason() is None
 
 
 class FusedNormCuda:
@@ -84,7 +88,14 @@ class FusedNormCuda:
         self.name = (
             check(drv.cuDeviceGetName(256, self.device), "cuDeviceGetName").split(b"\0")[0].decode()
         )
-        self.kernels = compile_kernels(self.arch)  # cubin, or PTX for an unknown newer arch
+        self.driver_version = driver_version()
+        # cubin when the driver's major >= NVRTC's (or PTX for a GPU newer than NVRTC);
+        # PTX otherwise, its ISA lowered to what this driver accepts
+        self.kernels = compile_kernels(
+            self.arch,
+            kind=image_kind_for_driver(self.driver_version, nvrtc_version()),
+            ptx_isa=ptx_isa_for_driver(self.driver_version),
+        )
         # NUL-terminated copy kept alive for the driver (PTX must be a C string; harmless for ELF)
         self._image = np.frombuffer(self.kernels.image + b"\0", dtype=np.uint8)
         self.module = check(drv.cuModuleLoadData(self._image.ctypes.data), "cuModuleLoadData")
@@ -113,7 +124,9 @@ class FusedNormCuda:
             values = []
             for arg in launch.args:
                 if arg.kind == "ptr":
-                    values.append(np.array([int(buffers[arg.value]) + arg.offset], np.uint64))
+                    values.append(
+                        np.array([handle_value(buffers[arg.value]) + arg.offset], np.uint64)
+                    )
                 elif arg.kind == "null":
                     values.append(np.array([0], np.uint64))
                 else:
@@ -135,7 +148,7 @@ class FusedNormCuda:
     # ------------------------------------------------------------ device memory helpers
     def alloc(self, nbytes: int) -> int:
         """``cuMemAlloc`` (at least 1 byte); returns the device pointer as an int."""
-        return int(check(_driver().cuMemAlloc(max(int(nbytes), 1)), "cuMemAlloc"))
+        return handle_value(check(_driver().cuMemAlloc(max(int(nbytes), 1)), "cuMemAlloc"))
 
     def free(self, ptr: int) -> None:
         """``cuMemFree``."""

@@ -11,8 +11,13 @@ it builds with a bare NVRTC.
   requested architecture (a GPU newer than the wheel), it falls back to PTX for
   the newest architecture it knows, which the driver JIT-compiles.
 * PTX carries a ``.version`` (PTX ISA) directive, and a driver older than NVRTC
-  refuses a newer one even though these kernels use nothing new: ``ptx_isa``
-  rewrites the directive (e.g. ``"8.0"`` for any driver >= CUDA 12.0).
+  refuses a newer one (``CUDA_ERROR_UNSUPPORTED_PTX_VERSION``) even though these
+  kernels use nothing new: ``ptx_isa`` rewrites the directive, down to what the
+  driver accepts (:func:`ptx_isa_for_driver` of ``cuDriverGetVersion``; e.g. NVRTC
+  13.5 writes 9.5, a CUDA 13.0 driver takes at most 9.0).
+* A cubin loads on a driver of the same CUDA major as NVRTC or newer (minor-version
+  compatibility); under an older major the kernels go as PTX instead
+  (:func:`image_kind_for_driver`).
 * Results are cached in ``$BNEXPORT_CACHE_DIR`` (default ``~/.cache/bnexport/kernels``)
   under a key made of the source hash, the target, the options and the NVRTC
   version; files are written atomically.
@@ -78,16 +83,10 @@ def kernel_source() -> bytes:
 
 
 def _nvrtc():
-    try:
-        from cuda.bindings import nvrtc
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        from bnexport.errors import BackendUnavailableError
+    """``cuda.bindings.nvrtc`` with its library loaded (BackendUnavailableError otherwise)."""
+    from bnexport.runtime.cuda_api import nvrtc
 
-        raise BackendUnavailableError(
-            "compiling the FusedNorm kernels needs cuda-python and nvidia-cuda-nvrtc "
-            "(pip install cuda-python nvidia-cuda-nvrtc)"
-        ) from exc
-    return nvrtc
+    return nvrtc()
 
 
 def _check(result, what: str, log: str = "") -> None:
@@ -165,6 +164,50 @@ def cap_ptx_isa(ptx: bytes, version: str) -> bytes:
     if want >= have:
         return ptx
     return ptx[: m.start()] + f".version {want[0]}.{want[1]}".encode() + ptx[m.end() :]
+
+
+#: PTX ISA versions that may be asked of the cuda-bindings table, newest first.
+_ISA_CANDIDATES = tuple(
+    f"{major}.{minor}" for major in range(12, 6, -1) for minor in range(9, -1, -1)
+)
+#: Used when cuda-bindings has no PTX table: every driver of CUDA >= 12.0 takes ISA 8.0.
+_FALLBACK_ISA = ((12000, "8.0"), (11000, "7.0"))
+
+
+def ptx_isa_for_driver(driver_version: int) -> str | None:
+    """The newest PTX ISA a driver loads, as ``"M.m"``; ``None`` below CUDA 11.0.
+
+    Args:
+        driver_version: ``cuDriverGetVersion()``: ``1000 * major + 10 * minor``
+            (``13000`` is CUDA 13.0).
+
+    The ISA -> CUDA table is cuda-bindings' own
+    (``cuda.bindings.utils.get_minimal_required_cuda_ver_from_ptx_ver``, from the PTX
+    ISA release history): CUDA 12.6 -> 8.5, 12.8 -> 8.7, 13.0 -> 9.0. A driver newer
+    than the table gets the table's newest ISA; these kernels need only ISA 7.0 (plus
+    the target's minimum, :data:`MIN_PTX_ISA`), so capping lower than needed is harmless.
+    """
+    try:
+        from cuda.bindings.utils import get_minimal_required_cuda_ver_from_ptx_ver as needs
+    except ImportError:  # cuda-bindings < 12.9 has no table: a conservative floor
+        return next((isa for first, isa in _FALLBACK_ISA if driver_version >= first), None)
+    for isa in _ISA_CANDIDATES:
+        try:
+            if needs(isa) <= driver_version:
+                return isa
+        except ValueError:  # an ISA this cuda-bindings does not know
+            continue
+    return None
+
+
+def image_kind_for_driver(driver_version: int, nvrtc: tuple[int, int]) -> str:
+    """``"cubin"`` when a driver can load NVRTC's cubins (same CUDA major or newer), else ``"ptx"``.
+
+    A cubin built by NVRTC ``X.y`` loads on any driver of CUDA ``X.0`` or newer (CUDA
+    minor-version compatibility); under an older major only PTX (JIT-compiled by the
+    driver, ISA lowered with :func:`ptx_isa_for_driver`) can run.
+    """
+    return "cubin" if driver_version // 1000 >= nvrtc[0] else "ptx"
 
 
 def compile_kernels(

@@ -328,8 +328,10 @@ def aot_kernel(trt, trtp, x, attrs: dict, tactic: "Tactic"):
 def jit_launch(trt, x, scale, shift, outputs, attrs: dict, stream: int) -> None:
     """``@trtp.impl`` body: the split batch_stats path (or affine) via cuda-python."""
     from bnexport_plugins.fused_norm.checks import check_inputs
-    from bnexport_plugins.fused_norm.gpu_runtime import _driver, check, default_runtime
+    from bnexport_plugins.fused_norm.gpu_runtime import default_runtime
     from bnexport_plugins.fused_norm.launch import plan
+
+    from bnexport.runtime.cuda_api import check, driver, handle_value
 
     rt = default_runtime()
     dtype = _dtype_name(trt, x.dtype)
@@ -343,13 +345,15 @@ def jit_launch(trt, x, scale, shift, outputs, attrs: dict, stream: int) -> None:
     }
     if attrs["return_stats"]:
         bufs["mean"], bufs["var"] = outputs[1].data_ptr, outputs[2].data_ptr
-    drv = _driver()
+    drv = driver()
     ws = (
-        check(drv.cuMemAllocAsync(p.workspace_bytes, drv.CUstream(stream)), "cuMemAllocAsync")
+        handle_value(
+            check(drv.cuMemAllocAsync(p.workspace_bytes, drv.CUstream(stream)), "cuMemAllocAsync")
+        )
         if p.workspace_bytes
         else 0
     )
-    bufs["ws"] = int(ws)
+    bufs["ws"] = ws
     try:
         rt.launch(p, bufs, stream)
     finally:
@@ -380,64 +384,56 @@ def build_engine(
     *,
     fp16: bool = False,
     bf16: bool = False,
+    tf32: bool = False,
     workspace_bytes: int = 1 << 30,
     profiles: "list[dict[str, tuple[tuple[int, ...], ...]]] | None" = None,
     prefer_aot: bool = True,
+    timing_cache: "str | os.PathLike | None" = None,
 ) -> bytes:
     """Build a serialized TensorRT engine from an ONNX file that may contain FusedNorm nodes.
+
+    A thin front of the project's one builder,
+    :func:`bnexport.runtime.trt_build.build_serialized_engine` (same flags, TF32 off unless
+    asked, optional timing cache), with the FusedNorm plugin registered.
 
     Args:
         onnx_path: The ONNX model.
         engine_path: If given, the engine is also written there (atomically).
         fp16: Allow FP16 kernels (weakly typed networks).
-        bf16: Allow BF16 kernels (weakly typed networks).
+        bf16: Allow BF16 kernels (weakly typed networks); not together with ``fp16``.
+        tf32: Allow TF32 math in fp32 layers.
         workspace_bytes: Builder workspace limit.
         profiles: Optimization profiles: one ``{input: (min, opt, max)}`` dict each,
             needed for dynamic input shapes.
         prefer_aot: Use the ahead-of-time plugin implementation (engine runs without
             Python); False uses the JIT one.
+        timing_cache: A timing-cache file to read and update.
 
     Returns:
         The serialized engine.
 
     Raises:
         ExportError: the parser or the builder failed (messages joined).
-        BackendUnavailableError: TensorRT is not installed.
+        BackendUnavailableError: TensorRT (>= 10.9) is not installed.
+        UsageError: ``fp16`` and ``bf16`` together.
     """
-    from bnexport.errors import ExportError
+    from bnexport.atomic_write import write_bytes_atomic
+    from bnexport.errors import UsageError
+    from bnexport.runtime.trt_build import BuildSettings, build_serialized_engine
 
-    trt, _ = _tensorrt()
-    register_fused_norm_plugin()
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    flag_names = ["PREFER_AOT_PYTHON_PLUGINS" if prefer_aot else "PREFER_JIT_PYTHON_PLUGINS"]
-    flags = 0
-    for name in flag_names:
-        flag = getattr(trt.NetworkDefinitionCreationFlag, name, None)
-        if flag is not None:
-            flags |= 1 << int(flag)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(os.fspath(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise ExportError(f"TensorRT could not parse {os.fspath(onnx_path)!r}: {errors}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
-    if fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
-    if bf16:
-        config.set_flag(trt.BuilderFlag.BF16)
-    for prof in profiles or []:
-        profile = builder.create_optimization_profile()
-        for name, (lo, opt, hi) in prof.items():
-            profile.set_shape(name, lo, opt, hi)
-        config.add_optimization_profile(profile)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise ExportError(f"TensorRT failed to build an engine from {os.fspath(onnx_path)!r}")
-    data = bytes(serialized)
+    if fp16 and bf16:
+        raise UsageError("build_engine: choose fp16 or bf16, not both")
+    _tensorrt()  # TensorRT >= 10.9, which the plugin needs
+    settings = BuildSettings(
+        precision="fp16" if fp16 else "bf16" if bf16 else "fp32",
+        tf32=tf32,
+        workspace_bytes=workspace_bytes,
+        profiles=tuple(profiles or ()),
+        prefer_aot=prefer_aot,
+    )
+    data = build_serialized_engine(
+        onnx_path, settings, needs_fused_norm=True, timing_cache=timing_cache
+    )
     if engine_path is not None:
-        from bnexport.atomic_write import write_bytes_atomic
-
         write_bytes_atomic(engine_path, data)
     return data

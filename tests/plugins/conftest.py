@@ -22,10 +22,11 @@ def kernel_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def compiled(kernel_cache):
-    """``compile(arch, kind)`` memoized for the session."""
-    pytest.importorskip(
-        "cuda.bindings.nvrtc", reason="needs cuda-python: NVRTC compile not verified"
-    )
+    """``compile(arch, kind)`` memoized for the session.
+
+    NVRTC (cuda-bindings + nvidia-cuda-nvrtc, both in the ``test`` extra) needs no GPU, so
+    a missing or unloadable NVRTC fails these tests instead of skipping them.
+    """
     from bnexport_plugins.fused_norm.nvrtc_build import compile_kernels
 
     memo = {}

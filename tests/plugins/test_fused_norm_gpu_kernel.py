@@ -6,14 +6,16 @@ import functools
 
 import numpy as np
 import pytest
-from bnexport_plugins.fused_norm.gpu_runtime import gpu_available
+from bnexport_plugins.fused_norm.gpu_runtime import gpu_unavailable_reason
 from bnexport_plugins.fused_norm.reference import fused_norm
 from kernel_cases import DTYPES, make_case, stats_atol
 
+NO_GPU = gpu_unavailable_reason()
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(
-        not gpu_available(), reason="needs a CUDA GPU: kernel numerics vs reference not verified"
+        NO_GPU is not None,
+        reason=f"needs a CUDA GPU ({NO_GPU}): kernel numerics vs reference not verified",
     ),
 ]
 
@@ -101,3 +103,20 @@ def test_odd_sizes_scalar_tail():
             _assert_close(
                 run_numpy(x, s, b, activation="relu"), fused_norm(x, s, b, activation="relu"), dtype
             )
+
+
+def test_image_matches_driver():
+    """cubin under a driver of NVRTC's major or newer, else PTX lowered to the driver's ISA."""
+    import re
+
+    from bnexport_plugins.fused_norm.gpu_runtime import default_runtime
+    from bnexport_plugins.fused_norm.nvrtc_build import ptx_isa_for_driver
+
+    rt = default_runtime()
+    if rt.driver_version // 1000 >= rt.kernels.nvrtc_version[0] and rt.kernels.kind == "cubin":
+        assert rt.kernels.image[:4] == b"\x7fELF"
+    else:
+        assert rt.kernels.kind == "ptx"
+        m = re.search(rb"^\.version (\d+)\.(\d+)$", rt.kernels.image, re.M)
+        isa = tuple(int(v) for v in ptx_isa_for_driver(rt.driver_version).split("."))
+        assert (int(m.group(1)), int(m.group(2))) <= max(isa, (7, 8))

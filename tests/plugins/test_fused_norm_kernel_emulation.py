@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 from bnexport_plugins.fused_norm.gpu_runtime import run_numpy
 from bnexport_plugins.fused_norm.reference import fused_norm
-from cuda_emulator import EmulatedRuntime, build, compiler
+from cuda_emulator import EmulatedRuntime, EmulationBuildError, build, missing_compiler_reason
 from kernel_cases import DTYPES, make_case, stats_atol
 
+NO_GXX = missing_compiler_reason()
 pytestmark = pytest.mark.skipif(
-    compiler() is None, reason="needs g++ >= 12: CPU emulation of the kernels not run"
+    NO_GXX is not None, reason=f"needs g++ >= 12 ({NO_GXX}): CPU emulation of the kernels not run"
 )
 
 # |y - ref| <= atol + rtol*|ref|: float32 math vs the float64 reference, one rounding to dtype
@@ -30,11 +31,8 @@ _case = functools.partial(make_case, offset=5.0)
 
 @pytest.fixture(scope="module")
 def rt(tmp_path_factory):
-    try:
-        lib = build(tmp_path_factory.mktemp("emu"))
-    except Exception as exc:  # noqa: BLE001
-        pytest.skip(f"needs g++ >= 12 with C++20 <barrier> and _Float16: {exc}")
-    return EmulatedRuntime(lib, num_sms=1)
+    # a compile error raises EmulationBuildError (the test fails with g++'s messages)
+    return EmulatedRuntime(build(tmp_path_factory.mktemp("emu")), num_sms=1)
 
 
 def _compare(got, want, dtype, extra_atol=0.0):
@@ -145,3 +143,16 @@ def test_many_partials_chan_combine(rt):
         "float32",
         stats_atol(x, s, 1),
     )
+
+
+def test_a_kernel_compile_error_fails_not_skips(tmp_path):
+    """A broken fused_norm.cu must surface as a failure carrying g++'s message."""
+    from pathlib import Path
+
+    from bnexport_plugins.fused_norm import nvrtc_build
+
+    good = Path(nvrtc_build.__file__).with_name(nvrtc_build.SOURCE_NAME).read_text()
+    broken = tmp_path / "fused_norm.cu"
+    broken.write_text(good + '\nextern "C" __global__ void oops() { undeclared_name = 1; }\n')
+    with pytest.raises(EmulationBuildError, match="undeclared_name"):
+        build(tmp_path, source=broken)

@@ -49,3 +49,105 @@ def test_entry_names():
     assert nb.entry_name("affine", "bfloat16") == "fused_norm_affine_bf16"
     with pytest.raises(ValueError):
         nb.entry_name("gemm", "float32")
+
+
+# cuDriverGetVersion -> newest PTX ISA the driver loads (PTX ISA release history)
+DRIVER_ISA = {
+    10020: None, 11000: "7.0", 11080: "7.8", 12000: "8.0", 12040: "8.4", 12060: "8.5",
+    12080: "8.7", 12090: "8.8", 13000: "9.0", 13010: "9.1",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("driver,isa", sorted(DRIVER_ISA.items()))
+def test_ptx_isa_for_driver(driver, isa):
+    assert nb.ptx_isa_for_driver(driver) == isa
+
+
+def test_ptx_isa_for_driver_never_decreases():
+    versions = [
+        nb.ptx_isa_for_driver(1000 * major + 10 * minor)
+        for major in range(11, 15)
+        for minor in range(10)
+    ]
+    keys = [tuple(int(p) for p in v.split(".")) for v in versions]
+    assert keys == sorted(keys) and keys[0] == (7, 0)
+
+
+def test_image_kind_for_driver():
+    assert nb.image_kind_for_driver(13000, (13, 5)) == "cubin"  # minor-version compatibility
+    assert nb.image_kind_for_driver(14000, (13, 5)) == "cubin"
+    assert nb.image_kind_for_driver(12090, (13, 0)) == "ptx"  # older major: PTX, JIT by driver
+
+
+def _nvjitlink_or_skip():
+    from cuda.bindings import nvjitlink
+
+    try:
+        nvjitlink.version()
+    except RuntimeError as exc:  # the nvidia-nvjitlink wheel is not installed
+        pytest.skip(f"needs nvidia-nvjitlink: lowered PTX not assembled by ptxas ({exc})")
+    return nvjitlink
+
+
+def _assemble(nvjitlink, ptx: bytes, arch: str) -> bytes:
+    """PTX -> cubin with nvJitLink's ptxas (no GPU needed); raises with ptxas' log."""
+    handle = nvjitlink.create(1, [f"-arch={arch}"])
+    try:
+        try:
+            nvjitlink.add_data(handle, nvjitlink.InputType.PTX, ptx, len(ptx), "fused_norm.ptx")
+            nvjitlink.complete(handle)
+        except nvjitlink.nvJitLinkError as exc:
+            log = bytearray(nvjitlink.get_error_log_size(handle))
+            nvjitlink.get_error_log(handle, log)
+            raise AssertionError(f"ptxas refused the PTX: {bytes(log).decode()}") from exc
+        cubin = bytearray(nvjitlink.get_linked_cubin_size(handle))
+        nvjitlink.get_linked_cubin(handle, cubin)
+        return bytes(cubin)
+    finally:
+        nvjitlink.destroy(handle)
+
+
+# compute_80 at ISA 8.0 is what the TensorRT AOT plugin embeds; compute_90 what an H100/H200
+# gets under an older driver (12.8) or the CUDA 13.0 driver of the lent machines
+@pytest.mark.parametrize(
+    "target,driver", [("compute_80", 12000), ("compute_90", 12080), ("compute_90", 13000)]
+)
+def test_lowered_ptx_assembles(kernel_cache, target, driver):
+    """The PTX a driver of that CUDA version gets (ISA lowered) is valid PTX of that ISA.
+
+    ptxas rejects a ``.version`` that does not cover an instruction or the target, so
+    this checks that lowering the directive textually is sound for fused_norm.cu.
+    """
+    nvjitlink = _nvjitlink_or_skip()
+    isa = nb.ptx_isa_for_driver(driver)
+    k = nb.compile_kernels(target, kind="ptx", ptx_isa=isa)
+    want = max(tuple(map(int, isa.split("."))), nb.MIN_PTX_ISA[int(target[-2:])])
+    assert re.search(rb"^\.version %d\.%d$" % want, k.image, re.M)
+    cubin = _assemble(nvjitlink, k.image, "sm_" + target[-2:])
+    assert set(nb.all_entry_names()) <= set(nb.cubin_symbols(cubin))
+
+
+def test_nvrtc_that_cannot_load_is_backend_unavailable(monkeypatch):
+    """An NVRTC of another CUDA major (or none) fails to load: BackendUnavailableError."""
+    import sys
+    import types
+
+    from bnexport.errors import BackendUnavailableError
+    from bnexport.runtime import cuda_api
+
+    fake = types.ModuleType("cuda.bindings.nvrtc")
+
+    def broken():
+        raise RuntimeError("Failed to dlopen libnvrtc.so.13")
+
+    fake.nvrtcVersion = broken
+    monkeypatch.setitem(sys.modules, "cuda.bindings.nvrtc", fake)
+    monkeypatch.setattr(cuda_api, "_LOADED", {})
+    nb.nvrtc_version.cache_clear()
+    nb.supported_archs.cache_clear()
+    try:
+        with pytest.raises(BackendUnavailableError, match="libnvrtc.so.13"):
+            nb.compile_kernels("sm_90", use_cache=False)
+    finally:
+        nb.nvrtc_version.cache_clear()
+        nb.supported_archs.cache_clear()

@@ -12,10 +12,6 @@ from onnx import TensorProto
 
 from bnexport.errors import PluginError
 
-pytest.importorskip(
-    "onnxruntime_extensions", reason="needs onnxruntime-extensions: Python-op route not verified"
-)
-
 RNG = np.random.default_rng(7)
 
 CASES = [

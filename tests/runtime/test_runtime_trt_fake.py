@@ -62,7 +62,7 @@ def _fake_tensorrt() -> types.ModuleType:
     trt.init_libnvinfer_plugins = lambda logger, ns: LOG.append(("init_plugins", ns))
     trt.NetworkDefinitionCreationFlag = types.SimpleNamespace()
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")
-    trt.BuilderFlag = types.SimpleNamespace(FP16="fp16", TF32="tf32")
+    trt.BuilderFlag = types.SimpleNamespace(FP16="fp16", BF16="bf16", TF32="tf32")
     trt.nptype = lambda dt: np.float32
 
     class Network:
@@ -72,7 +72,7 @@ def _fake_tensorrt() -> types.ModuleType:
         def __init__(self, network, logger):
             self.network, self.num_errors = network, 0
 
-        def parse(self, data):
+        def parse(self, data, path=None):
             self.network.model = data
             return True
 
@@ -86,7 +86,8 @@ def _fake_tensorrt() -> types.ModuleType:
 
     class Config:
         def __init__(self):
-            self.flags, self.profiles = set(), []
+            # TensorRT enables TF32 by default: the builder must clear it for fp32 engines
+            self.flags, self.profiles = {"tf32"}, []
 
         def set_memory_pool_limit(self, pool, n):
             LOG.append(("pool", pool, n))
@@ -187,7 +188,7 @@ def fake_trt(monkeypatch, tmp_path):
 
     LOG.clear()
     monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt())
-    monkeypatch.setattr(tb, "import_cudart", _fake_cudart)
+    monkeypatch.setattr(tb, "import_cudart", _fake_cudart)  # cuda_api.runtime() in production
     monkeypatch.setenv("BNEXPORT_CACHE_DIR", str(tmp_path))
     return tmp_path
 
@@ -237,3 +238,61 @@ def test_profile_violation_is_an_input_error(fake_trt):
     with pytest.raises(InputError, match=r"outside the engine's profile"):
         backend.run({"x": np.zeros((3, 4), np.float32)})  # Session would split; raw backend refuses
     backend.close()
+
+
+def test_plugin_build_engine_is_the_same_builder(fake_trt, monkeypatch, tmp_path):
+    """trt_plugin.build_engine goes through trt_build: TF32 cleared, timing cache, plugin."""
+    import onnx
+    from bnexport_plugins.fused_norm import trt_plugin
+
+    from bnexport.errors import UsageError
+
+    monkeypatch.setattr(trt_plugin, "_tensorrt", lambda: (sys.modules["tensorrt"], None))
+    monkeypatch.setattr(
+        trt_plugin, "register_fused_norm_plugin", lambda: LOG.append(("fused_norm_plugin",))
+    )
+    path = tmp_path / "m.onnx"
+    onnx.save(dense_relu_model(), path)
+    profile = {"x": ((1, 4), (2, 4), (8, 4))}
+    timing = tmp_path / "timing.cache"
+    data = trt_plugin.build_engine(
+        path, tmp_path / "m.engine", profiles=[profile], timing_cache=timing
+    )
+    assert (tmp_path / "m.engine").read_bytes() == data
+    assert timing.read_bytes() == b"timing"
+    assert ("fused_norm_plugin",) in LOG and ("init_plugins", "") in LOG
+    (build,) = [e for e in LOG if e[0] == "build"]
+    assert build[1] == [] and build[2] == profile  # TF32 cleared, as in the Session backend
+    LOG.clear()
+    trt_plugin.build_engine(path, bf16=True, tf32=True, profiles=[profile])
+    (build,) = [e for e in LOG if e[0] == "build"]
+    assert build[1] == ["bf16", "tf32"]
+    with pytest.raises(UsageError, match="fp16 or bf16"):
+        trt_plugin.build_engine(path, fp16=True, bf16=True)
+
+
+def test_parse_failure_names_the_source(fake_trt, monkeypatch, tmp_path):
+    import onnx
+
+    from bnexport.errors import ExportError
+    from bnexport.runtime.trt_build import build_serialized_engine
+
+    trt = sys.modules["tensorrt"]
+
+    class BadParser:
+        num_errors = 1
+
+        def __init__(self, network, logger):
+            pass
+
+        def parse(self, data, path=None):
+            return False
+
+        def get_error(self, i):
+            return "node 3: unsupported op"
+
+    monkeypatch.setattr(trt, "OnnxParser", BadParser)
+    path = tmp_path / "bad.onnx"
+    onnx.save(dense_relu_model(), path)
+    with pytest.raises(ExportError, match=r"could not parse '.*bad\.onnx': node 3: unsupported"):
+        build_serialized_engine(path)
