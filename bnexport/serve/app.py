@@ -36,7 +36,9 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bnexport import __version__
+from bnexport.serve.admission import Admission
 from bnexport.serve.batcher import DynamicBatcher
+from bnexport.serve.decode_process import DEFAULT_MIN_BYTES, DecodeProcess
 from bnexport.serve.errors import ServeError
 from bnexport.serve.infer import _ERRORS, error_response, infer_router, read_body
 from bnexport.serve.logs import get_logger
@@ -55,6 +57,12 @@ from bnexport.serve.routes_triton import triton_router
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "ServerState", "create_app", "error_response", "read_body"]
 
 DEFAULT_MAX_BODY_BYTES = 64 << 20
+#: requests with a body processed at once (more wait, then 503)
+DEFAULT_MAX_INFLIGHT_REQUESTS = 256
+#: body bytes processed at once, as a multiple of the body limit (more wait, then 503)
+DEFAULT_INFLIGHT_BODIES = 4
+#: time to receive a whole request body (408 after)
+DEFAULT_BODY_TIMEOUT_S = 60.0
 #: models whose runs average less than this run on the event loop (no thread handoff)
 INLINE_BELOW_S = 200e-6
 
@@ -68,8 +76,10 @@ class ServerState:
         metrics: ServerMetrics,
         instances: int,
         batch_policy: str = "adaptive",
+        decoder: DecodeProcess | None = None,
     ):
         self.repository = repository
+        self.decoder = decoder or DecodeProcess()
         self.batch_policy = batch_policy
         self.metrics = metrics
         self.instances = instances
@@ -111,6 +121,7 @@ class ServerState:
         self.ready = False
         for batcher in list(self._batchers.values()):
             await batcher.close()
+        await asyncio.to_thread(self.decoder.close)
 
 
 def create_app(
@@ -121,6 +132,11 @@ def create_app(
     instances: int = 1,
     batch_policy: str = "adaptive",
     metrics: ServerMetrics | None = None,
+    max_inflight_bytes: int | None = None,
+    max_inflight_requests: int = DEFAULT_MAX_INFLIGHT_REQUESTS,
+    admission_wait_s: float = 10.0,
+    body_timeout_s: float | None = DEFAULT_BODY_TIMEOUT_S,
+    json_process_min_bytes: int = DEFAULT_MIN_BYTES,
 ) -> Any:
     """Build the ASGI app serving ``repository``.
 
@@ -131,6 +147,14 @@ def create_app(
         instances: batches of one model that may run at the same time.
         batch_policy: ``"adaptive"`` or ``"window"`` (see :mod:`bnexport.serve.batcher`).
         metrics: metric set (a fresh one by default).
+        max_inflight_bytes: request-body bytes processed at once (default: 4 bodies of
+            ``max_body_bytes``); requests beyond wait, then get 503 + ``Retry-After``
+            (see :mod:`bnexport.serve.admission`).
+        max_inflight_requests: requests with a body processed at once (same rule).
+        admission_wait_s: how long a request may wait for room before its 503.
+        body_timeout_s: time to receive a whole body, else 408 (``None``: no limit).
+        json_process_min_bytes: JSON bodies this large are parsed in a helper process
+            (see :mod:`bnexport.serve.decode_process`).
 
     Returns:
         The ASGI app (FastAPI wrapped in :class:`GuardMiddleware`); the FastAPI
@@ -138,7 +162,18 @@ def create_app(
     """
     if batch_policy not in ("adaptive", "window"):
         raise ValueError(f"batch_policy must be 'adaptive' or 'window'. Received: {batch_policy!r}")
-    state = ServerState(repository, metrics or ServerMetrics(), instances, batch_policy)
+    state = ServerState(
+        repository,
+        metrics or ServerMetrics(),
+        instances,
+        batch_policy,
+        decoder=DecodeProcess(json_process_min_bytes),
+    )
+    admission = Admission(
+        max_inflight_bytes or DEFAULT_INFLIGHT_BODIES * max_body_bytes,
+        max_inflight_requests,
+        max_wait_s=admission_wait_s,
+    )
     api = FastAPI(
         title="bnexport server",
         version=__version__,
@@ -152,9 +187,17 @@ def create_app(
     api.include_router(metadata_router(state))
     api.include_router(infer_router(state, max_body_bytes))
     # ------------------------------------------------------------------------------------------
-    app = GuardMiddleware(api, token=token, max_body_bytes=max_body_bytes, logger=get_logger())
+    app = GuardMiddleware(
+        api,
+        token=token,
+        max_body_bytes=max_body_bytes,
+        logger=get_logger(),
+        admission=admission,
+        body_timeout_s=body_timeout_s,
+    )
     app.fastapi = api  # type: ignore[attr-defined]
     app.state = state  # type: ignore[attr-defined]
+    app.admission = admission  # type: ignore[attr-defined]
     return app
 
 
@@ -179,7 +222,7 @@ def _add_error_handlers(api: FastAPI) -> None:
 
     @api.exception_handler(ServeError)
     async def _serve_error(_: Request, exc: ServeError) -> JSONResponse:
-        return error_response(exc.status_code, str(exc))
+        return error_response(exc.status_code, str(exc), exc.headers or None)
 
     @api.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

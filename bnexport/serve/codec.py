@@ -5,7 +5,22 @@ Datatypes map one-to-one onto NumPy dtypes (``FP32`` <-> ``float32``, ...);
 refused. JSON ``data`` may be flat or nested, in row-major order; its element
 count must equal the product of ``shape``. Values are converted without silent
 loss: a float in an integer tensor, an out-of-range integer or a number in a
-``BOOL`` tensor is a 400 naming the input.
+``BOOL`` tensor is a 400 naming the input. Parameters are type-checked:
+``binary_data_output`` / ``binary_data`` must be JSON booleans (the string
+``"false"`` is a 400, not a truthy value), ``binary_data_size`` an integer.
+
+Non-finite floats: JSON has no NaN or infinity. Like Triton (which writes and
+parses them with rapidjson's ``kWriteNanAndInfFlag`` / ``kParseNanAndInfFlag``
+since server PR #3870), the server writes the bare tokens ``NaN``, ``Infinity``
+and ``-Infinity`` in JSON ``data`` and accepts them in requests. ``tritonclient``,
+Python's ``json`` and JavaScript's ``JSON5`` read them; strict parsers (``jq``,
+``JSON.parse``, Go's ``encoding/json``) do not: such clients should ask for
+binary outputs (``binary_data_output: true``), which carry the exact IEEE values.
+
+Large responses are serialized a slice of :data:`JSON_CHUNK` elements at a time,
+so that a worker thread encoding them gives the GIL back to the event loop
+between slices (one ``json.dumps`` of millions of floats would hold it for
+seconds).
 """
 
 from __future__ import annotations
@@ -39,6 +54,10 @@ DATATYPE_TO_NUMPY: dict[str, np.dtype] = {
     "BYTES": np.dtype(np.object_),
 }
 _NUMPY_TO_DATATYPE = {v: k for k, v in DATATYPE_TO_NUMPY.items()}
+#: elements serialized per ``json.dumps`` call in a JSON response
+JSON_CHUNK = 16384
+#: output parameters this server implements (Triton's ``classification`` is not one)
+_OUTPUT_PARAMETERS = frozenset({"binary_data"})
 
 
 def datatype_of(dtype: np.dtype) -> str:
@@ -108,12 +127,37 @@ def decode_request(body: bytes, header_length: str | None) -> DecodedRequest:
     except binary.BinaryFormatError as exc:
         raise BadRequestError(str(exc)) from None
     params = req.parameters or {}
+    binary_output = _bool_parameter(params, "binary_data_output", "request")
+    names = set()
+    for out in req.outputs or []:
+        where = f"output '{out.name}'"
+        if out.name in names:
+            raise BadRequestError(f"{where} is requested twice")
+        names.add(out.name)
+        out_params = out.parameters or {}
+        _bool_parameter(out_params, "binary_data", where)
+        unknown = sorted(set(out_params) - _OUTPUT_PARAMETERS)
+        if unknown:
+            raise BadRequestError(
+                f"{where}: unsupported parameter(s) {unknown}; supported: binary_data"
+            )
     return DecodedRequest(
         id=req.id,
         inputs=inputs,
         outputs=req.outputs,
-        binary_output=bool(params.get("binary_data_output", False)),
+        binary_output=binary_output,
     )
+
+
+def _bool_parameter(params: Mapping, key: str, where: str, default: bool = False) -> bool:
+    """``params[key]`` when it is a JSON boolean; 400 naming ``where`` when it is not."""
+    value = params.get(key, default)
+    if not isinstance(value, bool):
+        raise BadRequestError(
+            f"{where}: parameter '{key}' must be a JSON boolean (true or false). "
+            f"Received: {value!r} ({type(value).__name__})"
+        )
+    return value
 
 
 def _decode_input(inp, reader: binary.BinaryReader) -> np.ndarray:
@@ -212,7 +256,7 @@ def encode_response(
         wanted = [(name, None) for name in results]
     else:
         wanted = [(o.name, o.parameters or {}) for o in requested]
-    outputs = []
+    outputs: list[bytes] = []
     chunks: list[bytes] = []
     for name, params in wanted:
         arr = results[name]
@@ -222,15 +266,42 @@ def encode_response(
             raw = binary.tensor_bytes(arr)
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
-        elif arr.dtype == np.object_ or arr.dtype.kind in "SU":
-            entry["data"] = [
-                x.decode("utf-8") if isinstance(x, bytes) else str(x) for x in arr.reshape(-1)
-            ]
+            outputs.append(_dumps(entry))
         else:
-            entry["data"] = arr.reshape(-1).tolist()
-        outputs.append(entry)
-    header = {"model_name": model_name, "model_version": model_version, "outputs": outputs}
+            head = _dumps(entry)[:-1]  # '{...' without its closing brace
+            outputs.append(b"".join([head, b',"data":[', _json_elements(arr), b"]}"]))
+    header = [
+        b'{"model_name":',
+        _dumps(model_name),
+        b',"model_version":',
+        _dumps(model_version),
+        b',"outputs":[',
+        b",".join(outputs),
+        b"]",
+    ]
     if request_id is not None:
-        header["id"] = request_id
-    header_json = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    return binary.join_body(header_json, chunks)
+        header += [b',"id":', _dumps(request_id)]
+    header.append(b"}")
+    return binary.join_body(b"".join(header), chunks)
+
+
+def _dumps(value) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode("utf-8")
+
+
+def _json_elements(arr: np.ndarray) -> bytes:
+    """The elements of ``arr``, row-major, comma-separated JSON (no brackets).
+
+    Written :data:`JSON_CHUNK` elements per ``json.dumps`` call. Floats are the
+    shortest repr of the value as a double; NaN/Inf as ``NaN`` / ``Infinity`` /
+    ``-Infinity`` (see the module docstring).
+    """
+    flat = arr.reshape(-1)
+    if arr.dtype == np.object_ or arr.dtype.kind in "SU":
+        items = [x.decode("utf-8") if isinstance(x, bytes) else str(x) for x in flat]
+        parts = [_dumps(items[i : i + JSON_CHUNK])[1:-1] for i in range(0, len(items), JSON_CHUNK)]
+    else:
+        parts = [
+            _dumps(flat[i : i + JSON_CHUNK].tolist())[1:-1] for i in range(0, flat.size, JSON_CHUNK)
+        ]
+    return b",".join(parts)

@@ -14,6 +14,8 @@ class ServeError(BnexportError):
     """Base of the errors that end one request with a 4xx/5xx status."""
 
     status_code = 500
+    #: extra response headers (``Retry-After``, ``Connection: close``)
+    headers: dict[str, str] = {}
 
     def __init__(self, message: str, status_code: int | None = None) -> None:
         super().__init__(message)
@@ -45,13 +47,41 @@ class PayloadTooLargeError(ServeError):
     status_code = 413
 
 
+class RequestTimeoutError(ServeError):
+    """The request body did not arrive within the body timeout (408; the connection closes)."""
+
+    status_code = 408
+    headers = {"Connection": "close"}
+
+
+class ClientGoneError(ServeError):
+    """The client closed the connection before its request was read (499, nothing is sent)."""
+
+    status_code = 499
+
+
 class UnavailableError(ServeError):
     """The server is shutting down and takes no new inference work (503)."""
 
     status_code = 503
 
 
+class OverloadedError(ServeError):
+    """The in-flight bound is reached and the wait for room ran out (503, ``Retry-After``)."""
+
+    status_code = 503
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.headers = {"Retry-After": str(int(retry_after_s))}
+
+
 class ModelRunError(ServeError, RuntimeError):
     """The model raised while running this request (500)."""
 
     status_code = 500
+
+
+class ListenError(BnexportError, OSError):
+    """The server cannot listen on the address it was given (names host and port)."""

@@ -10,8 +10,10 @@ One request goes through five steps::
 
 Decoding and encoding of anything but small bodies run in a worker thread, so
 the event loop (and with it ``/v2/health/*``) never waits on one request's
-bytes. Errors end the request with a KServe error body; a client that goes away
-while its body is being read ends it with status 499 (logged, counted, no
+bytes (JSON bodies of several MiB are parsed in a helper process, see
+:mod:`bnexport.serve.decode_process`), and large responses leave in slices.
+Errors end the request with a KServe error body; a client that goes away while
+its body is being read ends it with status 499 (logged once, counted, no
 traceback).
 """
 
@@ -24,7 +26,8 @@ import zlib
 from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from bnexport.errors import InputError
 from bnexport.serve import codec
@@ -32,6 +35,7 @@ from bnexport.serve.batcher import DynamicBatcher
 from bnexport.serve.binary import HEADER_LENGTH
 from bnexport.serve.errors import (
     BadRequestError,
+    ClientGoneError,
     ModelRunError,
     PayloadTooLargeError,
     ServeError,
@@ -43,21 +47,43 @@ from bnexport.serve.repository import ServedModel
 if TYPE_CHECKING:
     from bnexport.serve.app import ServerState
 
-#: JSON bodies / outputs above these sizes are (de)serialized in a worker thread
-_OFFLOAD_BYTES = 256 << 10
-_OFFLOAD_ELEMENTS = 64 << 10
-_ERRORS: dict = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 500, 503)}
+#: bodies / outputs above this many bytes are decoded / encoded in a worker thread
+OFFLOAD_BYTES = 256 << 10
+#: responses above this many bytes are sent in slices of this size
+SEND_SLICE = 1 << 20
+_ERRORS: dict = {
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 408, 413, 415, 500, 503)
+}
 
 
-def error_response(status: int, message: str) -> JSONResponse:
+def error_response(status: int, message: str, headers: dict | None = None) -> JSONResponse:
     """A KServe error body with ``status``."""
-    return JSONResponse({"error": message}, status_code=status)
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, decoded per ``Content-Encoding`` and size-checked."""
-    body = await request.body()
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+async def receive_body(request: Request, max_bytes: int) -> bytearray:
+    """The raw request body, read into one buffer (sized by ``Content-Length`` when given).
+
+    Raises:
+        ClientGoneError: the client disconnected before the body was complete.
+    """
+    length = request.headers.get("content-length", "")
+    size = int(length) if length.isdigit() and int(length) <= max_bytes else 0
+    body = bytearray(size)  # filled in place: no copy of the whole body at the end
+    pos = 0
+    try:
+        async for chunk in request.stream():
+            end = pos + len(chunk)
+            body[pos:end] = chunk
+            pos = end
+    except ClientDisconnect:
+        raise ClientGoneError(f"client disconnected after {pos} body bytes") from None
+    del body[pos:]
+    return body
+
+
+def decompress(body: bytes | bytearray, encoding: str, limit: int) -> bytes | bytearray:
+    """Undo ``Content-Encoding`` (``identity``, ``gzip``, ``deflate``); at most ``limit`` bytes."""
     if encoding in ("", "identity"):
         return body
     if encoding not in ("gzip", "deflate"):
@@ -71,6 +97,33 @@ async def read_body(request: Request, limit: int) -> bytes:
     if len(out) > limit:
         raise PayloadTooLargeError(f"decompressed request body is over the limit of {limit} bytes")
     return out
+
+
+async def read_body(request: Request, limit: int) -> bytes | bytearray:
+    """The request body, decoded per ``Content-Encoding`` and size-checked."""
+    body = await receive_body(request, limit)
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if len(body) > OFFLOAD_BYTES and encoding not in ("", "identity"):
+        return await asyncio.to_thread(decompress, body, encoding, limit)
+    return decompress(body, encoding, limit)
+
+
+async def decode_body(
+    state: ServerState, request: Request, max_body_bytes: int
+) -> codec.DecodedRequest:
+    """Read and decode an infer body without blocking the event loop on a large one.
+
+    Small bodies (up to :data:`OFFLOAD_BYTES`) decode on the loop; larger ones in a
+    worker thread; JSON bodies of ``state.decoder.min_bytes`` or more in the helper
+    process (:mod:`bnexport.serve.decode_process`), since a JSON parse holds the GIL.
+    """
+    body = await read_body(request, max_body_bytes)
+    header = request.headers.get(HEADER_LENGTH)
+    if len(body) <= OFFLOAD_BYTES:
+        return codec.decode_request(body, header)
+    if header is None and len(body) >= state.decoder.min_bytes:
+        return await state.decoder.decode(body, header)
+    return await asyncio.to_thread(codec.decode_request, body, header)
 
 
 def infer_router(state: ServerState, max_body_bytes: int) -> APIRouter:
@@ -109,14 +162,11 @@ async def handle_infer(
         batcher = state.batcher(model)
         batcher.expect()
         expected = batcher
-        body = await read_body(request, max_body_bytes)
-        header = request.headers.get(HEADER_LENGTH)
-        big_json = header is None and len(body) > _OFFLOAD_BYTES
-        if big_json:  # parsing megabytes of JSON would stall every other request
-            req = await asyncio.to_thread(codec.decode_request, body, header)
+        req = await decode_body(state, request, max_body_bytes)
+        if sum(a.nbytes for a in req.inputs.values()) > OFFLOAD_BYTES:
+            rows = await asyncio.to_thread(model.check_inputs, req.inputs)
         else:
-            req = codec.decode_request(body, header)
-        rows = model.check_inputs(req.inputs)
+            rows = model.check_inputs(req.inputs)
         model.check_outputs(req.outputs)
         expected = None
         results = await _run(batcher, model, req.inputs, rows)
@@ -129,24 +179,19 @@ async def handle_infer(
             req.outputs,
             req.binary_output,
         )
-        json_elements = sum(v.size for v in results.values())
-        if json_elements > _OFFLOAD_ELEMENTS and not req.binary_output:
+        if sum(v.nbytes for v in results.values()) > OFFLOAD_BYTES:
             payload, header_len = await asyncio.to_thread(encode)
         else:
             payload, header_len = encode()
         status = 200
-        if header_len is None:
-            return Response(payload, media_type="application/json")
-        return Response(
-            payload,
-            media_type="application/octet-stream",
-            headers={HEADER_LENGTH: str(header_len)},
-        )
+        headers = {} if header_len is None else {HEADER_LENGTH: str(header_len)}
+        media = "application/json" if header_len is None else "application/octet-stream"
+        return _response(payload, media, headers)
     except ServeError as exc:
         status = exc.status_code
-        return error_response(status, str(exc))
+        return error_response(status, str(exc), exc.headers or None)
     except BaseException:
-        status = 499  # client went away (cancelled) or an unexpected error
+        status = 499  # cancelled (the server is stopping) or an unexpected error
         raise
     finally:
         if expected is not None:
@@ -156,6 +201,25 @@ async def handle_infer(
         metrics.requests.labels(*labels, str(status)).inc()
         if labels[0] != "unknown":
             metrics.latency.labels(*labels).observe(time.perf_counter() - start)
+
+
+def _response(payload: bytes, media_type: str, headers: dict[str, str]) -> Response:
+    """A 200 response; large payloads leave in :data:`SEND_SLICE` slices.
+
+    One ``send`` of tens of MiB would copy the whole payload on the event loop
+    (h11 framing, then the transport's buffer); slices copy 1 MiB at a time and
+    wait for the socket to drain between them.
+    """
+    if len(payload) <= SEND_SLICE:
+        return Response(payload, media_type=media_type, headers=headers)
+    view = memoryview(payload)
+
+    async def slices():
+        for i in range(0, len(view), SEND_SLICE):
+            yield view[i : i + SEND_SLICE]
+
+    headers = {**headers, "Content-Length": str(len(payload))}
+    return StreamingResponse(slices(), media_type=media_type, headers=headers)
 
 
 async def _run(batcher: DynamicBatcher, model: ServedModel, inputs: dict, rows: int | None) -> dict:

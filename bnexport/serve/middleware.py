@@ -1,30 +1,45 @@
-"""ASGI middleware in front of the app: bearer-token auth, body-size limit, access log.
+"""ASGI middleware in front of the app: framing checks, auth, admission, body limits, access log.
 
 Written as plain ASGI (no ``BaseHTTPMiddleware``) so it adds microseconds, not
-a task per request.
+a task per request. In order, for every HTTP request:
 
-- Auth: when a token is set, every path except ``/v2/health/*`` needs
-  ``Authorization: Bearer <token>`` (compared in constant time); else 401 with a
-  KServe error body and ``WWW-Authenticate: Bearer``. Health stays open for
-  Kubernetes probes.
-- Body limit: a ``Content-Length`` above the limit is answered 413 before the
-  body is read; a body without one (chunked) is counted while it streams, and
-  :class:`~bnexport.serve.errors.PayloadTooLargeError` is raised from ``receive``
-  (the app turns it into 413).
-- Access log: one JSON line per request (see :mod:`bnexport.serve.logs`).
+1. Framing: a ``Content-Length`` that is not a non-negative integer, or a request
+   with both ``Content-Length`` and ``Transfer-Encoding`` (request smuggling
+   territory, RFC 9112 §6.3), is answered 400 at once and the connection closes.
+2. Auth: when a token is set, every path except ``/v2/health/*`` needs
+   ``Authorization: Bearer <token>``: the scheme is case-insensitive (RFC 9110
+   §11.1), the token is compared in constant time; else 401 with a KServe error
+   body and ``WWW-Authenticate: Bearer``. Health stays open for Kubernetes probes.
+3. Body limit: a ``Content-Length`` above the limit is answered 413 before the
+   body is read; a body without one (chunked) is counted while it streams, and
+   :class:`~bnexport.serve.errors.PayloadTooLargeError` is raised from ``receive``.
+4. Admission: a request with a body waits for room under the in-flight bound
+   (:mod:`bnexport.serve.admission`); no room in time: 503 + ``Retry-After``.
+5. Body timeout: the whole body must arrive within ``body_timeout_s`` of the
+   first read, else :class:`~bnexport.serve.errors.RequestTimeoutError` (408,
+   the connection closes). uvicorn has header and keep-alive timeouts but none
+   for the body: a client sending one byte a minute would hold its slot forever.
+6. Access log: one JSON line per request (see :mod:`bnexport.serve.logs`). A
+   client that disconnects before its request is read is logged once with
+   status 499, without a traceback.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
 import time
 from typing import Any
 
-from bnexport.serve.errors import PayloadTooLargeError
+from starlette.requests import ClientDisconnect
+
+from bnexport.serve.admission import Admission
+from bnexport.serve.errors import PayloadTooLargeError, RequestTimeoutError, ServeError
 
 Scope = dict[str, Any]
+_CLOSE = (b"connection", b"close")
 
 
 async def send_error(send: Any, status: int, message: str, headers: list | None = None) -> None:
@@ -45,19 +60,32 @@ async def send_error(send: Any, status: int, message: str, headers: list | None 
 
 
 class GuardMiddleware:
-    """Auth, body-size limit and access log around an ASGI app.
+    """Framing checks, auth, admission, body limits and access log around an ASGI app.
 
     Args:
         app: the wrapped ASGI app.
         token: bearer token, or ``None`` for no auth.
         max_body_bytes: largest accepted request body.
         logger: access logger (``INFO`` records).
+        admission: in-flight bound for requests with a body (``None``: unbounded).
+        body_timeout_s: time allowed to receive a whole request body (``None``: no limit).
     """
 
-    def __init__(self, app: Any, *, token: str | None, max_body_bytes: int, logger: logging.Logger):
+    def __init__(
+        self,
+        app: Any,
+        *,
+        token: str | None,
+        max_body_bytes: int,
+        logger: logging.Logger,
+        admission: Admission | None = None,
+        body_timeout_s: float | None = None,
+    ):
         self.app = app
-        self._token = f"Bearer {token}".encode() if token else None
+        self._token = token.encode() if token else None
         self.max_body_bytes = int(max_body_bytes)
+        self.admission = admission
+        self.body_timeout_s = body_timeout_s
         self._logger = logger
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:  # noqa: D102
@@ -65,36 +93,58 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        status = [0]
+        info: dict[str, Any] = {"status": 0}
 
         async def send_tracked(message: dict) -> None:
             if message["type"] == "http.response.start":
-                status[0] = message["status"]
+                info["status"] = message["status"]
             await send(message)
 
         try:
-            await self._guarded(scope, receive, send_tracked)
+            await self._guarded(scope, receive, send_tracked, info)
+        except ClientDisconnect:  # an endpoint read a body the client gave up sending
+            info["status"] = 499
+            info["error"] = "client disconnected before the request body was read"
         finally:
             if self._logger.isEnabledFor(logging.INFO):
-                client = scope.get("client")
-                self._logger.info(
-                    "request",
-                    extra={
-                        "fields": {
-                            "method": scope.get("method"),
-                            "path": scope.get("path"),
-                            "status": status[0],
-                            "ms": round((time.perf_counter() - start) * 1000, 3),
-                            "client": f"{client[0]}:{client[1]}" if client else None,
-                        }
-                    },
-                )
+                self._access_log(scope, info, start)
 
-    async def _guarded(self, scope: Scope, receive: Any, send: Any) -> None:
-        headers = dict(scope.get("headers") or [])
+    def _access_log(self, scope: Scope, info: dict, start: float) -> None:
+        client = scope.get("client")
+        fields = {
+            "method": scope.get("method"),
+            "path": scope.get("path"),
+            "status": info["status"],
+            "ms": round((time.perf_counter() - start) * 1000, 3),
+            "client": f"{client[0]}:{client[1]}" if client else None,
+        }
+        if "error" in info:
+            fields["error"] = info["error"]
+        self._logger.info("request", extra={"fields": fields})
+
+    async def _guarded(self, scope: Scope, receive: Any, send: Any, info: dict) -> None:
+        headers = scope.get("headers") or []
+        lengths = [v for k, v in headers if k == b"content-length"]
+        chunked = any(k == b"transfer-encoding" for k, _ in headers)
+        if lengths and chunked:
+            await send_error(
+                send, 400, "request has both Content-Length and Transfer-Encoding", [_CLOSE]
+            )
+            return
+        n = None
+        if lengths:
+            n = _content_length(lengths)
+            if n is None:
+                await send_error(
+                    send,
+                    400,
+                    "Content-Length must be one non-negative integer. Received: "
+                    + ", ".join(repr(v.decode("latin-1")) for v in lengths),
+                    [_CLOSE],
+                )
+                return
         if self._token is not None and not scope["path"].startswith("/v2/health/"):
-            given = headers.get(b"authorization", b"")
-            if not hmac.compare_digest(given, self._token):
+            if not self._authorized(headers):
                 await send_error(
                     send,
                     401,
@@ -102,30 +152,68 @@ class GuardMiddleware:
                     [(b"www-authenticate", b"Bearer")],
                 )
                 return
-        length = headers.get(b"content-length")
-        if length is not None:
-            try:
-                n = int(length)
-            except ValueError:
-                await send_error(send, 400, "Content-Length is not an integer")
-                return
-            if n > self.max_body_bytes:
-                await send_error(send, 413, self._too_large(n))
-                return
+        if n is not None and n > self.max_body_bytes:
+            await send_error(send, 413, self._too_large(n), [_CLOSE])
+            return
+        if not chunked and not n:  # no body: health, metadata, metrics, ...
             await self.app(scope, receive, send)
             return
-        seen = 0
+        encoded = any(
+            k == b"content-encoding" and v.strip().lower() not in (b"", b"identity")
+            for k, v in headers
+        )
+        # what the body may cost once read; unknown up front when chunked or compressed
+        cost = self.max_body_bytes if (chunked or encoded or n is None) else n
+        body_receive = self._body_receive(receive, info)
+        if self.admission is None:
+            await self.app(scope, body_receive, send)
+            return
+        try:
+            async with self.admission.admit(cost):
+                await self.app(scope, body_receive, send)
+        except ServeError as exc:  # only OverloadedError comes from admit() itself
+            if info["status"]:
+                raise
+            extra = [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
+            await send_error(send, exc.status_code, str(exc), [*extra, _CLOSE])
 
-        async def counted_receive() -> dict:
-            nonlocal seen
-            message = await receive()
+    def _authorized(self, headers: list) -> bool:
+        given = next((v for k, v in headers if k == b"authorization"), b"")
+        scheme, _, credentials = given.strip().partition(b" ")
+        ok_scheme = scheme.lower() == b"bearer"
+        ok_token = hmac.compare_digest(credentials.strip(), self._token or b"")
+        return ok_scheme and ok_token
+
+    def _body_receive(self, receive: Any, info: dict) -> Any:
+        """``receive`` that counts body bytes against the limit and enforces the body timeout."""
+        seen = 0
+        deadline: float | None = None
+        timeout = self.body_timeout_s
+        loop = asyncio.get_running_loop()
+
+        async def body_receive() -> dict:
+            nonlocal seen, deadline
+            if timeout is None:
+                message = await receive()
+            else:
+                if deadline is None:
+                    deadline = loop.time() + timeout
+                try:
+                    message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+                except asyncio.TimeoutError:
+                    raise RequestTimeoutError(
+                        f"request body not received within {timeout:g} s "
+                        f"({seen} bytes arrived; bnexport serve --body-timeout-s)"
+                    ) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_body_bytes:
                     raise PayloadTooLargeError(self._too_large(seen, at_least=True))
+            elif message["type"] == "http.disconnect":
+                info["error"] = f"client disconnected after {seen} body bytes"
             return message
 
-        await self.app(scope, counted_receive, send)
+        return body_receive
 
     def _too_large(self, n: int, at_least: bool = False) -> str:
         more = "more than " if at_least else ""
@@ -133,3 +221,13 @@ class GuardMiddleware:
             f"request body of {more}{n} bytes is over the limit of {self.max_body_bytes} bytes "
             "(bnexport serve --max-body-mb)"
         )
+
+
+def _content_length(values: list[bytes]) -> int | None:
+    """The one Content-Length of a request, or ``None`` when malformed or contradictory."""
+    if len(set(values)) != 1:
+        return None
+    raw = values[0].strip()
+    if not raw.isdigit() or len(raw) > 18:
+        return None
+    return int(raw)
