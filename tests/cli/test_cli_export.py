@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import json
 
+import keras
 import numpy as np
 import onnx
 import pytest
-
-keras = pytest.importorskip("keras")
-pytest.importorskip("tensorflow")
-pytest.importorskip("tf2onnx")
 
 from bnexport.cli.main import main  # noqa: E402
 

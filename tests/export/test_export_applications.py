@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
+import keras
 import pytest
-
-keras = pytest.importorskip("keras")
-pytest.importorskip("tensorflow")
-pytest.importorskip("tf2onnx")
-
 from export_models import (  # noqa: E402
     assert_matches_keras,
     bn_derived_nodes,

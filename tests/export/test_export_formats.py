@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import onnx
 import pytest
-
-keras = pytest.importorskip("keras")
-tf = pytest.importorskip("tensorflow")
-pytest.importorskip("tf2onnx")
-
+import tensorflow as tf
 from export_models import (  # noqa: E402
     TOL,
     assert_matches_keras,
@@ -24,7 +21,7 @@ import bnexport  # noqa: E402
 
 
 def _tf_keras_model():
-    tf_keras = pytest.importorskip("tf_keras")
+    import tf_keras  # the [legacy] extra, part of [test]
     tl = tf_keras.layers
     inp = tf_keras.Input((10, 10, 3), name="image")
     x = tl.Conv2D(6, 3, name="conv")(inp)

@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import json
 
+import keras
 import numpy as np
 import onnx
 import pytest
-
-keras = pytest.importorskip("keras")
-tf = pytest.importorskip("tensorflow")
-pytest.importorskip("tf2onnx")
-
+import tensorflow as tf
 from export_models import (  # noqa: E402
     assert_matches_keras,
     bn_derived_nodes,
@@ -171,7 +168,7 @@ def test_bn_with_two_consumers_and_bn_on_input(tmp_path):
 
 
 def test_bnexport_batch_normalization_layer(tmp_path):
-    layers_mod = pytest.importorskip("bnexport.layers.batch_normalization")
+    import bnexport.layers.batch_normalization as layers_mod
     inp = keras.Input((8, 8, 3), name="image")
     x = L.Conv2D(4, 3, name="c")(inp)
     x = layers_mod.BatchNormalization(name="ours")(x)
