@@ -274,3 +274,24 @@ def test_two_stacked_bns_merge_and_each_gets_a_record():
         ("bn_b", "folded_forward", "conv"),
     ]
     assert_same_outputs(model, folded, {"x": _x(rng, (2, 3, 6, 6), np.float32)})
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layer_scale_after_matmul_folds_without_a_zero_bias(dtype):
+    """A per-channel Mul (no shift) folds into W alone: no Gemm, no bias Add of zeros."""
+    rng = np.random.default_rng(12)
+    inits = {"W": rng.normal(0, 0.5, (5, 6)), "s": rng.uniform(0.5, 2.0, 6)}
+    model = build(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        g (T[N,5] x) => (T[N,6] y) {
+          h = MatMul(x, W)
+          y = Mul(h, s)
+        }""",
+        inits,
+        dtype,
+    )
+    folded, records = fold_batchnorm_with_report(model)
+    assert op_counts(folded) == {"MatMul": 1}
+    assert [r.action for r in records] == ["folded_forward"]
+    assert len(folded.graph.initializer) == 1
+    assert_same_outputs(model, folded, {"x": _x(rng, (4, 5), dtype)}, dtype)

@@ -179,3 +179,18 @@ def test_reshape_that_splits_the_channel_axis_stays():
     inits = {"shape": np.array([2, 2, 3], np.int64), "s": rng.uniform(1, 2, 3), "b": np.ones(3)}
     model = _named(build(text, inits), "reshape", "bn_mul", "bn_add")
     assert sink_layout_ops(model, BN) is model
+
+
+def test_chain_left_for_want_of_shapes_is_logged(caplog):
+    rng = np.random.default_rng(6)
+    inits = {
+        "W": rng.normal(0, 1, (4, 3, 1, 3)),
+        "axes": np.array([1], np.int64),
+        "s": rng.uniform(0.5, 2.0, 4),
+        "b": rng.normal(0, 1, 4),
+    }
+    model = _named(build(CONV1D, inits), "conv", "to_nwc", "squeeze", "bn_mul", "bn_add")
+    model.graph.input[0].type.tensor_type.ClearField("shape")  # nothing can be inferred
+    with caplog.at_level("WARNING", logger="bnexport.export.passes.layout"):
+        assert sink_layout_ops(model, BN) is model
+    assert "Squeeze 'squeeze': shapes unknown, the BN chain after it stays" in caplog.text
