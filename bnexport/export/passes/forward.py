@@ -32,13 +32,13 @@ from bnexport.export.passes.graph_utils import (
     const_array,
     rank_of,
     single_consumer,
+    take_over,
     transpose_perm,
 )
 from bnexport.export.passes.rewrite import (
     WeightFold,
     constant_weights,
     gemm_bias,
-    take_over,
     write_weight_fold,
 )
 

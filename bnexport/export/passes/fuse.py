@@ -38,9 +38,9 @@ from bnexport.export.passes.graph_utils import (
     attr_float,
     const_array,
     single_consumer,
+    take_over,
 )
 from bnexport.export.passes.islands import cast_folded, run_in_float32, storage_dtype
-from bnexport.export.passes.rewrite import take_over
 
 
 @dataclasses.dataclass

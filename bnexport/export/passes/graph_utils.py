@@ -1,4 +1,4 @@
-"""Small onnx-ir helpers shared by the folding passes (constants, uses, names, dtypes)."""
+"""Small onnx-ir helpers shared by the passes: constants, uses, names, dtypes, rewiring."""
 
 from __future__ import annotations
 
@@ -125,6 +125,27 @@ def add_initializer(graph: ir.Graph, namer: Namer, array: np.ndarray, base: str)
 def np_dtype(dtype: ir.DataType) -> np.dtype:
     """NumPy dtype of an ONNX float type."""
     return np.dtype(dtype.numpy())
+
+
+def take_over(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
+    """Let ``new`` replace ``old`` everywhere (graph outputs too) and inherit its name.
+
+    ``old``'s producer is removed once none of its outputs is used any more; ``new`` is
+    renamed, so nothing may depend on its previous name.
+    """
+    name = old.name
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+    producer = old.producer()
+    if (
+        producer is not None
+        and producer.graph is graph
+        and not any(v.uses() or v.is_graph_output() for v in producer.outputs)
+    ):
+        graph.remove(producer, safe=True)
+    old.name = None
+    new.name = name
+    if old.shape is not None and new.shape is None:
+        new.shape = old.shape
 
 
 def append_to(

@@ -42,8 +42,8 @@ from bnexport.export.passes.graph_utils import (
     rank_of,
     single_consumer,
     static_dim,
+    take_over,
 )
-from bnexport.export.passes.rewrite import take_over
 
 _ELEMENTWISE = ("Mul", "Add", "Sub", "Div")
 _BN_FIELDS = ("scale", "B", "input_mean", "input_var")

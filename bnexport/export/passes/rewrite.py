@@ -1,4 +1,4 @@
-"""Graph edits shared by the fold rules: bypass a placeholder, a MatMul bias, folded weights."""
+"""Graph edits shared by the fold rules: constant weights, a MatMul bias, folded weights."""
 
 from __future__ import annotations
 
@@ -15,29 +15,9 @@ from bnexport.export.passes.graph_utils import (
     attr_float,
     const_array,
     single_consumer,
+    take_over,
 )
 from bnexport.export.passes.islands import cast_folded, run_in_float32, storage_dtype
-
-
-def take_over(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
-    """Let ``new`` replace ``old`` everywhere (graph outputs too) and inherit its name.
-
-    ``old``'s producer is removed once none of its outputs is used any more; ``new`` is
-    renamed, so nothing may depend on its previous name.
-    """
-    name = old.name
-    old.replace_all_uses_with(new, replace_graph_outputs=True)
-    producer = old.producer()
-    if (
-        producer is not None
-        and producer.graph is graph
-        and not any(v.uses() or v.is_graph_output() for v in producer.outputs)
-    ):
-        graph.remove(producer, safe=True)
-    old.name = None
-    new.name = name
-    if old.shape is not None and new.shape is None:
-        new.shape = old.shape
 
 
 def attach_bias(
