@@ -1,5 +1,15 @@
 """Export benchmark: plain tf2onnx vs ORT's optimizer vs onnxslim vs bnexport, side by side.
 
+Two modes:
+
+* default — graph quality: BN nodes left, node count, ORT latency, error (below);
+* ``--speed`` — export *time*: ``bnexport.export`` (with verification) against Keras 3's
+  own ``Model.export(format="onnx")`` on the same model, interleaved round by round
+  (order alternating) so load on a shared machine hits both alike; median of
+  ``--rounds``; bnexport's per-stage times (median per stage); the ratio of the medians;
+  and, as a check that both did the same job, the BN-derived nodes each graph leaves and
+  each graph's max abs error against Keras on one fixed batch.
+
 For each model (224x224, weights=None, BN statistics randomized with a fixed seed so
 that folding matters), one run produces:
 
@@ -20,6 +30,7 @@ across the variants), and the max abs error vs Keras
 Usage::
 
     python benchmarks/export_bench.py [--quick] [--models a,b] [--runs N] [--json out.json]
+    python benchmarks/export_bench.py --speed [--size 96] [--rounds 3] [--json out.json]
 """
 
 from __future__ import annotations
@@ -41,12 +52,16 @@ import numpy as np  # noqa: E402
 
 MODELS = ("ResNet50", "ResNet50V2", "MobileNetV2", "DenseNet121", "EfficientNetB0", "MLP")
 QUICK = ("MobileNetV2", "MLP")
+SPEED_MODELS = ("ResNet50", "MobileNetV2", "DenseNet121", "EfficientNetB0")
+#: export-time target of the issue: bnexport <= 0.4x Keras's Model.export(format="onnx")
+SPEED_TARGET = 0.4
+STAGES = ("load", "trace", "freeze", "convert", "fold", "layer_map", "check", "verify", "write")
 #: latency ratio still counted as "equal" (PASS~): run-to-run spread of the same graph
 #: on a shared 2-core machine is a few percent
 NOISE = 1.03
 
 
-def build(name: str):
+def build(name: str, size: int = 224):
     import keras
 
     if name == "MLP":
@@ -60,7 +75,7 @@ def build(name: str):
         model = keras.Model(inp, out, name="mlp")
     else:
         ctor = getattr(keras.applications, name)
-        model = ctor(weights=None, input_shape=(224, 224, 3), classifier_activation=None)
+        model = ctor(weights=None, input_shape=(size, size, 3), classifier_activation=None)
     rng = np.random.default_rng(0)
     for layer in model._flatten_layers(include_self=False, recursive=True):  # noqa: SLF001
         if isinstance(layer, keras.layers.BatchNormalization):
@@ -309,13 +324,129 @@ def check_targets(rows: list[dict]) -> list[str]:
     return lines
 
 
+def speed_model(name: str, size: int, rounds: int, workdir: Path) -> dict:
+    """Export ``name`` ``rounds`` times with each exporter, interleaved; one result row."""
+    import onnx
+
+    import bnexport
+
+    model = build(name, size)
+    x = np.random.default_rng(1).uniform(-1, 1, (2, size, size, 3)).astype(np.float32)
+    ref = np.asarray(model(x, training=False), np.float64)
+    keras_path, ours_path = workdir / f"{name}_keras.onnx", workdir / f"{name}_ours.onnx"
+    keras_s: list[float] = []
+    ours_s: list[float] = []
+    stages: dict[str, list[float]] = {k: [] for k in STAGES}
+    report = None
+
+    def run_keras() -> None:
+        t = time.perf_counter()
+        model.export(str(keras_path), format="onnx", verbose=False)
+        keras_s.append(time.perf_counter() - t)
+
+    def run_ours() -> None:
+        nonlocal report
+        t = time.perf_counter()
+        report = bnexport.export(model, ours_path)  # verification included
+        ours_s.append(time.perf_counter() - t)
+        for k in STAGES:
+            stages[k].append(report.timings.get(k, 0.0))
+
+    for r in range(rounds):
+        for fn in (run_keras, run_ours) if r % 2 == 0 else (run_ours, run_keras):
+            fn()
+    errors = {}
+    nodes = {}
+    for label, path in (("keras", keras_path), ("bnexport", ours_path)):
+        graph = onnx.load(str(path))
+        out = np.asarray(run_outputs(str(path), {graph.graph.input[0].name: x}), np.float64)
+        errors[label] = float(np.max(np.abs(out - ref)))
+        nodes[label] = bn_derived(graph)
+    keras_med, ours_med = statistics.median(keras_s), statistics.median(ours_s)
+    return {
+        "model": name,
+        "size": size,
+        "rounds": rounds,
+        "keras_export_s": round(keras_med, 3),
+        "bnexport_s": round(ours_med, 3),
+        "ratio": round(ours_med / keras_med, 3),
+        "stages_s": {k: round(statistics.median(v), 3) for k, v in stages.items()},
+        "bn_nodes": nodes,
+        "max_abs_err": errors,
+        "summary": report.summary if report else {},
+    }
+
+
+def print_speed(rows: list[dict]) -> None:
+    header = (
+        f"{'model':<15}{'keras s':>9}{'ours s':>8}{'ratio':>7}  "
+        + "".join(f"{k:>10}" for k in STAGES)
+        + f"{'BN nodes k/ours':>17}{'err keras':>11}{'err ours':>10}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        st = r["stages_s"]
+        print(
+            f"{r['model']:<15}{r['keras_export_s']:>9.2f}{r['bnexport_s']:>8.2f}"
+            f"{r['ratio']:>7.2f}  "
+            + "".join(f"{st[k]:>10.2f}" for k in STAGES)
+            + f"{r['bn_nodes']['keras']:>10}/{r['bn_nodes']['bnexport']:<6}"
+            + f"{r['max_abs_err']['keras']:>11.1e}{r['max_abs_err']['bnexport']:>10.1e}"
+        )
+    if rows:
+        geo = float(np.exp(np.mean([np.log(r["ratio"]) for r in rows])))
+        worst = max(r["ratio"] for r in rows)
+        verdict = "PASS" if worst <= SPEED_TARGET else "FAIL"
+        print(
+            f"{verdict}: export time ratio bnexport/keras geomean {geo:.2f}, worst {worst:.2f} "
+            f"(target <= {SPEED_TARGET})"
+        )
+
+
+def speed_main(args: argparse.Namespace) -> int:
+    models = args.models.split(",") if args.models else list(SPEED_MODELS)
+    import keras
+    import tensorflow as tf
+    import tf2onnx
+
+    print(
+        f"export time: tf {tf.__version__}, keras {keras.__version__}, tf2onnx "
+        f"{tf2onnx.__version__}; {args.size}x{args.size}, weights=None, median of "
+        f"{args.rounds} interleaved rounds; bnexport includes verification"
+    )
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in models:
+            try:
+                row = speed_model(name, args.size, args.rounds, Path(tmp))
+            except Exception as exc:  # noqa: BLE001 - report and go on with the others
+                print(f"[{name}] failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+                continue
+            rows.append(row)
+            print_speed([row])
+            sys.stdout.flush()
+    print("\nall models:")
+    print_speed(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"mode": "speed", "rows": rows}, indent=2) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", help=f"comma-separated subset of {','.join(MODELS)}")
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}, fewer runs")
     parser.add_argument("--runs", type=int, default=None, help="latency runs (median)")
     parser.add_argument("--json", metavar="PATH", help="write the rows as JSON")
+    parser.add_argument(
+        "--speed", action="store_true", help="export time vs Keras's Model.export(format='onnx')"
+    )
+    parser.add_argument("--size", type=int, default=96, help="--speed: input size (default 96)")
+    parser.add_argument("--rounds", type=int, default=3, help="--speed: rounds (median)")
     args = parser.parse_args(argv)
+    if args.speed:
+        return speed_main(args)
     models = args.models.split(",") if args.models else list(QUICK if args.quick else MODELS)
     unknown = set(models) - set(MODELS)
     if unknown:

@@ -27,6 +27,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import numpy as np
+
 from bnexport.export.report import FoldRecord
 
 LAYER_OUTPUTS_KEY = "bnexport.layer_outputs"
@@ -55,19 +57,62 @@ def _inverse(perm: list[int]) -> list[int]:
     return inv
 
 
-def tensor_layouts(model: Any) -> dict[str, list[int] | None]:
-    """``{tensor: q}`` with ``onnx_tensor = keras_tensor.transpose(q)``; ``None`` if unknown."""
+def _light_copy(model: Any, max_elements: int = 4096) -> Any:
+    """A copy of ``model`` for shape inference, large weights declared but not copied.
+
+    Shape inference needs the *values* of small constants only (``Reshape`` shapes,
+    ``Slice`` bounds); a weight tensor matters by its shape. Initializers with more than
+    ``max_elements`` elements become graph inputs of the same type and shape, so
+    inference does not serialize the weights (100 MB for ResNet50) each time.
+    """
     import onnx
 
-    ranks: dict[str, int] = {}
+    light = onnx.ModelProto(ir_version=model.ir_version)
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    graph = light.graph
+    graph.node.extend(model.graph.node)
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
+    graph.value_info.extend(model.graph.value_info)
+    names = {i.name for i in model.graph.input}
+    for init in model.graph.initializer:
+        if int(np.prod(init.dims)) <= max_elements:
+            graph.initializer.append(init)
+        elif init.name not in names:
+            graph.input.append(
+                onnx.helper.make_tensor_value_info(init.name, init.data_type, init.dims)
+            )
+    return light
+
+
+def inferred_shapes(model: Any) -> dict[str, list[int | None]]:
+    """``{tensor: shape}`` from ONNX shape inference (lenient); ``{}`` if inference fails."""
+    import onnx
+
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-        infos = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
-    except Exception:  # noqa: BLE001 - custom ops: fall back to no ranks
-        infos = []
-    for info in infos:
+        inferred = onnx.shape_inference.infer_shapes(_light_copy(model), strict_mode=False)
+    except Exception:  # noqa: BLE001 - custom ops / odd graphs: no shapes, callers degrade
+        return {}
+    shapes: dict[str, list[int | None]] = {}
+    for info in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
         if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
-            ranks[info.name] = len(info.type.tensor_type.shape.dim)
+            shapes[info.name] = [
+                d.dim_value if d.HasField("dim_value") else None
+                for d in info.type.tensor_type.shape.dim
+            ]
+    return shapes
+
+
+def tensor_layouts(
+    model: Any, shapes: dict[str, list[int | None]] | None = None
+) -> dict[str, list[int] | None]:
+    """``{tensor: q}`` with ``onnx_tensor = keras_tensor.transpose(q)``; ``None`` if unknown.
+
+    ``shapes`` is :func:`inferred_shapes` of ``model`` when the caller has it.
+    """
+    shapes = inferred_shapes(model) if shapes is None else shapes
+    ranks = {name: len(shape) for name, shape in shapes.items()}
     layouts: dict[str, list[int] | None] = {}
     for inp in model.graph.input:
         rank = ranks.get(inp.name)
@@ -91,23 +136,6 @@ def tensor_layouts(model: Any) -> dict[str, list[int] | None]:
                 q = None
             layouts[out] = q
     return layouts
-
-
-def _shapes(model: Any) -> dict[str, list[int | None]]:
-    import onnx
-
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    except Exception:  # noqa: BLE001
-        return {}
-    shapes: dict[str, list[int | None]] = {}
-    for info in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
-        if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
-            shapes[info.name] = [
-                d.dim_value if d.HasField("dim_value") else None
-                for d in info.type.tensor_type.shape.dim
-            ]
-    return shapes
 
 
 def _perm_from_shape(
@@ -153,8 +181,8 @@ def layer_outputs(
     produced = {out for node in model.graph.node for out in node.output}
     produced.update(i.name for i in model.graph.input)
     backward = {r.name for r in records if r.action == "folded_backward"}
-    layouts = tensor_layouts(model)
-    shapes = _shapes(model)
+    shapes = inferred_shapes(model)
+    layouts = tensor_layouts(model, shapes)
     mapping: dict[str, str] = {}
     perms: dict[str, list[int]] = {}
     candidates = {**input_names, **layer_tensors}
