@@ -20,6 +20,13 @@ The digits model is also timed sequentially (one client) against an in-process
 ``Session.run`` of the same input: the difference of medians is the server's
 per-request overhead (HTTP, JSON header, binary tensors, batcher handoff).
 
+Section ``peers`` (see ``serve_peer.py``): bnexport over HTTP (binary and JSON
+tensors) and gRPC against MLServer 1.7.1 (HTTP JSON and gRPC) serving the same
+ONNX through ``benchmarks/mlserver_runtime/`` with adaptive batching, at 1 and
+32 concurrent clients, in interleaved rounds; req/s, p50, p99, and the
+per-request overhead over ``Session.run`` of every c=1 row. MLServer runs from
+``--peer-venv``; without it its rows are skipped with a message.
+
 Targets (issue 7): >= 3x throughput from batching at 32 clients on ResNet50,
 0 errors over 10,000 digits requests, RSS growth < 5 % after warm-up, overhead
 <= 1 ms per request on digits.
@@ -28,6 +35,8 @@ Example::
 
     python benchmarks/serve_bench.py --digits-requests 10000 --resnet-requests 320 \\
         --json benchmarks/results/serve.json
+    python benchmarks/serve_bench.py --sections peers --peer-venv /tmp/mlserver-venv \\
+        --json benchmarks/results/serve_peers.json
 """
 
 from __future__ import annotations
@@ -380,6 +389,62 @@ def _row(r: dict) -> str:
     )
 
 
+def peers(args: argparse.Namespace, models: list[str]) -> dict:
+    """The ``peers`` section: rows, bnexport/MLServer ratios, c=1 overheads (see serve_peer)."""
+    import onnx
+    import serve_peer
+
+    venv = Path(args.peer_venv) if args.peer_venv else None
+    concurrency = [int(c) for c in args.peer_concurrency.split(",")]
+    out: dict = {"rows": [], "skipped": serve_peer.peer_available(venv), "overhead_ms": []}
+    specs = []
+    if "digits" in models:
+        path, _ = digits_onnx(args.digits_onnx)
+        specs.append((path.stem, path, (8, 8, 1), args.peer_digits_requests, 200))
+    if "resnet50" in models:
+        specs.append(("resnet50", resnet50_onnx(), (224, 224, 3), args.peer_resnet_requests, 16))
+    for label, path, shape, n, warmup in specs:
+        g = onnx.load(str(path), load_external_data=False).graph
+        in_name, out_name = g.input[0].name, g.output[-1].name
+        floor = serve_peer.session_p50_ms(path, in_name, shape, 300 if n > 100 else 20)
+        rows = serve_peer.bench_peers(
+            label, path, in_name, out_name, shape, {c: max(n, 2 * c) for c in concurrency},
+            args.rounds, venv, SERVER_ARGS, warmup,
+        )  # fmt: skip
+        for r in rows:
+            if r["concurrency"] == 1:
+                out["overhead_ms"].append(
+                    {
+                        "model": label,
+                        "server": r["server"],
+                        "protocol": r["protocol"],
+                        "session_run_p50_ms": floor,
+                        "overhead_p50_ms": r["p50_ms"] - floor,
+                    }
+                )
+        out["rows"] += rows
+    out["ratios"] = serve_peer.ratios(out["rows"])
+    print("\nmodel      c    server    protocol       req/s     p50 ms     p99 ms  errors")
+    for r in out["rows"]:
+        print(
+            f"{r['model']:<10} {r['concurrency']:<4} {r['server']:<9} {r['protocol']:<10} "
+            f"{r['throughput_rps']:9.1f} {r['p50_ms']:10.2f} {r['p99_ms']:10.2f} {r['errors']:7d}"
+        )
+    print("\nbnexport / MLServer       c   req/s ratio  p50 ratio  p99 ratio")
+    for q in out["ratios"]:
+        print(
+            f"{q['model']:<10} {q['comparison']:<20} {q['concurrency']:<4} "
+            f"{q['throughput_ratio']:9.2f} {q['p50_ratio']:10.2f} {q['p99_ratio']:10.2f}"
+        )
+    print("\noverhead over Session.run at 1 client (p50)")
+    for o in out["overhead_ms"]:
+        print(
+            f"{o['model']:<10} {o['server']:<9} {o['protocol']:<10} "
+            f"{o['overhead_p50_ms']:8.3f} ms (Session.run {o['session_run_p50_ms']:.3f} ms)"
+        )
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="digits,resnet50", help="comma-separated")
@@ -394,13 +459,31 @@ def main() -> int:
     parser.add_argument(
         "--server-args", default="", help="extra `bnexport serve` arguments, space-separated"
     )
+    parser.add_argument(
+        "--sections",
+        default="overhead,batching,peers",
+        help="comma-separated: overhead (digits, 1 client vs Session.run), batching "
+        "(max_batch 1 vs 32), peers (HTTP/gRPC vs MLServer)",
+    )
+    parser.add_argument(
+        "--peer-venv",
+        default=os.environ.get("BNEXPORT_MLSERVER_VENV", "/tmp/mlserver-venv"),
+        help="venv with mlserver==1.7.1 and onnxruntime (default $BNEXPORT_MLSERVER_VENV or "
+        "/tmp/mlserver-venv); absent: MLServer rows are skipped",
+    )
+    parser.add_argument("--peer-concurrency", default="1,32", help="client counts of peers")
+    parser.add_argument("--peer-digits-requests", type=int, default=1000, help="per target")
+    parser.add_argument("--peer-resnet-requests", type=int, default=64, help="per target")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     SERVER_ARGS[:] = args.server_args.split()
     results_args = vars(args)
     models = args.models.split(",")
+    sections = set(args.sections.split(","))
     results: dict = {"runs": [], "cpu_count": os.cpu_count(), "args": results_args}
-    if "digits" in models:
+    if "peers" in sections:
+        results["peers"] = peers(args, models)
+    if "digits" in models and sections & {"overhead", "batching"}:
         path, source = digits_onnx(args.digits_onnx)
         results["digits_source"] = source
         print(f"digits model: {source}")
@@ -408,19 +491,22 @@ def main() -> int:
 
         g = onnx.load(str(path)).graph
         in_name, out_name = g.input[0].name, g.output[-1].name
-        ov = overhead(path, in_name, out_name, (8, 8, 1), args.overhead_requests)
-        results["overhead"] = ov
-        print(
-            f"overhead (1 client, {ov['requests']} req): Session.run p50 "
-            f"{ov['session_run_p50_ms']:.3f} ms, server round trip p50 "
-            f"{ov['server_roundtrip_p50_ms']:.3f} ms -> {ov['overhead_p50_ms']:.3f} ms/request "
-            f"(in-handler {ov['in_handler_overhead_mean_ms']:.3f} ms), errors {ov['errors']}"
-        )
-        results["runs"] += bench_model(
-            path.stem, path, in_name, out_name, (8, 8, 1), args.digits_requests,
-            args.concurrency, args.batch_timeout_ms, warmup=500, rounds=args.rounds,
-        )  # fmt: skip
-    if "resnet50" in models:
+        if "overhead" in sections:
+            ov = overhead(path, in_name, out_name, (8, 8, 1), args.overhead_requests)
+            results["overhead"] = ov
+            print(
+                f"overhead (1 client, {ov['requests']} req): Session.run p50 "
+                f"{ov['session_run_p50_ms']:.3f} ms, server round trip p50 "
+                f"{ov['server_roundtrip_p50_ms']:.3f} ms -> {ov['overhead_p50_ms']:.3f} "
+                f"ms/request (in-handler {ov['in_handler_overhead_mean_ms']:.3f} ms), "
+                f"errors {ov['errors']}"
+            )
+        if "batching" in sections:
+            results["runs"] += bench_model(
+                path.stem, path, in_name, out_name, (8, 8, 1), args.digits_requests,
+                args.concurrency, args.batch_timeout_ms, warmup=500, rounds=args.rounds,
+            )  # fmt: skip
+    if "resnet50" in models and "batching" in sections:
         path = resnet50_onnx()
         import onnx
 
@@ -444,7 +530,10 @@ def main() -> int:
     results["batching_speedup"] = {
         m: v[32] / v[1] for m, v in by_model.items() if 1 in v and 32 in v
     }
-    print("\nmodel      max_batch   req/s     p50 ms    p99 ms   errors  mean batch  RSS growth")
+    if results["runs"]:
+        print(
+            "\nmodel      max_batch   req/s     p50 ms    p99 ms   errors  mean batch  RSS growth"
+        )
     for r in results["runs"]:
         print(
             f"{r['model']:<10} {r['max_batch']:>9} {r['throughput_rps']:8.1f} {r['p50_ms']:9.2f} "
