@@ -142,7 +142,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.admission = admission
         self._token = token.encode() if token else None
         self._log = get_logger()
-        self._rpc_counter = getattr(state.metrics, "grpc_requests", None)
+        self._rpc_counter = state.metrics.grpc_requests
 
     # -- shared plumbing --------------------------------------------------------------------------
     def check_token(self, context: Any) -> None:
@@ -163,8 +163,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     def record(self, rpc: str, code: grpc.StatusCode, start: float, context: Any) -> None:
         """Access log line and RPC counter of one finished RPC."""
-        if self._rpc_counter is not None:
-            self._rpc_counter.labels(rpc, code.name).inc()
+        self._rpc_counter.labels(rpc, code.name).inc()
         if self._log.isEnabledFor(logging.INFO):
             self._log.info(
                 "request",
