@@ -12,12 +12,26 @@ from bnexport.serve.repository import ModelRepository
 
 
 @contextlib.contextmanager
-def running_server(app) -> Iterator[str]:
-    """Serve ``app`` on 127.0.0.1:<free port> in a thread; yield ``host:port``."""
+def running_server(app, *, header_timeout_s: float = 10.0, **config) -> Iterator[str]:
+    """Serve ``app`` on 127.0.0.1:<free port> in a thread; yield ``host:port``.
+
+    The server speaks through :class:`bnexport.serve.http11.GuardedH11Protocol`, as
+    ``bnexport serve`` does; ``config`` goes to ``uvicorn.Config``.
+    """
     import uvicorn
 
+    from bnexport.serve.http11 import protocol_class
+
     server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=0,
+            log_level="warning",
+            lifespan="on",
+            http=protocol_class(header_timeout_s),
+            **config,
+        )
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -104,3 +104,13 @@ def fixed_batch_model() -> onnx.ModelProto:
 
 def images(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).uniform(0, 1, (n, 8, 8, 1)).astype(np.float32)
+
+
+def log_model() -> onnx.ModelProto:
+    """y = log(x), x [N, 4] float32: log(0) = -inf, log(-1) = NaN (non-finite outputs)."""
+    return _model(
+        [helper.make_node("Log", ["x"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [],
+    )
