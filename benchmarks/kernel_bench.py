@@ -21,7 +21,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 
 import numpy as np
 
@@ -176,19 +175,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = ap.parse_args(argv)
 
-    from bnexport_plugins.fused_norm.gpu_runtime import FusedNormCuda, _driver, check, gpu_available
+    from bnexport_plugins.fused_norm.gpu_runtime import FusedNormCuda, gpu_unavailable_reason
 
-    if not gpu_available():
-        print(
-            "kernel_bench: needs a CUDA GPU (cuda-python found none); nothing measured.",
-            file=sys.stderr,
-        )
+    from bnexport.runtime.cuda_api import check, driver
+
+    reason = gpu_unavailable_reason()
+    if reason is not None:
+        print(f"kernel_bench: needs a CUDA GPU ({reason}); nothing measured.", file=sys.stderr)
         return 2
     rt = FusedNormCuda(0)
-    drv = _driver()
+    drv = driver()
     timer = _Timer(drv, check)
     k = rt.kernels
-    print(f"GPU: {rt.name} ({rt.arch}, {rt.num_sms} SMs); NVRTC {k.nvrtc_version}, {k.kind}")
+    print(
+        f"GPU: {rt.name} ({rt.arch}, {rt.num_sms} SMs), driver CUDA {rt.driver_version}; "
+        f"NVRTC {k.nvrtc_version}, {k.kind} for {k.arch}"
+    )
     cols = f"{'MiB':>5} {'dtype':>8} {'layout':>6} {'case':>18} {'ms':>9} {'GB/s':>8}"
     header = f"{cols} {'%copy':>6} {'xtorch':>7}"
     print(header)
@@ -208,18 +210,19 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 rows += new
     if args.json:
+        from bnexport.atomic_write import write_text_atomic
+
         doc = {
             "gpu": rt.name,
             "arch": rt.arch,
             "sms": rt.num_sms,
+            "driver_cuda": rt.driver_version,
             "nvrtc": list(rt.kernels.nvrtc_version),
+            "image": {"kind": rt.kernels.kind, "target": rt.kernels.arch},
             "results": rows,
         }
         path = os.path.abspath(args.json)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=1)
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(doc, indent=1))
         print(f"wrote {path}")
     return 0
 
