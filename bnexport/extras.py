@@ -34,22 +34,26 @@ EXTRA_OF_MODULE = {
 }
 
 
-def missing_extra_message(exc: ModuleNotFoundError) -> str | None:
-    """``"X is not installed (pip install 'bnexport[extra]')"``, or ``None`` for our modules.
-
-    A missing ``bnexport.*`` module is a broken install or a bug, never a missing extra.
-    """
+def _missing_and_hint(exc: ModuleNotFoundError) -> tuple[str, str] | None:
     missing = (exc.name or "").split(".")[0]
     if not missing or missing in ("bnexport", "bnexport_plugins"):
-        return None
+        return None  # a broken install or a bug, never a missing extra
     extra = EXTRA_OF_MODULE.get(missing)
-    hint = f"pip install 'bnexport[{extra}]'" if extra else f"pip install {missing}"
-    return f"{missing} is not installed ({hint})"
+    return missing, f"pip install 'bnexport[{extra}]'" if extra else f"pip install {missing}"
+
+
+def missing_extra_message(exc: ModuleNotFoundError) -> str | None:
+    """``"X is not installed (pip install 'bnexport[extra]')"``, or ``None`` for our modules."""
+    found = _missing_and_hint(exc)
+    return None if found is None else f"{found[0]} is not installed ({found[1]})"
 
 
 def missing_extra_error(exc: ModuleNotFoundError, feature: str) -> MissingExtraError | None:
-    """A :class:`MissingExtraError` saying that ``feature`` needs the missing module's extra."""
-    message = missing_extra_message(exc)
-    if message is None:
+    """``"<feature> needs X, which is not installed (pip install ...)"``, or ``None``."""
+    found = _missing_and_hint(exc)
+    if found is None:
         return None
-    return MissingExtraError(f"{feature} needs {message}", name=exc.name)
+    missing, hint = found
+    return MissingExtraError(
+        f"{feature} needs {missing}, which is not installed ({hint})", name=exc.name
+    )
