@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 
 _TOLERANCE_HELP = (
-    "default by precision: fp32 rtol 1e-3 / atol 1e-4, fp16 1e-2 / 1e-2 "
-    "(pass criterion |onnx - keras| <= atol + rtol*|keras| for every element)"
+    "default by precision (bnexport.tolerance): fp32 rtol 1e-4 / atol 1e-4, fp16 2e-2 / 2e-2 "
+    "(pass criterion |onnx - keras| <= atol + rtol*|keras| for every element); INT8 (QDQ) "
+    "graphs pass on top-1 agreement (--min-top1) and cosine >= 0.99 instead"
 )
 
 
@@ -35,11 +36,17 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--inputs", help="data.npz (one array per input) or x.npy")
-    src.add_argument("--samples", type=int, help="random N(0,1) samples (default 8)")
+    src.add_argument(
+        "--samples",
+        type=int,
+        help="generated samples (default 8; images uniform in [-1, 1), other floats N(0,1))",
+    )
     parser.add_argument(
         "--per-layer",
         action="store_true",
-        help="also compare every layer mapped to an ONNX tensor; name the first divergence",
+        help="also compare every layer mapped to an ONNX tensor; name the first divergence "
+        "(INT8 graphs: rank the layers by the error they add, with the ONNX nodes to "
+        "pass to bnexport quantize --exclude)",
     )
     parser.add_argument(
         "--training-mode",
@@ -50,12 +57,18 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--atol", type=float, help="absolute tolerance (see --rtol)")
     parser.add_argument(
         "--check",
-        choices=("elementwise", "max", "mean", "quantile"),
-        default="elementwise",
-        help="pass criterion (default elementwise)",
+        choices=("elementwise", "max", "mean", "quantile", "agreement"),
+        default=None,
+        help="pass criterion (default: agreement for INT8 graphs, elementwise otherwise)",
     )
     parser.add_argument(
         "--precision", choices=("fp32", "fp16"), default="fp32", help="TensorRT precision"
+    )
+    parser.add_argument(
+        "--min-top1",
+        type=float,
+        metavar="FRACTION",
+        help="INT8 graphs: top-1 agreement with Keras needed on class-score outputs (default 0.99)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random samples")
     parser.add_argument(
@@ -83,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
             "--backend takes onnxruntime and/or tensorrt, comma-separated. "
             f"Received: {args.backend}"
         )
+    if args.min_top1 is not None and not 0.0 <= args.min_top1 <= 1.0:
+        raise UsageError(f"--min-top1 must be in [0, 1]. Received: --min-top1={args.min_top1}")
     if args.samples is not None and args.samples < 1:
         raise UsageError(f"--samples must be >= 1. Received: --samples={args.samples}")
     for flag in ("rtol", "atol"):
@@ -118,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
         rtol=args.rtol,
         atol=args.atol,
         check=args.check,
+        min_top1=args.min_top1,
         precision=args.precision,
         training_mode=args.training_mode,
         seed=args.seed,

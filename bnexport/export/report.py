@@ -36,18 +36,21 @@ class FoldRecord:
 class VerifyResult:
     """Outcome of comparing the exported graph with the source model.
 
-    The check passes when, for every output ``o``,
-    ``max|onnx_o − ref_o| <= rtol · max|ref_o| + atol``.
+    The check passes when every element of every output satisfies
+    ``|onnx − ref| <= atol + rtol·|ref|`` (:mod:`bnexport.tolerance`, the policy the
+    parity checker applies too).
 
     Attributes:
         passed: every output within its tolerance.
         max_abs_error: the largest absolute error over all outputs.
-        tolerance: the tolerance of the output with the worst error/tolerance ratio.
+        tolerance: ``atol + rtol·|ref|`` at the element with the worst error/tolerance
+            ratio (over all outputs).
         worst_output: name of that output.
-        rtol: relative part of the tolerance (times ``max|ref|``).
+        rtol: relative part of the tolerance (times ``|ref|`` of each element).
         atol: absolute part of the tolerance.
         batch: batch size of the generated inputs.
-        per_output: ``{output: {"max_abs_error", "max_abs_ref", "tolerance"}}``.
+        per_output: ``{output: {"max_abs_error", "max_abs_ref", "tolerance",
+            "worst_abs_error", "violations"}}``.
         runtime: what ran the ONNX graph (``"onnxruntime"`` or a plugin CPU path).
     """
 

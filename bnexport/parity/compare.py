@@ -6,33 +6,25 @@ Pass criterion (``check="elementwise"``, the default, as ``np.allclose``)::
 
 Other criteria apply the same inequality to one statistic of the error
 (``"max"``: max abs error <= atol + rtol * max |ref|; ``"mean"``; ``"quantile"``:
-the ``quantile``-th abs error). Non-finite values (NaN, +-Inf) on either side
-make the comparison fail and are counted per side; every statistic is computed
-over the elements finite on both sides, so a NaN is reported, never averaged.
+the ``quantile``-th abs error; ``"agreement"``, for quantized graphs: top-1 agreement
+>= ``min_top1`` on a class-score output, cosine >= ``min_cosine`` otherwise).
+Non-finite values (NaN, +-Inf) on either side make the comparison fail and are
+counted per side; every statistic is computed over the elements finite on both
+sides, so a NaN is reported, never averaged.
 
 Statistics (float64): max / mean abs error, max relative error
 ``|out - ref| / |ref|`` over the elements where ``ref != 0`` (ReLU outputs have
 many exact zeros; their error is covered by the abs statistics),
-cosine similarity of the flattened arrays, and abs-error percentiles
+cosine similarity of the flattened arrays, the normalized squared error
+``NMSE = Σ(out − ref)² / Σ ref²``, and abs-error percentiles
 (50, 90, 99, 99.9). For classifier outputs (rank 2, ``K > 1`` classes) also:
 top-1 agreement = fraction of rows whose argmax agrees, and (``K > 5``) top-5
 agreement = mean overlap ``|top5(ref) ∩ top5(out)| / 5``. Agreements are
-reported, not part of the pass criterion.
+reported, and are the pass criterion only with ``check="agreement"``.
 
-Default tolerances, by the precision the candidate computed in:
-
-===========  ======  ======
-precision    rtol    atol
-===========  ======  ======
-float32      1e-3    1e-4
-float16      1e-2    1e-2
-bfloat16     5e-2    5e-2
-===========  ======  ======
-
-float32 is looser than bit-exactness because BN folding reassociates
-``(x·W)·γ/σ`` into ``x·(W·γ/σ)`` and backends sum in different orders: the
-error of a deep fp32 network is typically ~1e-5 relative, so 1e-3 leaves
-room for depth while still catching a wrong weight or a missed epsilon.
+Default tolerances and the criterion itself come from :mod:`bnexport.tolerance`, the one
+policy shared with the exporter's verification (float32: ``rtol = atol = 1e-4``; float16:
+``2e-2``; INT8 graphs are judged by top-1 agreement / cosine, see there).
 """
 
 from __future__ import annotations
@@ -44,28 +36,17 @@ from typing import Any, Literal
 
 import numpy as np
 
-Check = Literal["elementwise", "max", "mean", "quantile"]
-CHECKS = ("elementwise", "max", "mean", "quantile")
+from bnexport import tolerance as _tolerance
 
-#: precision -> (rtol, atol)
-DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
-    "float32": (1e-3, 1e-4),
-    "float16": (1e-2, 1e-2),
-    "bfloat16": (5e-2, 5e-2),
-}
+Check = Literal["elementwise", "max", "mean", "quantile", "agreement"]
+CHECKS = ("elementwise", "max", "mean", "quantile", "agreement")
+
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
-
-
-def default_tolerances(precision: str | np.dtype) -> tuple[float, float]:
-    """``(rtol, atol)`` for a precision name (``"fp16"``, ``"float32"``) or dtype."""
-    name = str(precision)
-    name = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(name, name)
-    if name not in DEFAULT_TOLERANCES:
-        try:
-            name = np.dtype(name).name
-        except TypeError:
-            pass
-    return DEFAULT_TOLERANCES.get(name, DEFAULT_TOLERANCES["float32"])
+#: precision -> (rtol, atol), from :mod:`bnexport.tolerance`
+DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
+    name: (row.rtol, row.atol) for name, row in _tolerance.DEFAULTS.items()
+}
+default_tolerances = _tolerance.default_tolerances
 
 
 def resolve_tolerance(
@@ -97,6 +78,8 @@ class Comparison:
         rtol, atol, check: the criterion applied.
         violations: number of elements violating the elementwise inequality.
         reason: one line saying why it failed ("" when it passed).
+        nmse: ``Σ(out − ref)² / Σ ref²`` over finite elements (0 when both are 0).
+        min_top1, min_cosine: the thresholds of ``check="agreement"`` (else ``None``).
     """
 
     name: str
@@ -116,6 +99,9 @@ class Comparison:
     check: str
     violations: int
     reason: str = ""
+    nmse: float = 0.0
+    min_top1: float | None = None
+    min_cosine: float | None = None
 
     def __bool__(self) -> bool:
         return self.passed
@@ -169,6 +155,8 @@ def compare_arrays(
     atol: float,
     check: Check = "elementwise",
     quantile: float = 0.99,
+    min_top1: float = _tolerance.INT8_MIN_TOP1,
+    min_cosine: float = _tolerance.INT8_MIN_COSINE,
 ) -> Comparison:
     """Compare ``out`` against the reference ``ref``.
 
@@ -180,6 +168,8 @@ def compare_arrays(
         atol: absolute tolerance.
         check: pass criterion (see the module docstring).
         quantile: quantile used by ``check="quantile"``.
+        min_top1: top-1 agreement needed by ``check="agreement"`` (class scores).
+        min_cosine: cosine similarity needed by ``check="agreement"`` (other outputs).
 
     Returns:
         A :class:`Comparison`; a shape mismatch fails with the reason stated.
@@ -190,6 +180,8 @@ def compare_arrays(
     out = np.asarray(out)
     nan_ref, nan_out = _nonfinite(ref), _nonfinite(out)
     base = dict(name=name, rtol=float(rtol), atol=float(atol), check=check)
+    if check == "agreement":
+        base.update(min_top1=float(min_top1), min_cosine=float(min_cosine))
     if ref.shape != out.shape:
         return Comparison(
             **base,
@@ -236,15 +228,19 @@ def compare_arrays(
         else:
             dot = float(np.sum(rf * of, dtype=np.float64))
             cosine = min(1.0, max(-1.0, dot / (nr * no)))
+        err2 = float(np.sum(np.square(absdiff), dtype=np.float64))
+        nmse = err2 / (nr * nr) if nr > 0.0 else (0.0 if err2 == 0.0 else math.inf)
     else:
         max_abs = mean_abs = max_rel = 0.0
-        pct, cosine = {f"p{p:g}": 0.0 for p in PERCENTILES}, 1.0
-    bound = atol + rtol * absref
-    violations = int(np.count_nonzero(absdiff > bound))
+        pct, cosine, nmse = {f"p{p:g}": 0.0 for p in PERCENTILES}, 1.0, 0.0
+    violations = int(np.count_nonzero(_tolerance.violations(rf, of, rtol, atol)))
     if check == "elementwise":
         ok = violations == 0
     elif check == "max":
         ok = max_abs <= atol + rtol * (float(absref.max()) if absref.size else 0.0)
+    elif check == "agreement":
+        top1_now, _ = _topk_agreement(ref, out)
+        ok = (top1_now >= min_top1) if top1_now is not None else cosine >= min_cosine
     elif check == "mean":
         ok = mean_abs <= atol + rtol * (float(absref.mean()) if absref.size else 0.0)
     else:
@@ -257,6 +253,13 @@ def compare_arrays(
         reason = (
             f"non-finite values: reference {nan_ref['nan']} NaN / {nan_ref['inf']} Inf, "
             f"candidate {nan_out['nan']} NaN / {nan_out['inf']} Inf"
+        )
+    elif not ok and check == "agreement":
+        top1_now, _ = _topk_agreement(ref, out)
+        reason = (
+            f"top-1 agreement {top1_now:.2%} < {min_top1:.2%}"
+            if top1_now is not None
+            else f"cosine similarity {cosine:.5f} < {min_cosine}"
         )
     elif not ok:
         reason = (
@@ -279,4 +282,5 @@ def compare_arrays(
         nonfinite_out=nan_out,
         violations=violations,
         reason=reason,
+        nmse=nmse,
     )

@@ -63,6 +63,10 @@ class BackendResult:
         layer_map_source: ``metadata`` or ``heuristic`` (per-layer only).
         error: why the backend could not run ("" when it ran).
         seconds: inference wall time.
+        quantized: the graph is INT8 (QDQ): outputs are judged by top-1 agreement /
+            cosine, layers are reported and ranked but do not fail the run.
+        layer_losses: INT8 per-layer only: :class:`bnexport.parity.quantized.LayerLoss`
+            entries, the layer adding most error first.
     """
 
     backend: str
@@ -72,12 +76,27 @@ class BackendResult:
     layer_map_source: str | None = None
     error: str = ""
     seconds: float | None = None
+    quantized: bool = False
+    layer_losses: list[Any] = dataclasses.field(default_factory=list)
 
     @property
     def passed(self) -> bool:
-        """Ran, and every output and every compared layer is within tolerance."""
+        """Ran, every output passed, and (float graphs) every compared layer too."""
         outputs_ok = not self.error and bool(self.outputs) and all(self.outputs)
-        return outputs_ok and not any(r.failed for r in self.layers)
+        return outputs_ok and (self.quantized or not any(r.failed for r in self.layers))
+
+    @property
+    def top1(self) -> float | None:
+        """Lowest top-1 agreement over the class-score outputs (``None``: none)."""
+        values = [c.top1 for c in self.outputs if c.top1 is not None]
+        return min(values) if values else None
+
+    @property
+    def exclude_candidates(self) -> list[str]:
+        """INT8: ONNX nodes of the 3 layers adding most error (``quantize --exclude``)."""
+        from bnexport.parity.quantized import exclude_candidates
+
+        return exclude_candidates(self.layer_losses)
 
     @property
     def first_failing_layer(self) -> LayerResult | None:
@@ -97,6 +116,10 @@ class BackendResult:
             "layer_map_source": self.layer_map_source,
             "first_failing_layer": None if first is None else first.layer,
             "layers": [r.to_dict() for r in self.layers],
+            "quantized": self.quantized,
+            "top1": self.top1,
+            "layer_losses": [loss.to_dict() for loss in self.layer_losses],
+            "exclude_candidates": self.exclude_candidates,
         }
 
 

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     from bnexport.parity.compare import Comparison
-    from bnexport.parity.report import ParityReport
+    from bnexport.parity.report import BackendResult, ParityReport
 
 #: failing layers listed in the terminal (the HTML report lists all)
 MAX_LAYER_ROWS = 10
@@ -65,6 +65,50 @@ def _new_table(title: str, names: list[str]) -> Any:
     return table
 
 
+def _int8_lines(b: BackendResult) -> list[Any]:
+    """INT8 graph: the primary metric, and the layers that add most error."""
+    from rich import box
+    from rich.table import Table
+
+    judged = next((c for c in b.outputs if c.min_top1 is not None), None)
+    rule = (
+        f"top-1 agreement >= {judged.min_top1:.0%} on class scores, cosine >= "
+        f"{judged.min_cosine:g} on other outputs"
+        if judged is not None
+        else "the criterion given"
+    )
+    top1 = b.top1
+    metric = "no class-score output" if top1 is None else f"top-1 agreement {top1:.2%}"
+    lines: list[Any] = [f"INT8 (QDQ) graph, pass = {rule}: [bold]{metric}[/bold]"]
+    if not b.layer_losses:
+        return lines
+    table = Table(
+        title=f"layers adding most INT8 error ({b.backend})",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    for h in ("rank", "layer", "NMSE", "added", "cosine", "ONNX nodes (--exclude)"):
+        table.add_column(h, overflow="fold")
+    cosine = {r.layer: r.comparison.cosine for r in b.layers if r.comparison is not None}
+    for i, loss in enumerate(b.layer_losses[:MAX_LAYER_ROWS], 1):
+        table.add_row(
+            str(i),
+            loss.layer,
+            fmt(loss.nmse, ".2e"),
+            fmt(loss.added_nmse, ".2e"),
+            fmt(cosine.get(loss.layer), ".5f"),
+            ", ".join(loss.nodes) or "-",
+        )
+    lines.append(table)
+    candidates = b.exclude_candidates
+    if candidates:
+        lines.append(
+            "keep them in float32: bnexport quantize ... --exclude " + " ".join(candidates)
+        )
+    return lines
+
+
 def render(report: ParityReport) -> Any:
     """Build the rich renderable of ``report``."""
     from rich import box
@@ -84,7 +128,9 @@ def render(report: ParityReport) -> Any:
         for c in b.outputs:
             if not c.passed:
                 parts.append(f"  [red]{c.name}[/red]: {c.reason}")
-        if b.layers:
+        if b.quantized:
+            parts.extend(_int8_lines(b))
+        if b.layers and not b.quantized:
             compared = [r for r in b.layers if r.comparison is not None]
             failing = [r for r in compared if r.failed]
             first = b.first_failing_layer
