@@ -91,29 +91,32 @@ _ONNX_TO_TRITON = {
 }
 
 
+_PB2_NAME = "tritonclient.grpc.model_config_pb2"
+
+
 def model_config_pb2() -> Any:
     """Triton's ``model_config_pb2`` module, as shipped in the tritonclient wheel.
 
-    ``tritonclient.grpc``'s package ``__init__`` imports ``grpcio`` (the
-    ``tritonclient[grpc]`` extra); when that is missing, the module file is loaded
-    directly, which needs only ``protobuf``.
+    The module needs only ``protobuf``, but importing it through its package runs
+    ``tritonclient/grpc/__init__.py``, which raises ``RuntimeError`` without ``grpcio``
+    (the ``tritonclient[grpc]`` extra). So the file is loaded directly, under its own
+    name, unless it is already imported (then that module is returned: one set of
+    message classes, one descriptor registration).
 
     Raises:
         UsageError: tritonclient or protobuf is not installed.
     """
-    try:
-        from tritonclient.grpc import model_config_pb2 as module
+    import sys
 
-        return module
-    except ImportError:
-        pass
+    if _PB2_NAME in sys.modules:
+        return sys.modules[_PB2_NAME]
     spec = importlib.util.find_spec("tritonclient")
     if spec is None or not spec.submodule_search_locations:
         raise UsageError(
-            "validating config.pbtxt needs tritonclient: pip install 'tritonclient[grpc]>=2.40'"
+            "validating config.pbtxt needs tritonclient: pip install 'tritonclient[http]>=2.40'"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / "grpc" / "model_config_pb2.py"
-    file_spec = importlib.util.spec_from_file_location("_bnexport_model_config_pb2", path)
+    file_spec = importlib.util.spec_from_file_location(_PB2_NAME, path)
     if file_spec is None or file_spec.loader is None or not path.is_file():
         raise UsageError(f"tritonclient has no model_config_pb2.py at {path}")
     module = importlib.util.module_from_spec(file_spec)
@@ -121,6 +124,7 @@ def model_config_pb2() -> Any:
         file_spec.loader.exec_module(module)
     except ImportError as exc:
         raise UsageError(f"model_config_pb2 needs protobuf: pip install protobuf ({exc})") from None
+    sys.modules[_PB2_NAME] = module
     return module
 
 

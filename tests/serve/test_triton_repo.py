@@ -196,3 +196,20 @@ def test_config_names_are_escaped_by_text_format(tmp_path):
     assert list(cfg.output[0].reshape.shape) == []
     assert cfg.HasField("dynamic_batching")  # kept with a zero queue delay
     assert cfg.dynamic_batching.max_queue_delay_microseconds == 0
+
+
+def test_model_config_without_grpcio(digits_onnx, tmp_path):
+    """tritonclient.grpc raises RuntimeError without grpcio; the config must not need it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "sys.modules['grpc'] = None  # as if grpcio were not installed\n"
+        "from bnexport.serve.triton_repo import write_triton_repo\n"
+        f"res = write_triton_repo({str(digits_onnx)!r}, {str(tmp_path / 'out')!r})\n"
+        "print(res.config.name)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "digits"
