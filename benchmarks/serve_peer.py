@@ -199,6 +199,7 @@ async def load(protocol, url, model, in_name, out_name, pool, expected, n, concu
             inp.set_data_from_numpy(x)
             inputs.append(inp)
         outputs = [aio.InferRequestedOutput(out_name)]
+        headers = None
     else:
         import tritonclient.http.aio as aio
 
@@ -210,9 +211,11 @@ async def load(protocol, url, model, in_name, out_name, pool, expected, n, concu
             inp.set_data_from_numpy(x, binary_data=binary)
             inputs.append(inp)
         outputs = [aio.InferRequestedOutput(out_name, binary_data=binary)]
+        # tritonclient.http.aio sends no Content-Type; MLServer (FastAPI) needs it for JSON
+        headers = None if binary else {"Content-Type": "application/json"}
 
     async def call(i: int) -> np.ndarray:
-        res = await client.infer(model, [inputs[i % len(inputs)]], outputs=outputs)
+        res = await client.infer(model, [inputs[i % len(inputs)]], outputs=outputs, headers=headers)
         return res.as_numpy(out_name)
 
     try:
