@@ -14,8 +14,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description=(
             "Serve MODEL.onnx, or a Triton-style repository REPO_DIR/<model>/<version>/model.onnx, "
             "over the KServe v2 / Open Inference Protocol (HTTP/REST, with Triton's binary "
-            "tensor extension: tritonclient.http works unmodified). Concurrent requests are "
-            "merged along the batch dimension (dynamic batching). Prometheus metrics at "
+            "tensor extension: tritonclient.http works unmodified), and with --grpc-port over "
+            "gRPC (tritonclient.grpc works unmodified). Concurrent requests are "
+            "merged along the batch dimension (dynamic batching). Triton statistics at "
+            "/v2/models[/NAME]/stats, repository index at POST /v2/repository/index, "
+            "load/unload with --model-control explicit. Prometheus metrics at "
             "/metrics, JSON-lines logs on stderr. SIGTERM drains in-flight requests."
         ),
     )
