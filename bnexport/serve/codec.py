@@ -54,6 +54,9 @@ DATATYPE_TO_NUMPY: dict[str, np.dtype] = {
     "BYTES": np.dtype(np.object_),
 }
 _NUMPY_TO_DATATYPE = {v: k for k, v in DATATYPE_TO_NUMPY.items()}
+#: largest rank and dimension of a request tensor (NumPy's limits are 32/64 and 2**63 - 1)
+_MAX_RANK = 32
+_MAX_DIM = 2**62
 #: elements serialized per ``json.dumps`` call in a JSON response
 JSON_CHUNK = 16384
 #: output parameters this server implements (Triton's ``classification`` is not one)
@@ -166,6 +169,11 @@ def _decode_input(inp, reader: binary.BinaryReader) -> np.ndarray:
     dtype = numpy_dtype(inp.datatype, name)
     if any(d < 0 for d in inp.shape):
         raise BadRequestError(f"input '{name}': shape {inp.shape} has a negative dimension")
+    if len(inp.shape) > _MAX_RANK or any(d > _MAX_DIM for d in inp.shape):
+        raise BadRequestError(
+            f"input '{name}': shape {inp.shape} has more than {_MAX_RANK} dimensions or a "
+            f"dimension above {_MAX_DIM}"
+        )
     count = math.prod(inp.shape)
     params = inp.parameters or {}
     size = params.get("binary_data_size")
@@ -269,7 +277,7 @@ def encode_response(
             outputs.append(_dumps(entry))
         else:
             head = _dumps(entry)[:-1]  # '{...' without its closing brace
-            outputs.append(b"".join([head, b',"data":[', _json_elements(arr), b"]}"]))
+            outputs.append(b"".join([head, b',"data":[', _json_elements(name, arr), b"]}"]))
     header = [
         b'{"model_name":',
         _dumps(model_name),
@@ -289,7 +297,7 @@ def _dumps(value) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode("utf-8")
 
 
-def _json_elements(arr: np.ndarray) -> bytes:
+def _json_elements(name: str, arr: np.ndarray) -> bytes:
     """The elements of ``arr``, row-major, comma-separated JSON (no brackets).
 
     Written :data:`JSON_CHUNK` elements per ``json.dumps`` call. Floats are the
@@ -298,7 +306,13 @@ def _json_elements(arr: np.ndarray) -> bytes:
     """
     flat = arr.reshape(-1)
     if arr.dtype == np.object_ or arr.dtype.kind in "SU":
-        items = [x.decode("utf-8") if isinstance(x, bytes) else str(x) for x in flat]
+        try:
+            items = [x.decode("utf-8") if isinstance(x, bytes) else str(x) for x in flat]
+        except UnicodeDecodeError:
+            raise BadRequestError(
+                f"output '{name}' holds bytes that are not UTF-8 text, which JSON cannot carry; "
+                "request it as binary data (parameters.binary_data: true)"
+            ) from None
         parts = [_dumps(items[i : i + JSON_CHUNK])[1:-1] for i in range(0, len(items), JSON_CHUNK)]
     else:
         parts = [
