@@ -43,6 +43,7 @@ from bnexport.parity.per_layer import (
     inferred_layer_perms,
     layer_output_map,
     metadata_layer_perms,
+    named_layers,
     probeable_layers,
 )
 from bnexport.parity.report import BackendResult, LayerResult, ParityReport
@@ -98,10 +99,6 @@ def _match_outputs(keras_names: list[str], onnx_names: list[str]) -> list[tuple[
     )
 
 
-def _rank(keras_model: Any, layer: str) -> int:
-    return len(keras_model.get_layer(layer).output.shape)
-
-
 def _load_onnx(onnx_path: Any) -> tuple[Any, str]:
     """``(onnx.ModelProto, description)`` from a path or a ``ModelProto``."""
     import onnx
@@ -120,6 +117,7 @@ class _LayerPlan:
     """Which layers per-layer parity compares, with which tensor and layout."""
 
     layers: list[str] = dataclasses.field(default_factory=list)
+    captured: dict[str, Any] = dataclasses.field(default_factory=dict)
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)
     mapping: dict[str, str] = dataclasses.field(default_factory=dict)
     perms: dict[str, list[int]] = dataclasses.field(default_factory=dict)
@@ -127,16 +125,22 @@ class _LayerPlan:
 
 
 def _plan_layers(keras_model: Any, onnx_model: Any) -> _LayerPlan:
-    """Map layers to ONNX tensors (exporter metadata, else names) and their layouts."""
-    names = [layer.name for layer in keras_model.layers]
-    mapping, source = layer_output_map(onnx_model, names)
-    layers, skipped = probeable_layers(keras_model, mapping, onnx_model)
+    """Map layers to ONNX tensors (exporter metadata, else names) and their layouts.
+
+    Every layer Keras tracks is a candidate, also inside custom blocks and nested models
+    (named as the exporter names them, :func:`~bnexport.parity.per_layer.named_layers`);
+    those without an output in the model's graph are captured while the model runs.
+    """
+    by_name = named_layers(keras_model)
+    mapping, source = layer_output_map(onnx_model, by_name)
+    layers, skipped, captured = probeable_layers(keras_model, mapping, onnx_model, by_name)
     if source == "metadata":  # the exporter records every non-identity layout
         recorded = metadata_layer_perms(onnx_model)
-        perms = {n: recorded.get(n, list(range(_rank(keras_model, n)))) for n in layers}
+        perms = {n: recorded[n] for n in layers if n in recorded}
     else:
         perms = inferred_layer_perms(onnx_model, {n: mapping[n] for n in layers})
-    return _LayerPlan(layers, skipped, mapping, perms, source)
+    plan = _LayerPlan(layers, {n: by_name[n] for n in captured}, skipped, mapping, perms, source)
+    return plan
 
 
 @dataclasses.dataclass
@@ -209,7 +213,14 @@ def _run_backend(
     for name in plan.layers:
         tensor = plan.mapping[name]
         keras_value = reference[LAYER_PREFIX + name]
-        aligned, layout = align(keras_value, got[tensor], plan.perms.get(name))
+        if keras_value is None:
+            reason = "called several times per forward pass (no single output)"
+            result.layers.append(LayerResult(name, tensor, layout="?", skipped=reason))
+            continue
+        perm = plan.perms.get(name)
+        if perm is None and plan.source == "metadata":  # recorded layouts only where not identity
+            perm = list(range(np.ndim(keras_value)))
+        aligned, layout = align(keras_value, got[tensor], perm)
         if aligned is None:
             result.layers.append(LayerResult(name, tensor, layout="?", skipped=layout))
             continue
@@ -302,7 +313,10 @@ def check_parity(
     from bnexport.runtime.io_check import batch_size
 
     plan = _plan_layers(keras_model, onnx_model) if per_layer else _LayerPlan()
-    with KerasRunner(keras_model, layer_outputs=plan.layers) as keras_runner:
+    direct = [n for n in plan.layers if n not in plan.captured]
+    with KerasRunner(
+        keras_model, layer_outputs=direct, captured_layers=plan.captured
+    ) as keras_runner:
         reference = keras_runner.infer(feed)
         keras_outputs = keras_runner.output_names
     pairs = _match_outputs(keras_outputs, [o.name for o in onnx_model.graph.output])

@@ -213,41 +213,71 @@ def align(
     return None, f"shape mismatch: keras {tuple(k)}, onnx {tuple(o)}"
 
 
-def probeable_layers(
-    keras_model: Any, mapping: Mapping[str, str], model: Any
-) -> tuple[list[str], dict[str, str]]:
-    """Layers that can be compared, in ONNX graph order, and why the others are skipped.
+def named_layers(keras_model: Any) -> dict[str, Any]:
+    """``{name: layer}`` for every layer Keras tracks under the model, nested ones too.
 
-    A layer is skipped when it is an input layer, is absent from the Keras
-    model, has several call sites (no single ``.output``), or maps to a graph
-    input or initializer.
+    Names are those the exporter writes in its layer map
+    (:func:`bnexport.layers.walk.display_names`): a layer of the model's graph, or of a
+    nested model, by its name; a layer inside a custom ``Layer`` block by its path
+    (``block/conv``).
+    """
+    from bnexport.layers.walk import display_names, walk_layers
+
+    names = display_names(keras_model)
+    return {names[id(layer)]: layer for _, layer in walk_layers(keras_model)}
+
+
+def probeable_layers(
+    keras_model: Any,
+    mapping: Mapping[str, str],
+    model: Any,
+    layers: Mapping[str, Any] | None = None,
+) -> tuple[list[str], dict[str, str], set[str]]:
+    """Layers that can be compared (graph order), why others are not, which are captured.
+
+    A layer of the model's own graph with a single call site is read from its
+    ``.output`` (the model is rewired); any other layer in ``layers`` (nested in a
+    custom block or a nested model) is *captured*: its ``call`` output is recorded while
+    the model runs. A layer is skipped when it is an input layer, is unknown, has
+    several call sites in the graph, or maps to a graph input or initializer.
 
     Returns:
-        ``(ordered layer names, {skipped layer: reason})``.
+        ``(ordered layer names, {skipped layer: reason}, {captured layer names})``.
     """
     order = producer_index(model)
     inits = {i.name for i in model.graph.initializer}
     keep: list[tuple[int, int, str]] = []
     skipped: dict[str, str] = {}
+    captured: set[str] = set()
     keras_index = {layer.name: i for i, layer in enumerate(keras_model.layers)}
+    nested = dict(layers or {})
+    position = {name: i for i, name in enumerate(nested)}
     for name, tensor in mapping.items():
-        if name not in keras_index:
+        if name in keras_index:
+            layer = keras_model.get_layer(name)
+        elif name in nested:
+            layer = nested[name]
+            captured.add(name)
+        else:
             skipped[name] = "no Keras layer with this name"
             continue
-        layer = keras_model.get_layer(name)
         if type(layer).__name__ == "InputLayer":
+            captured.discard(name)
             continue
-        try:
-            layer.output  # noqa: B018 - raises for layers called several times
-        except (AttributeError, ValueError) as exc:
-            skipped[name] = f"no single output: {exc}"
-            continue
+        if name not in captured:
+            try:
+                layer.output  # noqa: B018 - raises for layers called several times
+            except (AttributeError, ValueError) as exc:
+                skipped[name] = f"no single output: {exc}"
+                continue
         if tensor in inits or order.get(tensor, 0) < 0:
             skipped[name] = f"tensor {tensor!r} is a graph input or initializer"
+            captured.discard(name)
             continue
         if tensor not in order:
             skipped[name] = f"tensor {tensor!r} is not in the ONNX graph"
+            captured.discard(name)
             continue
-        keep.append((order[tensor], keras_index[name], name))
+        keep.append((order[tensor], keras_index.get(name, len(keras_index) + position[name]), name))
     keep.sort()
-    return [name for _, _, name in keep], skipped
+    return [name for _, _, name in keep], skipped, captured

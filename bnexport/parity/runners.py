@@ -16,8 +16,9 @@ Keras and TensorFlow are imported only by :class:`KerasRunner`.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -111,6 +112,11 @@ class KerasRunner(BaseRunner):
         layer_outputs: names of layers whose outputs are also returned, under
             ``"layer:<name>"`` keys (the model is rewired as
             ``keras.Model(inputs, outputs + layer outputs)``).
+        captured_layers: ``{name: layer}`` of layers without a graph output of their
+            own (inside custom blocks or nested models): their ``call`` is wrapped on
+            the instance while the model runs (restored afterwards) and its output is
+            returned under ``"layer:<name>"`` too. A layer called more than once per
+            forward pass is returned as ``None`` (no single output to compare).
         batch_size: samples per call (bounds memory).
         name: runner name.
     """
@@ -121,6 +127,7 @@ class KerasRunner(BaseRunner):
         *,
         training: bool = False,
         layer_outputs: Sequence[str] = (),
+        captured_layers: Mapping[str, Any] | None = None,
         batch_size: int = 32,
         name: str = "keras",
     ) -> None:
@@ -128,6 +135,7 @@ class KerasRunner(BaseRunner):
         self._source = model_or_loader
         self.training = training
         self.layer_outputs = list(layer_outputs)
+        self.captured_layers = dict(captured_layers or {})
         self.batch_size = batch_size
         self.model: Any = None
         self.output_names: list[str] = []
@@ -167,17 +175,62 @@ class KerasRunner(BaseRunner):
         arrays = self._order_feed(feed)
         n = arrays[0].shape[0] if arrays and arrays[0].ndim else 1
         chunks: list[list[np.ndarray]] = []
-        for start in range(0, max(n, 1), self.batch_size):
-            part = [a[start : start + self.batch_size] for a in arrays]
-            result = self.model(part, training=self.training)
-            flat = result if isinstance(result, list | tuple) else [result]
-            chunks.append([np.asarray(t) for t in flat])
+        records: dict[str, list[Any]] = {name: [] for name in self.captured_layers}
+        with _capturing(self.captured_layers, records):
+            for start in range(0, max(n, 1), self.batch_size):
+                part = [a[start : start + self.batch_size] for a in arrays]
+                calls = {name: len(r) for name, r in records.items()}
+                result = self.model(part, training=self.training)
+                flat = result if isinstance(result, list | tuple) else [result]
+                chunks.append([np.asarray(t) for t in flat])
+                for name, r in records.items():  # one call per forward pass, or none
+                    if len(r) != calls[name] + 1:
+                        r.append(None)
         joined = [np.concatenate([c[i] for c in chunks], axis=0) for i in range(len(chunks[0]))]
         names = self.output_names + [LAYER_PREFIX + n for n in self.layer_outputs]
-        return dict(zip(names, joined, strict=True))
+        out = dict(zip(names, joined, strict=True))
+        for name, r in records.items():
+            single = len(r) == len(chunks) and all(v is not None for v in r)
+            out[LAYER_PREFIX + name] = np.concatenate(r, axis=0) if single else None
+        return out
 
     def deactivate_impl(self) -> None:  # noqa: D102
         self.model = None
+
+
+@contextlib.contextmanager
+def _capturing(layers: Mapping[str, Any], records: dict[str, list[Any]]) -> Iterator[None]:
+    """Record each layer's ``call`` output (NumPy) into ``records[name]`` while active.
+
+    The wrapper is an instance attribute set with ``object.__setattr__`` (Keras's
+    tracking is bypassed) and removed in a ``finally``. A second call of the same layer
+    within one forward pass marks it (``None`` appended) as having no single output.
+    """
+    patched: list[Any] = []
+
+    def wrap(name: str, call: Callable[..., Any]) -> Callable[..., Any]:
+        def recording_call(*args: Any, **kwargs: Any) -> Any:
+            out = call(*args, **kwargs)
+            value = out[0] if isinstance(out, list | tuple) and len(out) == 1 else out
+            try:
+                records[name].append(np.asarray(value))
+            except (TypeError, ValueError):  # several outputs, or not an eager tensor
+                records[name].append(None)
+            return out
+
+        return recording_call
+
+    try:
+        for name, layer in layers.items():
+            if "call" in layer.__dict__:  # already wrapped on the instance: leave it
+                continue
+            object.__setattr__(layer, "call", wrap(name, layer.call))
+            patched.append(layer)
+        yield
+    finally:
+        for layer in patched:
+            with contextlib.suppress(AttributeError):
+                object.__delattr__(layer, "call")
 
 
 def is_keras_model(obj: Any) -> bool:
