@@ -19,7 +19,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     parser.add_argument("model", metavar="MODEL.onnx", help="exported ONNX model")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="model repository folder")
-    parser.add_argument("--name", default=None, help="model name (default: file stem)")
+    parser.add_argument(
+        "--name",
+        default=None,
+        help="model name, one folder inside OUT_DIR: letters, digits and '_.-' only, "
+        "not '.' or '..' (default: the file stem)",
+    )
     parser.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime")
     parser.add_argument(
         "--max-batch", type=int, default=32, help="max_batch_size; 0: no batching (default 32)"

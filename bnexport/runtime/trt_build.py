@@ -48,7 +48,8 @@ def import_tensorrt() -> Any:
         import tensorrt as trt
     except ImportError as exc:
         raise BackendUnavailableError(
-            "TensorRT is not installed (pip install 'bnexport[tensorrt]')"
+            "backend='tensorrt' (and building TensorRT engines) needs the tensorrt package "
+            "(pip install 'bnexport[tensorrt]')"
         ) from exc
     return trt
 
