@@ -15,7 +15,13 @@ take (what :func:`qdq_settings` asks ``quantize_static`` for):
 - bias stays float (``QuantizeBias=False``): TensorRT refuses an int32
   ``DequantizeLinear`` ("only activation types allowed as input"), and onnxruntime's CPU
   optimizer quantizes a float bias itself when it fuses ``DQ → Conv → Q`` into
-  ``QLinearConv`` (so the int8 kernels still run).
+  ``QLinearConv`` (so the int8 kernels still run);
+- one ``QuantizeLinear → DequantizeLinear`` pair per consumer of a quantized activation
+  (:func:`split_shared_activations`): on x86, onnxruntime runs int8 activations by
+  converting each int8 Q→DQ pair to uint8 (zero point 128), which it does only for a Q
+  with exactly one DQ consumer; a tensor read by two nodes (a ResNet block input read by
+  its first conv and by the residual Add) would otherwise leave that conv in float32
+  (measured on ResNet50: 20 of 53 convs, int8/fp32 latency 0.74 instead of 0.41).
 
 Calibration (``method``): ``minmax`` (the observed range), ``entropy`` (KL-divergence
 threshold, TensorRT's classic calibrator) or ``percentile`` (``percentile`` of ``|x|``,
@@ -28,6 +34,7 @@ another exclusion list (the auto-exclude search) does not calibrate again.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import tempfile
@@ -178,7 +185,70 @@ def run_quantize_static(
         )
     model = onnx.load_model(str(out))
     out.unlink()
+    split_shared_activations(model)
     return model
+
+
+def split_shared_activations(model: Any) -> int:
+    """Give every consumer of a quantized activation its own Q→DQ pair; return how many added.
+
+    ``x → Q(s) → DQ(s) → {A, B}`` becomes ``x → Q(s) → DQ(s) → A`` and
+    ``x → Q(s') → DQ(s') → B``. onnxruntime's optimizer merges identical nodes and
+    identical scalar initializers (common-subexpression elimination, constant sharing),
+    which would rebuild the shared pair; so the ``k``-th extra pair gets the scale
+    ``s' = nextafter^k(s)``, ``k`` float32 ulps above ``s`` (a relative change of
+    ``k · 6e-8``, far below int8 resolution ``1/127``). Zero points stay 0; the values of
+    every tensor stay within one int8 step of the shared pair's.
+    """
+    from onnx import numpy_helper
+
+    graph = model.graph
+    init = {t.name: t for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    consumers: dict[str, list[tuple[Any, int]]] = {}
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            consumers.setdefault(name, []).append((node, index))
+    extra_after: dict[int, list[Any]] = {}
+    added = 0
+    for position, q in enumerate(graph.node):
+        if q.op_type != "QuantizeLinear" or q.input[0] in init or len(q.input) < 3:
+            continue
+        dqs = [node for node, _ in consumers.get(q.output[0], [])]
+        if not dqs or any(d.op_type != "DequantizeLinear" or d.output[0] in outputs for d in dqs):
+            continue
+        uses = [(dq, node, i) for dq in dqs for node, i in consumers.get(dq.output[0], [])]
+        if len(uses) < 2 or q.input[1] not in init:
+            continue
+        scale = numpy_helper.to_array(init[q.input[1]])
+        new_nodes = []
+        for k, (dq, node, index) in enumerate(uses[1:], start=1):
+            nudged = scale.copy()
+            for _ in range(k):
+                nudged = np.nextafter(nudged, np.asarray(np.inf, nudged.dtype))
+            scale_name = f"{q.input[1]}_c{k}"
+            graph.initializer.append(numpy_helper.from_array(nudged, scale_name))
+            q2, dq2 = copy.deepcopy(q), copy.deepcopy(dq)
+            q2.name, q2.output[0] = f"{q.name}_c{k}", f"{q.output[0]}_c{k}"
+            q2.input[1] = scale_name
+            dq2.name, dq2.output[0] = f"{dq.name}_c{k}", f"{dq.output[0]}_c{k}"
+            dq2.input[0], dq2.input[1] = q2.output[0], scale_name
+            node.input[index] = dq2.output[0]
+            new_nodes += [q2, dq2]
+            added += 1
+        extra_after[position] = new_nodes
+    if not added:
+        return 0
+    ordered = []
+    for position, node in enumerate(graph.node):
+        ordered.append(node)
+        ordered.extend(extra_after.get(position, []))
+    for op in ("DequantizeLinear", "QuantizeLinear"):  # drop pairs left without a consumer
+        used = {name for node in ordered for name in node.input} | outputs
+        ordered = [n for n in ordered if n.op_type != op or n.output[0] in used]
+    del graph.node[:]
+    graph.node.extend(ordered)
+    return added
 
 
 @dataclasses.dataclass

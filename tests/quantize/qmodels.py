@@ -149,3 +149,38 @@ def qdq_reference(x: np.ndarray, calib: np.ndarray, seed: int = 0) -> dict[str, 
     fl = fake_quant(np.maximum(c1, 0).mean(axis=(2, 3)), s["fl"])
     logits = fake_quant(fl @ q["wf"].T + p["bf"], s["logits"])
     return {"logits": logits, "scales": s, "weight_scales": ws}
+
+
+def branchy_cnn(seed: int = 0) -> onnx.ModelProto:
+    """x[N,3,8,8] -> Conv(3->8) -> Relu -> {ConvA, ConvB}(8->8) -> Add(ConvA, ConvB, r0) ->
+    GlobalAveragePool -> Flatten -> Gemm(8->10): the Relu output has three consumers."""
+    rng = np.random.default_rng(seed)
+    weights = {
+        "w0": rng.normal(0, 0.4, (8, 3, 3, 3)),
+        "wa": rng.normal(0, 0.2, (8, 8, 3, 3)),
+        "wb": rng.normal(0, 0.2, (8, 8, 3, 3)),
+        "wf": rng.normal(0, 0.4, (10, 8)),
+        "bf": rng.normal(0, 0.1, 10),
+    }
+    pads = [1, 1, 1, 1]
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["c0"], name="conv0", pads=pads),
+        helper.make_node("Relu", ["c0"], ["r0"], name="relu0"),
+        helper.make_node("Conv", ["r0", "wa"], ["ca"], name="conv_a", pads=pads),
+        helper.make_node("Conv", ["r0", "wb"], ["cb"], name="conv_b", pads=pads),
+        helper.make_node("Add", ["ca", "cb"], ["s"], name="add_ab"),
+        helper.make_node("Add", ["s", "r0"], ["t"], name="add_res"),
+        helper.make_node("GlobalAveragePool", ["t"], ["gp"], name="gap"),
+        helper.make_node("Flatten", ["gp"], ["fl"], name="flatten"),
+        helper.make_node("Gemm", ["fl", "wf", "bf"], ["logits"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "branchy_cnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model

@@ -1,0 +1,217 @@
+"""INT8 benchmark: float32 vs INT8 (bnexport.quantize) on onnxruntime CPU, interleaved.
+
+For each model, one run:
+
+* exports the Keras model with ``bnexport.export`` (BNs folded; the float32 graph);
+* quantizes it with ``bnexport.quantize`` (MinMax calibration, per-channel symmetric int8
+  weights, symmetric int8 activations; ``--method`` to change);
+* measures latency of both graphs on onnxruntime CPU (2 intra-op threads, no spinning,
+  full graph optimization) at batch 1 and batch 8, median of ``--runs`` runs, the runs of
+  every (model, precision, batch) interleaved and the order reversed every other round so
+  that load on a shared machine hits every variant alike;
+* measures top-1 agreement with Keras (``training=False``) of both graphs: on the digits
+  test split (real data; plus test accuracy of Keras, float32 and INT8), and on random
+  inputs for the random-weight ImageNet models (``weights=None``, BN statistics
+  randomized with a fixed seed as in ``export_bench.py``; inputs are uniform [0, 255]
+  images through the model's ``preprocess_input``; calibration and evaluation sets are
+  disjoint).
+
+Targets (issue 13): ResNet50 INT8 latency <= 0.5x float32 at batch 8; digits top-1
+agreement >= 99 % and test accuracy within 1 point of Keras.
+
+Usage::
+
+    python benchmarks/quantize_bench.py [--models digits,ResNet50] [--runs N] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "2")
+os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from export_bench import build, interleaved_latency_ms, make_session  # noqa: E402
+
+MODELS = ("digits", "ResNet50", "MobileNetV2", "EfficientNetB0")
+BATCHES = (1, 8)
+PREPROCESS = {
+    "ResNet50": "resnet50",
+    "MobileNetV2": "mobilenet_v2",
+    "EfficientNetB0": "efficientnet",
+}
+
+
+def random_images(name: str, n: int, seed: int) -> np.ndarray:
+    import keras
+
+    rng = np.random.default_rng(seed)
+    raw = rng.uniform(0, 255, (n, 224, 224, 3)).astype(np.float32)
+    module = getattr(keras.applications, PREPROCESS[name])
+    return np.asarray(module.preprocess_input(raw), np.float32)
+
+
+def keras_predict(model, x: np.ndarray, batch: int = 16) -> np.ndarray:
+    return np.concatenate(
+        [np.asarray(model(x[i : i + batch], training=False)) for i in range(0, len(x), batch)]
+    )
+
+
+def onnx_predict(session, name: str, x: np.ndarray, batch: int = 16) -> np.ndarray:
+    return np.concatenate(
+        [session.run(None, {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)]
+    )
+
+
+def prepare(name: str, calib_n: int, eval_n: int, epochs: int):
+    """(keras model, calibration inputs, evaluation inputs, evaluation labels or None)."""
+    if name == "digits":
+        from bnexport.data.digits import load_digits
+        from bnexport.layers.recalibrate import recalibrate
+        from bnexport.quickstart import train_digits
+
+        data = load_digits(seed=0)
+        model, _ = train_digits(data, epochs=epochs, seed=0)
+        recalibrate(model, data.x_train, batch_size=64)
+        rng = np.random.default_rng(0)
+        calib = data.x_train[rng.permutation(len(data.x_train))[:calib_n]]
+        return model, calib.astype(np.float32), data.x_test.astype(np.float32), data.y_test
+    model = build(name)
+    return model, random_images(name, calib_n, 1), random_images(name, eval_n, 2), None
+
+
+def bench_model(name: str, args, workdir: Path) -> tuple[dict, list]:
+    import bnexport
+
+    t = time.perf_counter()
+    model, calib, x_eval, y_eval = prepare(name, args.calib, args.eval, args.epochs)
+    fp32_path, int8_path = workdir / f"{name}.onnx", workdir / f"{name}.int8.onnx"
+    bnexport.export(model, fp32_path, verify=False)
+    t_export = time.perf_counter() - t
+    t = time.perf_counter()
+    report = bnexport.quantize(fp32_path, int8_path, calib, method=args.method)
+    t_quant = time.perf_counter() - t
+    sessions = {"fp32": make_session(str(fp32_path)), "int8": make_session(str(int8_path))}
+    input_name = sessions["fp32"].get_inputs()[0].name
+    ref = keras_predict(model, x_eval)
+    row = {
+        "model": name,
+        "eval_data": "digits test split" if y_eval is not None else "random inputs",
+        "eval_samples": len(x_eval),
+        "calibration_samples": len(calib),
+        "bn_folded": report.bn_folded,
+        "int8_nodes": len(report.quantized_nodes),
+        "tensorrt_ready": report.tensorrt_ready,
+        "export_s": round(t_export, 2),
+        "quantize_s": round(t_quant, 2),
+        "size_mb_fp32": round(fp32_path.stat().st_size / 1e6, 2),
+        "size_mb_int8": round(int8_path.stat().st_size / 1e6, 2),
+    }
+    for precision, session in sessions.items():
+        out = onnx_predict(session, input_name, x_eval)
+        row[f"agree_{precision}"] = float(np.mean(out.argmax(-1) == ref.argmax(-1)))
+        if y_eval is not None:
+            row[f"acc_{precision}"] = float(np.mean(out.argmax(-1) == y_eval))
+    if y_eval is not None:
+        row["acc_keras"] = float(np.mean(ref.argmax(-1) == y_eval))
+    timed = [
+        (name, precision, batch, sessions[precision], {input_name: x_eval[:batch]})
+        for batch in BATCHES
+        for precision in ("fp32", "int8")
+    ]
+    return row, timed
+
+
+def print_table(rows: list[dict]) -> None:
+    head = (
+        "| model | batch | fp32 ms | int8 ms | int8/fp32 | top-1 agree fp32 | top-1 agree int8 "
+        "| eval data | BN folded | int8 nodes | TRT-ready |"
+    )
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for r in rows:
+        for b in BATCHES:
+            fp, q = r[f"ms_fp32_b{b}"], r[f"ms_int8_b{b}"]
+            print(
+                f"| {r['model']} | {b} | {fp:.2f} | {q:.2f} | {q / fp:.2f} | "
+                f"{r['agree_fp32']:.2%} | {r['agree_int8']:.2%} | {r['eval_data']} "
+                f"({r['eval_samples']}) | {r['bn_folded']} | {r['int8_nodes']} | "
+                f"{'yes' if r['tensorrt_ready'] else 'no'} |"
+            )
+    for r in rows:
+        if "acc_keras" in r:
+            print(
+                f"\n{r['model']} test accuracy: Keras {r['acc_keras']:.2%}, float32 ONNX "
+                f"{r['acc_fp32']:.2%}, INT8 {r['acc_int8']:.2%} "
+                f"({(r['acc_int8'] - r['acc_keras']) * 100:+.2f} points)"
+            )
+    for r in rows:
+        print(
+            f"{r['model']}: export {r['export_s']} s, quantize {r['quantize_s']} s, "
+            f"size {r['size_mb_fp32']} -> {r['size_mb_int8']} MB"
+        )
+
+
+def check_targets(rows: list[dict]) -> list[str]:
+    lines = []
+    for r in rows:
+        if r["model"] == "ResNet50":
+            ratio = r["ms_int8_b8"] / r["ms_fp32_b8"]
+            verdict = "PASS" if ratio <= 0.5 else "MISS"
+            lines.append(f"{verdict}: ResNet50 int8/fp32 latency at batch 8 = {ratio:.2f} (<= 0.5)")
+        if r["model"] == "digits":
+            ok = r["agree_int8"] >= 0.99
+            lines.append(
+                f"{'PASS' if ok else 'MISS'}: digits top-1 agreement {r['agree_int8']:.2%} (>= 99%)"
+            )
+            gap = abs(r["acc_int8"] - r["acc_keras"]) * 100
+            lines.append(
+                f"{'PASS' if gap <= 1 else 'MISS'}: digits accuracy gap {gap:.2f} points (<= 1)"
+            )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--runs", type=int, default=20, help="timed runs per variant")
+    parser.add_argument("--calib", type=int, default=64, help="calibration samples")
+    parser.add_argument("--eval", type=int, default=64, help="random-input evaluation samples")
+    parser.add_argument("--epochs", type=int, default=10, help="digits training epochs")
+    parser.add_argument("--method", default="minmax", choices=("minmax", "entropy", "percentile"))
+    parser.add_argument("--json", metavar="PATH", help="write the rows as JSON")
+    args = parser.parse_args(argv)
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    rows, timed = [], []
+    with tempfile.TemporaryDirectory(prefix="quantize-bench-") as tmp:
+        for name in names:
+            print(f"[{name}] export + quantize ...", file=sys.stderr, flush=True)
+            row, variants = bench_model(name, args, Path(tmp))
+            rows.append(row)
+            timed.extend(variants)
+        print(f"timing {len(timed)} variants x {args.runs} runs ...", file=sys.stderr, flush=True)
+        medians = interleaved_latency_ms([v[3] for v in timed], [v[4] for v in timed], args.runs)
+    by_model = {r["model"]: r for r in rows}
+    for (name, precision, batch, _, _), ms in zip(timed, medians, strict=True):
+        by_model[name][f"ms_{precision}_b{batch}"] = round(ms, 3)
+    print_table(rows)
+    print()
+    for line in check_targets(rows):
+        print(line)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "args": vars(args)}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
