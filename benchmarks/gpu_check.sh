@@ -60,7 +60,8 @@ print(\"driver CUDA\", d, \"| NVRTC\", n, \"| image\", image_kind_for_driver(d, 
 "' "$PY" 2>&1 | tee "$OUT_DIR/env.txt"
 STATUS[env]=${PIPESTATUS[0]}
 
-step gpu_tests 300 "$PY" -m pytest -q -p no:cacheprovider -rs \
+# -m "": no marker filter, whatever addopts says (GPU tests must not be deselected)
+step gpu_tests 300 "$PY" -m pytest -q -p no:cacheprovider -rs -m "" \
   --junitxml="$OUT_DIR/gpu_tests.xml" \
   tests/plugins/test_fused_norm_gpu_kernel.py \
   tests/plugins/test_fused_norm_nvrtc_build.py \
@@ -68,8 +69,9 @@ step gpu_tests 300 "$PY" -m pytest -q -p no:cacheprovider -rs \
   tests/runtime/test_runtime_cuda_api.py 2>&1 | tee "$OUT_DIR/gpu_tests.log"
 STATUS[gpu_tests]=${PIPESTATUS[0]}
 # a GPU test that skipped on a GPU machine verified nothing: count it as a failure
-if grep -q "^SKIPPED .*test_fused_norm_gpu_kernel" "$OUT_DIR/gpu_tests.log"; then
-  echo "GPU kernel tests were skipped on this machine: see gpu_tests.log"
+if grep -q "^SKIPPED .*test_fused_norm_gpu_kernel" "$OUT_DIR/gpu_tests.log" ||
+   ! grep -q "test_fused_norm_gpu_kernel" "$OUT_DIR/gpu_tests.xml" 2>/dev/null; then
+  echo "GPU kernel tests were skipped or did not run on this machine: see gpu_tests.log"
   STATUS[gpu_tests]=1
 fi
 
