@@ -52,9 +52,7 @@ BAD_ONNX = {
     # name -> (description of what is wrong, file writer)
     "empty": lambda d, good: (d / "empty.onnx").write_bytes(b""),
     "text": lambda d, good: (d / "text.onnx").write_text("this is not a model\n"),
-    "random": lambda d, good: (d / "random.onnx").write_bytes(
-        np.random.default_rng(1).bytes(4096)
-    ),
+    "random": lambda d, good: (d / "random.onnx").write_bytes(np.random.default_rng(1).bytes(4096)),
     "truncated": lambda d, good: (d / "truncated.onnx").write_bytes(good[: len(good) // 2]),
     "unknown_op": lambda d, good: onnx.save(_model(op="NoSuchOp"), d / "unknown_op.onnx"),
     "custom_domain": lambda d, good: onnx.save(
@@ -126,9 +124,19 @@ def keras_files(files) -> dict[str, Path]:
         zf.writestr("model.weights.h5", np.random.default_rng(3).bytes(512))
     (d / "empty.keras").write_bytes(b"")
     (d / "random.h5").write_bytes(np.random.default_rng(4).bytes(2048))
+    # pass the cheap checks, fail inside Keras / h5py / TensorFlow
+    (d / "hdf5_garbage.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + np.random.default_rng(5).bytes(3000))
+    with zipfile.ZipFile(d / "unknown_class.keras", "w") as zf:
+        zf.writestr("config.json", '{"class_name": "NoSuchLayer", "config": {}}')
+    with zipfile.ZipFile(d / "no_weights.keras", "w") as zf:
+        zf.writestr("config.json", "{}")
     (d / "not_a_savedmodel").mkdir()
+    (d / "garbage_savedmodel").mkdir()
+    (d / "garbage_savedmodel" / "saved_model.pb").write_bytes(np.random.default_rng(6).bytes(300))
     names = ["m.keras", "text.keras", "garbage.keras", "empty.keras", "random.h5"]
-    return {**{n: d / n for n in names}, "not_a_savedmodel": d / "not_a_savedmodel"}
+    names += ["hdf5_garbage.h5", "unknown_class.keras", "no_weights.keras"]
+    folders = ["not_a_savedmodel", "garbage_savedmodel"]
+    return {n: d / n for n in names + folders}
 
 
 def _copy(src: Path, folder: Path) -> Path:
@@ -174,8 +182,9 @@ def test_run_bad_model(files, capfd, tmp_path, bad):
 
 
 @pytest.mark.parametrize(
-    "data", ["truncated.npy", "text.npy", "empty.npy", "pickled.npy"]
-    + ["truncated.npz", "garbage.npz", "pickled.npz"]
+    "data",
+    ["truncated.npy", "text.npy", "empty.npy", "pickled.npy"]
+    + ["truncated.npz", "garbage.npz", "pickled.npz"],
 )
 def test_run_bad_arrays(files, capfd, tmp_path, data):
     out = tmp_path / "out.npz"
@@ -263,13 +272,17 @@ def test_serve_bad_model(files, bad):
 # --------------------------------------------------------------------------- export
 
 
-@pytest.mark.parametrize(
-    "bad", ["text.keras", "garbage.keras", "empty.keras", "random.h5", "not_a_savedmodel"]
-)
+KERAS_BAD = ["text.keras", "garbage.keras", "empty.keras", "random.h5", "hdf5_garbage.h5"]
+KERAS_BAD += ["unknown_class.keras", "no_weights.keras", "not_a_savedmodel", "garbage_savedmodel"]
+
+
+@pytest.mark.parametrize("bad", KERAS_BAD)
 def test_export_bad_model(keras_files, capfd, tmp_path, bad):
     out = tmp_path / "out.onnx"
     keep = [keras_files[bad]] if keras_files[bad].is_file() else []
-    refused(capfd, ["export", keras_files[bad], "-o", out], keras_files[bad], keep=keep, absent=[out])
+    refused(
+        capfd, ["export", keras_files[bad], "-o", out], keras_files[bad], keep=keep, absent=[out]
+    )
 
 
 def test_export_output_is_the_model(keras_files, capfd, tmp_path):
@@ -297,9 +310,16 @@ def test_parity_bad_onnx(keras_files, files, capfd, bad):
     refused(capfd, argv, files[bad], keep=[files[bad], keras_files["m.keras"]])
 
 
-@pytest.mark.parametrize("bad", ["text.keras", "garbage.keras"])
+@pytest.mark.parametrize(
+    "bad", ["text.keras", "garbage.keras", "hdf5_garbage.h5", "garbage_savedmodel"]
+)
 def test_parity_bad_keras(keras_files, files, capfd, bad):
-    refused(capfd, ["parity", keras_files[bad], files["good"]], keras_files[bad], keep=[keras_files[bad]])
+    refused(
+        capfd,
+        ["parity", keras_files[bad], files["good"]],
+        keras_files[bad],
+        keep=[keras_files[bad]],
+    )
 
 
 def test_parity_pickled_inputs(keras_files, files, capfd):
@@ -349,7 +369,7 @@ def test_api_load_arrays(files, data):
         load_arrays(files[data])
 
 
-@pytest.mark.parametrize("bad", ["text.keras", "garbage.keras", "random.h5"])
+@pytest.mark.parametrize("bad", ["text.keras", "garbage.keras", "random.h5", "unknown_class.keras"])
 def test_api_export_bad_model(keras_files, tmp_path, bad):
     with pytest.raises(BnexportError, match=bad):
         bnexport.export(keras_files[bad], tmp_path / "out.onnx")

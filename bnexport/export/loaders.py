@@ -367,15 +367,18 @@ def load_model(source: Any, *, safe_mode: bool = True) -> LoadedModel:
     path = Path(source).expanduser()
     if not path.exists():
         raise ExportError(f"model path {str(path)!r} does not exist")
-    from bnexport.io.keras_file import check_keras_source
+    from bnexport.io.keras_file import check_keras_source, keras_load_errors
 
     check_keras_source(path)  # ModelFileError: empty, text, zip of garbage, not HDF5
     if path.is_dir():
         if not (path / "saved_model.pb").exists():
             raise ExportError(f"{str(path)!r} is a directory without saved_model.pb")
-        return _load_saved_model(path, safe_mode)
+        with keras_load_errors(path):  # what TF/Keras raise about a broken file
+            return _load_saved_model(path, safe_mode)
     if path.suffix.lower() in (".keras", ".h5", ".hdf5"):
-        return from_keras(_load_keras_file(path, safe_mode))
+        with keras_load_errors(path):
+            model = _load_keras_file(path, safe_mode)
+        return from_keras(model)
     raise ExportError(
         f"unsupported model file {str(path)!r}: expected .keras, .h5 or a SavedModel directory"
     )

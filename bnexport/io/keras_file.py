@@ -12,17 +12,25 @@ naming the file:
   may precede it);
 - a folder: a SavedModel, i.e. ``saved_model.pb`` or ``saved_model.pbtxt`` inside.
 
-Other suffixes pass through unchecked (the loader decides). Nothing here imports Keras.
+Other suffixes pass through unchecked (the loader decides). A file that passes these
+checks can still be broken deeper (a config naming unknown classes, an HDF5 file with a
+bad superblock, a SavedModel protobuf that does not parse): :func:`keras_load_errors`
+wraps the Keras/TensorFlow load call and turns what they raise about the *file*
+(``ValueError``, ``TypeError``, ``KeyError``, ``OSError``) into ``ModelFileError`` with
+their first line; bnexport's own errors (safe-mode refusals included) and missing
+modules pass unchanged. Nothing here imports Keras.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
-from bnexport.errors import FileMissingError, ModelFileError
+from bnexport.errors import BnexportError, FileMissingError, ModelFileError
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
@@ -109,3 +117,25 @@ def check_keras_source(path: str | os.PathLike[str]) -> Path:
     elif suffix in (".h5", ".hdf5"):
         _check_h5(file, desc)
     return file
+
+
+@contextlib.contextmanager
+def keras_load_errors(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Translate what Keras / h5py / TensorFlow raise while deserializing ``path``.
+
+    Use around the load call only (not around bnexport's own processing of the model):
+    ``ValueError``, ``TypeError``, ``KeyError``, ``OSError`` and ``EOFError`` raised in the
+    block become one :class:`ModelFileError` naming the file; ``BnexportError`` and
+    ``ImportError`` propagate unchanged.
+    """
+    try:
+        yield
+    except BnexportError:
+        raise
+    except (ValueError, TypeError, KeyError, OSError, EOFError) as exc:
+        text = str(exc).strip()
+        first = text.splitlines()[0] if text else ""
+        if len(first) > 300:
+            first = first[:297] + "..."
+        reason = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+        raise ModelFileError(f"{os.fspath(path)}: cannot load the model ({reason})") from exc
