@@ -13,6 +13,7 @@ Hierarchy::
     ├── InputError (ValueError)
     ├── BackendUnavailableError ── MissingExtraError (ImportError)
     ├── PluginError
+    ├── UnsafeModelError (ValueError)  loading would run code stored in the file
     └── UsageError
         ├── OutputPathError            an output would overwrite an input / another output
         ├── FileMissingError (FileNotFoundError)
