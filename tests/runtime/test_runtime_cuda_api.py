@@ -64,3 +64,20 @@ def test_no_legacy_cuda_imports_or_int_of_handles():
         assert not re.search(r"^\s*from cuda import", text, re.M), path
         for call in ("int(ws)", "int(self._stream)", "int(check(", "int(_check_cuda("):
             assert call not in text, (path, call)
+
+
+def test_gpu_modules_import_light():
+    """Importing the GPU/TensorRT modules loads no TensorFlow, TensorRT or CUDA library."""
+    import subprocess
+
+    code = (
+        "import sys\n"
+        "import bnexport.runtime.cuda_api, bnexport.runtime.trt_build\n"
+        "import bnexport.runtime.trt_backend, bnexport.serve.triton_repo\n"
+        "import bnexport_plugins.fused_norm.gpu_runtime, bnexport_plugins.fused_norm.trt_plugin\n"
+        "heavy = ('tensorflow', 'keras', 'tf2onnx', 'tensorrt', 'cuda.bindings.driver',\n"
+        "         'cuda.bindings.runtime', 'cuda.bindings.nvrtc', 'torch')\n"
+        "print(','.join(m for m in heavy if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
