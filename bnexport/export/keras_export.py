@@ -18,6 +18,7 @@ Pipeline (each step in its own module):
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -52,7 +53,9 @@ def _check_options(
         raise ExportError("; ".join(problems))
 
 
-def check_graph(model: Any, serialized: bytes | None = None) -> None:
+def check_graph(
+    model: Any, serialized: bytes | None = None, labels: dict[str, str] | None = None
+) -> None:
     """``onnx.checker`` full check (schemas, types, strict shape inference) on ``model``.
 
     Graphs with ``bnexport::FusedNorm`` nodes are checked against the plugin's ONNX schema
@@ -62,9 +65,11 @@ def check_graph(model: Any, serialized: bytes | None = None) -> None:
     Args:
         model: the ``ModelProto``.
         serialized: ``model.SerializeToString()`` if the caller has it (saves a copy).
+        labels: ``{node name: Keras layer}`` to name the layer of the failing node.
 
     Raises:
-        ExportError: the graph is invalid (the checker's message).
+        ExportError: the graph is invalid (the checker's first message, in one line,
+            naming the layer when the failing node is known).
     """
     import onnx
 
@@ -82,7 +87,26 @@ def check_graph(model: Any, serialized: bytes | None = None) -> None:
         if not full:
             onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=False)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise ExportError(f"exported graph is invalid: {exc}") from exc
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
+        where = ""
+        if labels:
+            node = re.search(r"node name: ([^)\s]+)", lines[0] if lines else "")
+            label = _layer_of_node(node.group(1), labels) if node else None
+            where = f"layer {label!r}: " if label else ""
+        first = lines[0] if lines else type(exc).__name__
+        raise ExportError(f"{where}exported graph is invalid: {first}{more}") from exc
+
+
+def _layer_of_node(name: str, labels: dict[str, str]) -> str | None:
+    """The Keras layer whose TF op became ONNX node ``name``, if the name tells.
+
+    Nodes tf2onnx adds itself (``Reshape__48``) carry no layer: no guess is made (an
+    upstream neighbour would name the wrong layer).
+    """
+    from bnexport.export.trace import layer_of_op
+
+    return layer_of_op(name, labels, sorted(set(labels.values())))
 
 
 def _complete_records(records: list[FoldRecord], bn_names: list[str]) -> list[FoldRecord]:
@@ -190,8 +214,6 @@ def export(
         timings[name] = round(now - since, 4)
         return now
 
-    import onnx
-
     from bnexport.export import layer_map
     from bnexport.export.bn_layers import find_bn_layers
     from bnexport.export.loaders import load_model
@@ -254,7 +276,7 @@ def export(
     layer_map.write_metadata(folded, mapping, perms)
     folded.producer_name = "bnexport"
     serialized = folded.SerializeToString()  # once: checker, verification and file
-    check_graph(folded, serialized)
+    check_graph(folded, serialized, labels=traced.op_layers)
     t = lap("check", t)
 
     result = None

@@ -92,8 +92,11 @@ class ExportReport:
         node_count: nodes in the final graph.
         op_counts: ``{op_type: count}`` of the final graph.
         verify: the verification result, or ``None`` when ``verify=False``.
-        timings: seconds per phase (``load``, ``convert``, ``fold``, ``float16``,
-            ``verify``, ``write``, ``total``).
+        timings: seconds per stage, in pipeline order: ``load`` (model and BN layers),
+            ``trace`` (the ``tf.function``), ``freeze`` (variables to constants, grappler),
+            ``convert`` (tf2onnx and its optimizers), ``fold``, ``layer_map``,
+            ``float16``/``int8`` when asked for, ``check``, ``verify``, ``write``; and
+            ``total``. The table's caption prints them.
         notes: remarks (e.g. that the model has no batch normalization).
         int8: the :class:`~bnexport.quantize.report.QuantizeReport` of an ``int8=`` export
             (the file at ``path`` is then the INT8 graph), else ``None``.
@@ -164,6 +167,9 @@ class ExportReport:
             f"opset {self.opset}, {self.dtype} (io {self.io_dtype}), {self.node_count} nodes, "
             f"{self.export_time_s:.2f} s",
         ]
+        stages = [f"{k} {v:.2f}" for k, v in self.timings.items() if k != "total"]
+        if stages:
+            parts.append("stage times (s): " + ", ".join(stages))
         if self.verify is not None:
             v = self.verify
             verdict = "passed" if v.passed else "FAILED"

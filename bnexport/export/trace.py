@@ -183,7 +183,7 @@ def _unsupported_nodes(model: Any) -> list[Any]:
     return bad
 
 
-def _layer_of(op_name: str, op_layers: dict[str, str], layers: list[str]) -> str | None:
+def layer_of_op(op_name: str, op_layers: dict[str, str], layers: list[str]) -> str | None:
     """The layer that created TF op ``op_name`` (exact, then by name scope)."""
     base = op_name.split(":")[0]
     if base in op_layers:
@@ -292,7 +292,7 @@ def trace_and_convert(
     if bad:
         layer_names = sorted(set(state.op_layers.values()))
         node = bad[0]
-        layer = _layer_of(node.name, state.op_layers, layer_names)
+        layer = layer_of_op(node.name, state.op_layers, layer_names)
         where = f"layer {layer!r}" if layer else f"TF op {node.name!r}"
         others = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise ExportError(

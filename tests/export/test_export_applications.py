@@ -103,3 +103,77 @@ def test_efficientnet_b0_small(tmp_path, dtype):
     assert len(bn_derived_nodes(path)) == report.summary["fused"]
     name = next(iter(report.inputs))
     assert_matches_keras(path, model, image_feed(name, (64, 64, 3), batch=2), dtype=dtype)
+
+
+#: every ``keras.applications`` architecture with batch normalization: (name, input size).
+#: Sizes are the smallest each accepts comfortably (Inception/Xception need >= 75 / 71).
+#: VGG16/19 have no BN and ConvNeXt uses LayerNormalization: not listed.
+BN_APPLICATIONS = [
+    ("MobileNet", 64),
+    ("MobileNetV2", 64),
+    ("MobileNetV3Small", 64),
+    ("MobileNetV3Large", 64),
+    ("ResNet50", 64),
+    ("ResNet101", 64),
+    ("ResNet152", 64),
+    ("ResNet50V2", 64),
+    ("ResNet101V2", 64),
+    ("ResNet152V2", 64),
+    ("DenseNet121", 64),
+    ("DenseNet169", 64),
+    ("DenseNet201", 64),
+    ("EfficientNetB0", 64),
+    ("EfficientNetB1", 64),
+    ("EfficientNetB2", 64),
+    ("EfficientNetB3", 64),
+    ("EfficientNetB4", 64),
+    ("EfficientNetB5", 64),
+    ("EfficientNetB6", 64),
+    ("EfficientNetB7", 64),
+    ("EfficientNetV2B0", 64),
+    ("EfficientNetV2B1", 64),
+    ("EfficientNetV2B2", 64),
+    ("EfficientNetV2B3", 64),
+    ("EfficientNetV2S", 64),
+    ("EfficientNetV2M", 64),
+    ("EfficientNetV2L", 64),
+    ("InceptionV3", 75),
+    ("InceptionResNetV2", 75),
+    ("Xception", 71),
+    ("NASNetMobile", 64),
+    ("NASNetLarge", 64),
+]
+#: in the default (fast) run: the MobileNetV3 regression (tf2onnx's transpose optimizer on
+#: hard-sigmoid's 0-d constant) and one small model per remaining fold situation
+FAST = {"MobileNetV3Small", "MobileNetV3Large", "MobileNet"}
+
+
+@pytest.mark.parametrize(
+    ("name", "size"),
+    [
+        pytest.param(n, s, id=n, marks=() if n in FAST else pytest.mark.slow)
+        for n, s in BN_APPLICATIONS
+    ],
+)
+def test_every_bn_application_exports_folds_and_verifies(tmp_path, name, size):
+    """Export (verification on), every BN folded or exactly one node, outputs vs Keras.
+
+    Tolerance: ``export_models.TOL["float32"]`` (``max|onnx − keras| <= 1e-4·max|keras| +
+    1e-5``) on the logits (``classifier_activation=None``, 10 classes), onnxruntime with
+    graph optimizations off, batch 2, inputs uniform in [-1, 1).
+    """
+    from bnexport.layers.walk import bn_layers
+
+    ctor = getattr(keras.applications, name)
+    model = ctor(input_shape=(size, size, 3), weights=None, classes=10, classifier_activation=None)
+    randomize_bn(model)
+    path = tmp_path / f"{name}.onnx"
+    report = bnexport.export(model, path)
+    s = report.summary
+    assert s["total"] >= len(bn_layers(model)) > 0
+    assert s["kept"] == 0, [r for r in report.records if r.action == "kept"]
+    assert report.verify is not None and report.verify.passed
+    assert len(bn_derived_nodes(path)) == s["fused"]  # one node per BN that cannot fold
+    assert_matches_keras(
+        path, model, image_feed(next(iter(report.inputs)), (size, size, 3), batch=2)
+    )

@@ -223,3 +223,35 @@ def test_recalibrate_and_training_mode_see_nested_bns():
     assert [id(layer) for layer in iter_bn_layers(model)] == expected
     x = np.zeros((1, 16, 16, 3), np.float32)
     assert model(x).shape == (1, 5)
+
+
+class _Inner(L.Layer):
+    def call(self, x):
+        import tensorflow as tf
+
+        return tf.math.lgamma(tf.abs(x) + 1.0)  # no ONNX equivalent in tf2onnx
+
+
+class _Outer(L.Layer):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.conv = L.Conv2D(3, 1, name="conv")
+        self.inner = _Inner(name="inner")
+
+    def call(self, x):
+        return self.inner(self.conv(x))
+
+
+def test_unconvertible_op_names_the_nested_layer(tmp_path):
+    import pytest
+
+    from bnexport.errors import ExportError
+
+    inp = keras.Input((8, 8, 3), name="image")
+    model = keras.Model(inp, _Outer(name="blk")(L.BatchNormalization(name="bn")(inp)))
+    out = tmp_path / "lgamma.onnx"
+    with pytest.raises(ExportError) as info:
+        bnexport.export(model, out)
+    message = str(info.value)
+    assert message.startswith("layer 'blk/inner': tf2onnx cannot convert TF op 'Lgamma'")
+    assert "\n" not in message and not out.exists()
