@@ -29,7 +29,14 @@ from bnexport.errors import BackendUnavailableError
 from bnexport.runtime.cuda_api import check, driver_version, handle_value
 from bnexport.runtime.cuda_api import driver as _driver
 
-__all__ = ["FusedNormCuda", "check", "default_runtime", "gpu_available", "run_numpy"]
+__all__ = [
+    "FusedNormCuda",
+    "check",
+    "default_runtime",
+    "gpu_available",
+    "gpu_unavailable_reason",
+    "run_numpy",
+]
 
 
 def gpu_unavailable_reason() -> str | None:
