@@ -96,7 +96,7 @@ def bench_model(name: str, args, workdir: Path) -> tuple[dict, list]:
     t = time.perf_counter()
     model, calib, x_eval, y_eval = prepare(name, args.calib, args.eval, args.epochs)
     fp32_path, int8_path = workdir / f"{name}.onnx", workdir / f"{name}.int8.onnx"
-    bnexport.export(model, fp32_path, verify=False)
+    export_report = bnexport.export(model, fp32_path, verify=False)
     t_export = time.perf_counter() - t
     t = time.perf_counter()
     report = bnexport.quantize(fp32_path, int8_path, calib, method=args.method)
@@ -104,12 +104,18 @@ def bench_model(name: str, args, workdir: Path) -> tuple[dict, list]:
     sessions = {"fp32": make_session(str(fp32_path)), "int8": make_session(str(int8_path))}
     input_name = sessions["fp32"].get_inputs()[0].name
     ref = keras_predict(model, x_eval)
+    # a random-weight network may predict the same class for every input; agreement on
+    # such a model says little, so the table shows how many distinct classes Keras chose
+    classes = len(np.unique(ref.argmax(-1)))
     row = {
         "model": name,
         "eval_data": "digits test split" if y_eval is not None else "random inputs",
         "eval_samples": len(x_eval),
+        "keras_classes": classes,
         "calibration_samples": len(calib),
-        "bn_folded": report.bn_folded,
+        "bn_folded": export_report.summary["folded_forward"]
+        + export_report.summary["folded_backward"],
+        "bn_left": export_report.summary["fused"] + export_report.summary["kept"],
         "int8_nodes": len(report.quantized_nodes),
         "tensorrt_ready": report.tensorrt_ready,
         "export_s": round(t_export, 2),
@@ -135,7 +141,7 @@ def bench_model(name: str, args, workdir: Path) -> tuple[dict, list]:
 def print_table(rows: list[dict]) -> None:
     head = (
         "| model | batch | fp32 ms | int8 ms | int8/fp32 | top-1 agree fp32 | top-1 agree int8 "
-        "| eval data | BN folded | int8 nodes | TRT-ready |"
+        "| eval data (classes) | BN folded | int8 nodes | TRT-ready |"
     )
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
@@ -145,7 +151,7 @@ def print_table(rows: list[dict]) -> None:
             print(
                 f"| {r['model']} | {b} | {fp:.2f} | {q:.2f} | {q / fp:.2f} | "
                 f"{r['agree_fp32']:.2%} | {r['agree_int8']:.2%} | {r['eval_data']} "
-                f"({r['eval_samples']}) | {r['bn_folded']} | {r['int8_nodes']} | "
+                f"({r['eval_samples']}, {r['keras_classes']}) | {r['bn_folded']} | {r['int8_nodes']} | "
                 f"{'yes' if r['tensorrt_ready'] else 'no'} |"
             )
     for r in rows:

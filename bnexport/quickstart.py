@@ -7,6 +7,8 @@ download), reports test accuracy, saves ``digits.keras``, exports
 against the Keras model, per output and per layer (terminal table + HTML report).
 Between training and saving, :func:`bnexport.recalibrate` replaces the moving
 statistics that the short training left behind with exact population statistics.
+Last, ``digits.onnx`` is quantized to ``digits.int8.onnx`` (:func:`bnexport.quantize`,
+calibrated on training images) and both graphs' test accuracy and latency are printed.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class QuickstartResult:
     export_report: Any = None
     parity_report: Any = None
     html_path: Path | None = None
+    int8: Any = None  # bnexport.quantize.quickstart_step.Int8Result
 
 
 def build_digits_model(seed: int = 0) -> Any:
@@ -153,6 +156,10 @@ def run_quickstart(
         result.html_path = out / "parity.html"
         parity.write_html(result.html_path)
         console.print(f"parity report: {result.html_path}")
+
+    from bnexport.quantize.quickstart_step import int8_step
+
+    result.int8 = int8_step(onnx_path, data, out, console)
     return result
 
 

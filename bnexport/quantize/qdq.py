@@ -93,8 +93,8 @@ def extra_options(options: QdqOptions) -> dict[str, Any]:
         "QuantizeBias": False,
         "CalibTensorRangeSymmetric": options.method == "percentile",
     }
-    if options.method == "minmax":
-        extra["CalibMaxIntermediateOutputs"] = 8  # merge ranges every 8 batches: bounded memory
+    # No CalibMaxIntermediateOutputs: MinMax keeps only per-batch ReduceMin/ReduceMax
+    # outputs (small), and onnxruntime 1.32 drops (does not merge) the batches it clears.
     if options.method == "percentile":
         extra["CalibPercentile"] = float(options.percentile)
     return extra

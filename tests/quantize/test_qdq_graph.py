@@ -110,6 +110,16 @@ def test_numbers_against_numpy_fake_quant_and_fp32(quantized):
     assert report.outputs[0].sqnr_db > 25
 
 
+def test_minmax_range_covers_every_batch(tmp_path, cnn_path):
+    """25 calibration batches, the largest |x| in the first one: the scale must see it
+    (onnxruntime's CalibMaxIntermediateOutputs would drop early batches)."""
+    calib = images(200)
+    calib[0, 0, 0, 0] = 40.0
+    bnexport.quantize(cnn_path, tmp_path / "q.onnx", calib, batch_size=8)
+    scale = _init(onnx.load(tmp_path / "q.onnx"))["x_scale"]
+    np.testing.assert_allclose(scale, 40.0 / 127, rtol=1e-6)
+
+
 def test_metadata_records_quantization_and_keeps_source_metadata(tmp_path, calib):
     model = small_cnn()
     model.metadata_props.add(key="bnexport.layer_outputs", value='{"conv0": "c0"}')
