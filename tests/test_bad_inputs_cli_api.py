@@ -388,3 +388,42 @@ def test_api_triton_repo_bad_onnx(files, tmp_path, bad):
 
     with pytest.raises(BnexportError, match=files[bad].name):
         write_triton_repo(files[bad], tmp_path / "repo")
+
+
+# --------------------------------------------------------------------------- the guard itself
+
+
+def test_guard_same_file_by_any_name(tmp_path, monkeypatch):
+    from bnexport.atomic_write import check_output_paths
+    from bnexport.errors import OutputPathError
+
+    src = tmp_path / "m.onnx"
+    src.write_bytes(b"model")
+    (tmp_path / "sub").mkdir()
+    os.link(src, tmp_path / "hard.onnx")
+    (tmp_path / "soft.onnx").symlink_to(src)
+    monkeypatch.chdir(tmp_path / "sub")
+    for alias in ("../m.onnx", tmp_path / "sub" / ".." / "m.onnx", "../hard.onnx", "../soft.onnx"):
+        with pytest.raises(OutputPathError, match="would destroy the input"):
+            check_output_paths({"-o": alias}, {"IN": src})
+    check_output_paths({"-o": "../m.onnx"}, {"IN": src}, in_place=[("-o", "IN")])
+    check_output_paths({"-o": "../other.onnx", "--json": None}, {"IN": src, "--x": None})
+
+
+def test_guard_outputs_collide_and_folders(tmp_path):
+    from bnexport.atomic_write import check_output_paths
+    from bnexport.errors import OutputPathError
+
+    with pytest.raises(OutputPathError, match="are the same file"):
+        check_output_paths({"-o": tmp_path / "a", "--json": tmp_path / "." / "a"})
+    saved = tmp_path / "saved"
+    (saved / "variables").mkdir(parents=True)
+    (saved / "saved_model.pb").write_bytes(b"pb")
+    with pytest.raises(OutputPathError, match="inside the input"):  # would overwrite a part
+        check_output_paths({"-o": saved / "saved_model.pb"}, {"MODEL": saved})
+    check_output_paths({"-o": saved / "new.onnx"}, {"MODEL": saved})  # a new file is fine
+    repo = tmp_path / "repo" / "m"
+    (repo / "1").mkdir(parents=True)
+    (repo / "1" / "model.onnx").write_bytes(b"x")
+    with pytest.raises(OutputPathError, match="holds the input"):
+        check_output_paths({"OUT": repo}, {"MODEL": repo / "1" / "model.onnx"})
