@@ -255,3 +255,27 @@ def test_unconvertible_op_names_the_nested_layer(tmp_path):
     message = str(info.value)
     assert message.startswith("layer 'blk/inner': tf2onnx cannot convert TF op 'Lgamma'")
     assert "\n" not in message and not out.exists()
+
+
+class DepthwiseBN(L.Layer):
+    """Depthwise conv (multiplier 2) → BN inside a custom layer."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dw = L.DepthwiseConv2D(3, depth_multiplier=2, padding="same", name="dw")
+        self.bn = L.BatchNormalization(name="bn")
+
+    def call(self, x, training=None):
+        return keras.ops.relu(self.bn(self.dw(x), training=training))
+
+
+def test_depthwise_conv_nested_in_custom_layer_folds(tmp_path):
+    inp = keras.Input((10, 10, 4), name="image")
+    x = DepthwiseBN(name="dwblock")(inp)
+    model = _finish(keras.Model(inp, L.GlobalAveragePooling2D()(x)))
+    path = tmp_path / "dw.onnx"
+    report = bnexport.export(model, path)
+    assert [(r.name, r.action) for r in report.records] == [("dwblock/bn", "folded_forward")]
+    counts = op_counts(path)
+    assert "StatefulPartitionedCall" not in counts and "BatchNormalization" not in counts
+    assert_matches_keras(path, model, image_feed("image", (10, 10, 4)))
