@@ -103,9 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # subcommand not part of this build
             raise
         cmd = module.add_parser(sub)
-        cmd.add_argument(
-            "--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP
-        )
+        if "--debug" not in cmd._option_string_actions:  # also accepted after the command
+            cmd.add_argument(
+                "--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP
+            )
         cmd.set_defaults(_run=module.run)
     return parser
 
