@@ -243,6 +243,29 @@ def test_fold_help_says_in_place_is_allowed(capsys):
     assert "in place" in capsys.readouterr().out
 
 
+# --------------------------------------------------------------------------- quantize
+
+
+@pytest.mark.parametrize("bad", ["random", "truncated", "ext_traversal"])
+def test_quantize_bad_model(files, capfd, tmp_path, bad):
+    out = tmp_path / "q.onnx"
+    argv = ["quantize", files[bad], "-o", out, "--calibration", files["x.npy"]]
+    refused(capfd, argv, files[bad], keep=[files[bad]], absent=[out])
+
+
+@pytest.mark.parametrize("data", ["pickled.npz", "truncated.npy", "text.npy"])
+def test_quantize_bad_calibration(files, capfd, tmp_path, data):
+    out = tmp_path / "q.onnx"
+    argv = ["quantize", files["good"], "-o", out, "--calibration", files[data]]
+    refused(capfd, argv, files[data], keep=[files[data], files["good"]], absent=[out])
+
+
+def test_quantize_output_is_the_calibration(files, capfd, tmp_path):
+    data = _copy(files["x.npy"], tmp_path)
+    argv = ["quantize", files["good"], "-o", data, "--calibration", data]
+    refused(capfd, argv, data, keep=[data, files["good"]], code=2)
+
+
 # --------------------------------------------------------------------------- triton-repo
 
 
