@@ -450,3 +450,16 @@ def test_guard_outputs_collide_and_folders(tmp_path):
     (repo / "1" / "model.onnx").write_bytes(b"x")
     with pytest.raises(OutputPathError, match="holds the input"):
         check_output_paths({"OUT": repo}, {"MODEL": repo / "1" / "model.onnx"})
+
+
+def test_api_export_refuses_to_overwrite_its_model(keras_files, tmp_path):
+    m = _copy(keras_files["m.keras"], tmp_path)
+    before = m.read_bytes()
+    with pytest.raises(BnexportError, match="m.keras"):
+        bnexport.export(m, m)
+    assert m.read_bytes() == before
+
+
+def test_api_session_folder(files):
+    with pytest.raises(BnexportError, match="is a folder"):
+        bnexport.Session(files["dir"])
