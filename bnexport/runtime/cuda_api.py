@@ -33,7 +33,7 @@ _INSTALL = "pip install 'bnexport[gpu]' (cuda-bindings and nvidia-cuda-nvrtc of 
 _LOADED: dict[str, Any] = {}
 
 
-def _load(module: str, probe: str, what: str) -> Any:
+def _load(module: str, probe: str, what: str, hint: str) -> Any:
     """Import ``cuda.bindings.<module>`` and call ``probe()`` once so its library loads."""
     if module in _LOADED:
         return _LOADED[module]
@@ -45,8 +45,7 @@ def _load(module: str, probe: str, what: str) -> Any:
         result = getattr(mod, probe)()
     except (RuntimeError, OSError) as exc:  # library missing, or built for another CUDA major
         raise BackendUnavailableError(
-            f"{what}: cuda.bindings.{module} could not load its library ({exc}). "
-            f"Install matching versions: {_INSTALL}"
+            f"{what}: cuda.bindings.{module} could not load its library ({exc}); {hint}"
         ) from exc
     check(result, f"{probe} ({what})")
     _LOADED[module] = mod
@@ -59,7 +58,9 @@ def driver() -> Any:
     Raises:
         BackendUnavailableError: cuda-bindings is missing or no NVIDIA driver is installed.
     """
-    return _load("driver", "cuDriverGetVersion", "the CUDA driver API")
+    return _load(
+        "driver", "cuDriverGetVersion", "the CUDA driver API", "is an NVIDIA driver installed?"
+    )
 
 
 def runtime() -> Any:
@@ -69,7 +70,9 @@ def runtime() -> Any:
         BackendUnavailableError: cuda-bindings is missing, no NVIDIA driver is installed, or
             ``cudaGetDeviceCount`` fails (no GPU).
     """
-    return _load("runtime", "cudaGetDeviceCount", "the CUDA runtime API")
+    return _load(
+        "runtime", "cudaGetDeviceCount", "the CUDA runtime API", "is an NVIDIA driver installed?"
+    )
 
 
 def nvrtc() -> Any:
@@ -80,7 +83,12 @@ def nvrtc() -> Any:
             CUDA major differs from cuda-bindings' (e.g. ``nvidia-cuda-nvrtc`` 12 under
             cuda-bindings 13).
     """
-    return _load("nvrtc", "nvrtcVersion", "compiling the FusedNorm kernels (NVRTC)")
+    return _load(
+        "nvrtc",
+        "nvrtcVersion",
+        "compiling the FusedNorm kernels (NVRTC)",
+        f"install matching versions: {_INSTALL}",
+    )
 
 
 def check(result: Any, what: str) -> Any:
