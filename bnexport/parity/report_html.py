@@ -14,7 +14,7 @@ import html
 import io
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bnexport.parity.report_table import fmt
 
@@ -120,6 +120,30 @@ def _table(rows: list[str], first_col: str = "name") -> str:
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
 
 
+def _int8_html(b: Any) -> str:
+    """INT8 graph: the primary metric and the ranked layers (what to ``--exclude``)."""
+    esc = html.escape
+    top1 = b.top1
+    metric = "no class-score output" if top1 is None else f"top-1 agreement {top1:.2%}"
+    out = [f"<h3>INT8 (QDQ) graph</h3><p>Primary metric: <b>{metric}</b>.</p>"]
+    if b.layer_losses:
+        rows = "".join(
+            f"<tr><td>{i}</td><td>{esc(x.layer)}</td><td>{x.nmse:.3e}</td>"
+            f"<td>{x.added_nmse:.3e}</td><td><code>{esc(', '.join(x.nodes))}</code></td></tr>"
+            for i, x in enumerate(b.layer_losses, 1)
+        )
+        out.append(
+            "<table><tr><th>rank</th><th>layer</th><th>NMSE</th><th>added NMSE</th>"
+            f"<th>ONNX nodes (quantize --exclude)</th></tr>{rows}</table>"
+        )
+        if b.exclude_candidates:
+            names = esc(" ".join(b.exclude_candidates))
+            out.append(
+                f"<p>Keep in float32: <code>bnexport quantize ... --exclude {names}</code></p>"
+            )
+    return "".join(out)
+
+
 def render_html(report: ParityReport) -> str:
     """The report as one HTML string (PNG plot inlined)."""
     esc = html.escape
@@ -150,6 +174,8 @@ def render_html(report: ParityReport) -> str:
         for c in b.outputs:
             if not c.passed:
                 parts.append(f'<p class="fail">{esc(c.name)}: {esc(c.reason)}</p>')
+        if b.quantized:
+            parts.append(_int8_html(b))
         if b.layers:
             first = b.first_failing_layer
             note = (

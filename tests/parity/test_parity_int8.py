@@ -100,6 +100,10 @@ def test_per_layer_ranks_the_corrupted_layer_first_and_names_nodes_to_exclude(in
     top = next(r for r in b.layers if r.layer == losses[0].layer)
     assert top.comparison.nmse == pytest.approx(losses[0].nmse)
     assert conv.name in b.exclude_candidates
+    report.write_html(tmp_path / "int8.html")
+    page = (tmp_path / "int8.html").read_text()
+    assert "INT8 (QDQ) graph" in page and conv.name in page
+    assert report.to_dict()["backends"][0]["exclude_candidates"] == b.exclude_candidates
     # per-layer results of an INT8 graph are reported, not failed: the output decides
     assert report.passed == all(b.outputs)
     # the names are what quantize's exclude takes: that node then stays float32
