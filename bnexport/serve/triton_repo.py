@@ -18,9 +18,9 @@ every tensor must be dynamic in the ONNX graph; it is left out of ``dims``, as
 Triton expects, and the remaining dynamic dimensions are written as ``-1``.
 ``dynamic_batching`` (queue delay from ``--batch-timeout-ms``) and an
 ``instance_group`` (``--instances`` copies, ``KIND_AUTO`` / ``KIND_GPU`` /
-``KIND_CPU``) follow. The file is validated by parsing it with the model-config
-protobuf that tritonclient ships (``tritonclient/grpc/model_config_pb2.py``)
-and comparing the parsed fields with what was meant.
+``KIND_CPU``) follow. The file is a ``ModelConfig`` message of Triton's own
+model-config protobuf (shipped by tritonclient), printed by ``text_format`` and
+parsed back to the identical message (:mod:`bnexport.serve.triton_config`).
 
 TensorRT and the FusedNorm plugin
 ---------------------------------
@@ -68,88 +68,32 @@ from bnexport_plugins.fused_norm.spec import has_fused_norm
 
 from bnexport.atomic_write import atomic_path, write_bytes_atomic
 from bnexport.errors import UsageError
+from bnexport.serve.triton_config import (
+    TensorConfig,
+    check_round_trip,
+    model_config,
+    model_config_pb2,
+    parse_config,
+    render_config,
+    tensor_configs,
+)
+
+__all__ = [
+    "BACKENDS",
+    "INSTANCE_KINDS",
+    "TensorConfig",
+    "TritonRepoResult",
+    "kserve_inferenceservice_yaml",
+    "model_config",
+    "model_config_pb2",
+    "parse_config",
+    "render_config",
+    "validate_model_name",
+    "write_triton_repo",
+]
 
 BACKENDS = ("onnxruntime", "tensorrt")
 INSTANCE_KINDS = {"auto": "KIND_AUTO", "gpu": "KIND_GPU", "cpu": "KIND_CPU"}
-
-#: onnx.TensorProto element type name -> Triton data_type
-_ONNX_TO_TRITON = {
-    "FLOAT": "TYPE_FP32",
-    "FLOAT16": "TYPE_FP16",
-    "BFLOAT16": "TYPE_BF16",
-    "DOUBLE": "TYPE_FP64",
-    "INT8": "TYPE_INT8",
-    "INT16": "TYPE_INT16",
-    "INT32": "TYPE_INT32",
-    "INT64": "TYPE_INT64",
-    "UINT8": "TYPE_UINT8",
-    "UINT16": "TYPE_UINT16",
-    "UINT32": "TYPE_UINT32",
-    "UINT64": "TYPE_UINT64",
-    "BOOL": "TYPE_BOOL",
-    "STRING": "TYPE_STRING",
-}
-
-
-_PB2_NAME = "tritonclient.grpc.model_config_pb2"
-
-
-def model_config_pb2() -> Any:
-    """Triton's ``model_config_pb2`` module, as shipped in the tritonclient wheel.
-
-    The module needs only ``protobuf``, but importing it through its package runs
-    ``tritonclient/grpc/__init__.py``, which raises ``RuntimeError`` without ``grpcio``
-    (the ``tritonclient[grpc]`` extra). So the file is loaded directly, under its own
-    name, unless it is already imported (then that module is returned: one set of
-    message classes, one descriptor registration).
-
-    Raises:
-        UsageError: tritonclient or protobuf is not installed.
-    """
-    import sys
-
-    if _PB2_NAME in sys.modules:
-        return sys.modules[_PB2_NAME]
-    spec = importlib.util.find_spec("tritonclient")
-    if spec is None or not spec.submodule_search_locations:
-        raise UsageError(
-            "validating config.pbtxt needs tritonclient: pip install 'tritonclient[http]>=2.40'"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / "grpc" / "model_config_pb2.py"
-    file_spec = importlib.util.spec_from_file_location(_PB2_NAME, path)
-    if file_spec is None or file_spec.loader is None or not path.is_file():
-        raise UsageError(f"tritonclient has no model_config_pb2.py at {path}")
-    module = importlib.util.module_from_spec(file_spec)
-    try:
-        file_spec.loader.exec_module(module)
-    except ImportError as exc:
-        raise UsageError(f"model_config_pb2 needs protobuf: pip install protobuf ({exc})") from None
-    sys.modules[_PB2_NAME] = module
-    return module
-
-
-def parse_config(text: str) -> Any:
-    """Parse ``config.pbtxt`` text into a ``inference.ModelConfig`` message.
-
-    Raises:
-        UsageError: the text is not a valid model config (names line and field).
-    """
-    from google.protobuf import text_format
-
-    pb2 = model_config_pb2()
-    try:
-        return text_format.Parse(text, pb2.ModelConfig())
-    except text_format.ParseError as exc:
-        raise UsageError(f"invalid config.pbtxt: {exc}") from None
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorConfig:
-    """One ``input``/``output`` entry of config.pbtxt."""
-
-    name: str
-    data_type: str
-    dims: tuple[int, ...]
 
 
 @dataclasses.dataclass
@@ -171,74 +115,6 @@ class TritonRepoResult:
     plan_written: bool
     config: Any
     notes: list[str]
-
-
-def _tensor_configs(values: Any, initializers: set[str], batched: bool) -> list[TensorConfig]:
-    import onnx
-
-    out = []
-    for vi in values:
-        if vi.name in initializers:
-            continue
-        ttype = vi.type.tensor_type
-        type_name = onnx.TensorProto.DataType.Name(ttype.elem_type)
-        data_type = _ONNX_TO_TRITON.get(type_name)
-        if data_type is None:
-            raise UsageError(f"tensor '{vi.name}': ONNX type {type_name} has no Triton data_type")
-        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in ttype.shape.dim]
-        if batched:
-            if not dims or dims[0] != -1:
-                raise UsageError(
-                    f"tensor '{vi.name}' has a fixed first dimension ({dims[:1]}); Triton's "
-                    "batching needs a dynamic batch dimension. Re-export with a dynamic batch "
-                    "or pass --max-batch 0"
-                )
-            dims = dims[1:]
-        out.append(TensorConfig(vi.name, data_type, tuple(dims)))
-    return out
-
-
-def model_config(
-    name: str,
-    backend: str,
-    inputs: list[TensorConfig],
-    outputs: list[TensorConfig],
-    *,
-    max_batch: int,
-    instances: int,
-    instance_kind: str,
-    queue_delay_us: int,
-) -> Any:
-    """The ``inference.ModelConfig`` message of config.pbtxt (fields: see the module docstring).
-
-    A tensor with no dims besides the batch (a scalar per batch item) is written as
-    ``dims: [1]`` with ``reshape { shape: [] }``, as Triton expects.
-    """
-    pb2 = model_config_pb2()
-    cfg = pb2.ModelConfig(name=name, backend=backend, max_batch_size=max_batch)
-    for entries, tensors in ((cfg.input, inputs), (cfg.output, outputs)):
-        for t in tensors:
-            entry = entries.add(name=t.name, data_type=pb2.DataType.Value(t.data_type))
-            entry.dims.extend(t.dims or (1,))
-            if not t.dims:
-                entry.reshape.SetInParent()  # reshape { } : shape [] per batch item
-    if max_batch > 0:
-        cfg.dynamic_batching.SetInParent()
-        cfg.dynamic_batching.max_queue_delay_microseconds = queue_delay_us
-    cfg.instance_group.add(count=instances, kind=pb2.ModelInstanceGroup.Kind.Value(instance_kind))
-    return cfg
-
-
-def render_config(cfg: Any, *, source: str) -> str:
-    """config.pbtxt text: a comment naming ``source``, then ``cfg`` printed by ``text_format``.
-
-    ``text_format`` escapes every string (a tensor name with quotes or newlines stays one
-    field), which is why the text is never assembled by hand.
-    """
-    from google.protobuf import text_format
-
-    comment = " ".join(f"Written by `bnexport triton-repo` from {source}.".split())
-    return f"# {comment}\n" + text_format.MessageToString(cfg)
 
 
 def _atomic_copy(src: Path, dst: Path) -> None:
@@ -267,16 +143,6 @@ def validate_model_name(name: str) -> str:
     from bnexport.serve.repository import _check_name
 
     return _check_name(name, Path("--name"))
-
-
-def _check_round_trip(text: str, cfg: Any) -> Any:
-    """Parse ``text`` with Triton's model-config protobuf; it must give back ``cfg`` exactly."""
-    parsed = parse_config(text)
-    if parsed != cfg:
-        raise UsageError(
-            f"config.pbtxt does not parse back to the config that was meant: {parsed!r} != {cfg!r}"
-        )
-    return parsed
 
 
 def write_triton_repo(
@@ -339,8 +205,8 @@ def write_triton_repo(
         raise UsageError(f"{src} keeps weights in external data files; save it as one file first")
     initializers = {init.name for init in model.graph.initializer}
     batched = max_batch > 0
-    inputs = _tensor_configs(model.graph.input, initializers, batched)
-    outputs = _tensor_configs(model.graph.output, set(), batched)
+    inputs = tensor_configs(model.graph.input, initializers, batched)
+    outputs = tensor_configs(model.graph.output, set(), batched)
     digest = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
     cfg = model_config(
         name,
@@ -353,7 +219,7 @@ def write_triton_repo(
         queue_delay_us=int(round(batch_timeout_ms * 1000)),
     )
     text = render_config(cfg, source=f"{src.name} (sha256 {digest}...)")
-    cfg = _check_round_trip(text, cfg)
+    cfg = check_round_trip(text, cfg)
 
     model_dir = Path(out_dir) / name
     version_dir = model_dir / "1"
