@@ -18,6 +18,8 @@ _LAZY = {
     "KerasRunner": "bnexport.parity.runners",
     "OnnxrtRunner": "bnexport.parity.runners",
     "TrtRunner": "bnexport.parity.runners",
+    "LayerLoss": "bnexport.parity.quantized",
+    "rank_layer_losses": "bnexport.parity.quantized",
 }
 
 __all__ = sorted(_LAZY)

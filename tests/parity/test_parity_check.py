@@ -1,4 +1,7 @@
-"""End-to-end parity on a small exported Keras BN model (fp32 defaults: rtol 1e-3, atol 1e-4)."""
+"""End-to-end parity on a small exported Keras BN model.
+
+fp32 defaults from bnexport.tolerance: elementwise, rtol 1e-4, atol 1e-4.
+"""
 
 from __future__ import annotations
 
@@ -145,3 +148,19 @@ def test_usage_errors(exported, tmp_path):
         check_parity(model, tmp_path / "none.onnx")
     with pytest.raises(UsageError, match="input 'image'"):
         check_parity(model, path, inputs={"image": np.zeros((2, 4, 4, 3), np.float32)})
+
+
+def test_inputs_as_array_or_list_match_the_dict_feed(exported, feed):
+    model, path = exported
+    by_dict = check_parity(model, path, inputs=feed)
+    for given in (feed["image"], [feed["image"]], (feed["image"],)):
+        report = check_parity(model, path, inputs=given)
+        assert report.passed and report.inputs == {"image": [6, 8, 8, 3]}
+        got, want = report.backends[0].outputs[0], by_dict.backends[0].outputs[0]
+        assert got.max_absdiff == want.max_absdiff
+    from bnexport.errors import UsageError
+
+    with pytest.raises(UsageError, match="2 input arrays given for a model with 1 inputs"):
+        check_parity(model, path, inputs=[feed["image"], feed["image"]])
+    with pytest.raises(UsageError, match="Received: set"):
+        check_parity(model, path, inputs={1, 2})
