@@ -105,7 +105,9 @@ def _load(model_or_path: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto
         model = onnx.ModelProto()
         model.CopyFrom(model_or_path)
         return model
-    return onnx.load(os.fspath(model_or_path))
+    from bnexport.io.onnx_file import load_onnx
+
+    return load_onnx(model_or_path)  # ModelFileError naming the file, external data confined
 
 
 def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
