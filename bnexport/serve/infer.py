@@ -62,23 +62,19 @@ def error_response(status: int, message: str, headers: dict | None = None) -> JS
 
 
 async def receive_body(request: Request, max_bytes: int) -> bytearray:
-    """The raw request body, read into one buffer (sized by ``Content-Length`` when given).
+    """The raw request body, read into one growing buffer.
 
     Raises:
         ClientGoneError: the client disconnected before the body was complete.
     """
-    length = request.headers.get("content-length", "")
-    size = int(length) if length.isdigit() and int(length) <= max_bytes else 0
-    body = bytearray(size)  # filled in place: no copy of the whole body at the end
-    pos = 0
+    # grown chunk by chunk: no zero-filled buffer up front (64 MiB of page faults in one
+    # go) and no join of every chunk at the end (a 64 MiB copy), both on the event loop
+    body = bytearray()
     try:
         async for chunk in request.stream():
-            end = pos + len(chunk)
-            body[pos:end] = chunk
-            pos = end
+            body += chunk
     except ClientDisconnect:
-        raise ClientGoneError(f"client disconnected after {pos} body bytes") from None
-    del body[pos:]
+        raise ClientGoneError(f"client disconnected after {len(body)} body bytes") from None
     return body
 
 

@@ -16,6 +16,7 @@ import os
 import shlex
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
     from bnexport.serve.grpc_server import GrpcFrontend
 
 _INLINE_LIMIT = 256  # elements written into the curl command itself
+#: GIL switch interval of the server process (Python's default is 5 ms)
+SWITCH_INTERVAL_S = 0.001
 #: environment variable the printed ``curl`` example takes the token from
 TOKEN_ENV = "BNEXPORT_SERVE_TOKEN"
 
@@ -259,6 +262,9 @@ def serve_model(
 
     configure_logging(log_level)
     log = get_logger()
+    # worker threads (decoding, encoding) hand the GIL back to the event loop after at most
+    # this long instead of 5 ms; a health probe needs several hand-overs (select, recv, send)
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     # fail on a busy port or a bad host now, before loading models and printing "Serving on"
     sock = listen_socket(host, port)
     port = sock.getsockname()[1]

@@ -518,3 +518,118 @@ def test_concurrent_health_while_json_body_streams(guarded):
     finally:
         done.set()
         t.join()
+
+
+# -- health latency while the largest allowed request is processed -------------------------------
+_SERVER_SCRIPT = """
+import sys
+from bnexport.serve.server import serve_model
+serve_model(sys.argv[1], "127.0.0.1", 0, max_body_mb=float(sys.argv[2]), log_level="warning",
+            print_fn=lambda line: print(line, flush=True))
+"""
+
+
+def _largest_body(kind: str, limit: int) -> tuple[bytes, dict]:
+    """An infer body for digits as close to ``limit`` bytes as the format allows."""
+    if kind == "binary":
+        rows = (limit - 4096) // 256
+        return _binary_body(np.full((rows, 8, 8, 1), 0.5, np.float32))
+    head = b'{"inputs":[{"name":"image","shape":[%d,8,8,1],"datatype":"FP32","data":['
+    rows = (limit - 200) // (64 * 4)
+    data = b"0.5," * (rows * 64 - 1) + b"0.5"
+    return (head % rows) + data + b"]}]}", {}
+
+
+_SENDER_SCRIPT = """
+import json, sys, httpx
+body = open(sys.argv[2], "rb").read()
+resp = httpx.post(sys.argv[1], content=body, headers=json.loads(sys.argv[3]), timeout=300)
+print(resp.status_code)
+"""
+
+
+def _probe(client: httpx.Client, url: str, until) -> np.ndarray:
+    """Latencies (ms) of /v2/health/live and /ready, alternately, every 5 ms until ``until()``."""
+    latencies: list[float] = []
+    paths = ["/v2/health/live", "/v2/health/ready"]
+    while not until():
+        start = time.perf_counter()
+        resp = client.get(f"{url}{paths[len(latencies) % 2]}")
+        latencies.append((time.perf_counter() - start) * 1000)
+        assert resp.status_code == 200
+        time.sleep(0.005)
+    return np.array(latencies)
+
+
+def _health_while(url: str, body_file, headers: dict) -> tuple[str, np.ndarray, np.ndarray]:
+    """Status of the large request (sent by another process, so that its bytes cost this
+    process no GIL), the health latencies (ms) meanwhile, and those of the second before."""
+    import subprocess
+    import sys
+
+    with httpx.Client(timeout=10) as client:
+        client.get(f"{url}/v2/health/live")  # connection open before the clock starts
+        t_end = time.monotonic() + 1.0
+        idle = _probe(client, url, lambda: time.monotonic() > t_end)
+        sender = subprocess.Popen(
+            [sys.executable, "-c", _SENDER_SCRIPT, f"{url}{INFER}", str(body_file)]
+            + [json.dumps(headers)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        busy = _probe(client, url, lambda: sender.poll() is not None)
+        status = sender.communicate()[0].strip()
+    return status, busy, idle
+
+
+@pytest.mark.parametrize(
+    "kind, limit_mb",
+    [
+        ("binary", 64),
+        ("json", 16),
+        pytest.param("json", 64, marks=pytest.mark.slow),
+    ],
+)
+def test_health_p99_under_50ms_while_largest_request_runs(repo_dir, tmp_path, kind, limit_mb):
+    """/v2/health/* answer in < 50 ms (p99) while a body of the full limit is decoded and run.
+
+    The server runs in its own process, with the defaults of ``bnexport serve``; the
+    large request comes from a third process. The bound is 50 ms above the p99 of the
+    same probes in the second before the request (the machine's own noise: ~2 ms when
+    it is quiet, tens of ms on a loaded shared runner). Up to three attempts: a stall
+    the server causes repeats on every attempt, a noisy neighbour does not.
+    """
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SERVER_SCRIPT, str(repo_dir), str(limit_mb)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("Serving"), line
+        url = line.split(" on ")[1].split()[0]
+        body, headers = _largest_body(kind, limit_mb << 20)
+        assert (limit_mb << 20) - len(body) < 8192
+        body_file = tmp_path / "body.bin"
+        body_file.write_bytes(body)
+        del body
+        attempts = []
+        for _ in range(3):
+            status, busy, idle = _health_while(url, body_file, headers)
+            assert status == "200", status
+            p99, floor = float(np.percentile(busy, 99)), float(np.percentile(idle, 99))
+            attempts.append(
+                f"p99 {p99:.1f} ms (max {busy.max():.1f}, {len(busy)} probes) while busy, "
+                f"{floor:.1f} ms idle"
+            )
+            print(f"{kind} {limit_mb} MiB: {attempts[-1]}")
+            if p99 < 50 + floor and len(busy) >= 20:
+                break
+        else:
+            raise AssertionError("health stalled behind a large request: " + "; ".join(attempts))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
