@@ -86,10 +86,38 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument(
         "--token",
         default=os.environ.get("BNEXPORT_SERVE_TOKEN"),
-        help="require 'Authorization: Bearer TOKEN' (default: $BNEXPORT_SERVE_TOKEN; none)",
+        help="require 'Authorization: Bearer TOKEN' (default: $BNEXPORT_SERVE_TOKEN; none). "
+        "Prefer the variable: a --token value is visible to other users in the process list; "
+        "the printed example curl reads $BNEXPORT_SERVE_TOKEN, never shows the token",
     )
     parser.add_argument(
         "--max-body-mb", type=float, default=64.0, help="request body limit in MiB (default 64)"
+    )
+    parser.add_argument(
+        "--max-inflight-mb",
+        type=float,
+        default=None,
+        help="bound on the request bodies processed at once, in MiB (default 4x --max-body-mb; "
+        "a chunked or compressed body counts as --max-body-mb); requests beyond it wait up "
+        "to 10 s, then get 503 with Retry-After. Health/metadata requests are never queued",
+    )
+    parser.add_argument(
+        "--max-inflight-requests",
+        type=int,
+        default=256,
+        help="requests with a body processed at once (default 256); same wait, then 503",
+    )
+    parser.add_argument(
+        "--body-timeout-s",
+        type=float,
+        default=60.0,
+        help="time to receive a whole request body, else 408 (default 60)",
+    )
+    parser.add_argument(
+        "--header-timeout-s",
+        type=float,
+        default=10.0,
+        help="time to receive a request's line and headers, else 408 (default 10)",
     )
     parser.add_argument(
         "--no-memory-arena",
@@ -134,6 +162,14 @@ def run(args: argparse.Namespace) -> int:
         bad.append(f"--instances={args.instances} (>= 1)")
     if args.max_body_mb <= 0:
         bad.append(f"--max-body-mb={args.max_body_mb} (> 0)")
+    if args.max_inflight_mb is not None and args.max_inflight_mb <= 0:
+        bad.append(f"--max-inflight-mb={args.max_inflight_mb} (> 0)")
+    if args.max_inflight_requests < 1:
+        bad.append(f"--max-inflight-requests={args.max_inflight_requests} (>= 1)")
+    if args.body_timeout_s <= 0:
+        bad.append(f"--body-timeout-s={args.body_timeout_s} (> 0)")
+    if args.header_timeout_s <= 0:
+        bad.append(f"--header-timeout-s={args.header_timeout_s} (> 0)")
     if bad:
         raise UsageError("invalid argument(s): " + ", ".join(bad))
     serve_model(
@@ -148,6 +184,10 @@ def run(args: argparse.Namespace) -> int:
         batch_policy=args.batch_policy,
         token=args.token,
         max_body_mb=args.max_body_mb,
+        max_inflight_mb=args.max_inflight_mb,
+        max_inflight_requests=args.max_inflight_requests,
+        body_timeout_s=args.body_timeout_s,
+        header_timeout_s=args.header_timeout_s,
         instances=args.instances,
         intra_op_threads=args.intra_op_threads,
         ort_spinning=args.ort_spinning,

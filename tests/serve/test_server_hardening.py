@@ -633,3 +633,26 @@ def test_health_p99_under_50ms_while_largest_request_runs(repo_dir, tmp_path, ki
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_cli_busy_port_is_one_line_and_prints_nothing(repo_dir):
+    import subprocess
+    import sys
+
+    from bnexport.serve.server import listen_socket
+
+    taken = listen_socket("127.0.0.1", 0)
+    port = taken.getsockname()[1]
+    try:
+        code = "import sys; from bnexport.cli.main import main; sys.exit(main(sys.argv[1:]))"
+        proc = subprocess.run(
+            [sys.executable, "-c", code, "serve", str(repo_dir), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        taken.close()
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and f"127.0.0.1:{port}" in proc.stderr, proc.stderr
+    assert "in use" in proc.stderr and "Traceback" not in proc.stderr
