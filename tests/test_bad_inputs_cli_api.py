@@ -279,17 +279,28 @@ def test_triton_repo_bad_model(files, capfd, tmp_path, bad):
 # --------------------------------------------------------------------------- serve
 
 
-@pytest.mark.parametrize("bad", ["empty", "random", "unknown_op"])
-def test_serve_bad_model(files, bad):
+def _serve_refused(target: Path, culprit: str) -> None:
     """A real process: a regression that served the file would hang, so it has a timeout."""
-    argv = [sys.executable, "-m", "bnexport.cli.main", "serve", str(files[bad]), "--port", "0"]
+    argv = [sys.executable, "-m", "bnexport.cli.main", "serve", str(target), "--port", "0"]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     assert len(lines) == 1, proc.stderr
-    assert files[bad].name in lines[0]
+    assert culprit in lines[0]
     assert "Serving" not in proc.stdout
+
+
+@pytest.mark.parametrize("bad", ["empty", "random", "unknown_op", "ext_traversal"])
+def test_serve_bad_model(files, bad):
+    _serve_refused(files[bad], files[bad].name)
+
+
+def test_serve_repository_with_a_corrupt_model(files, tmp_path):
+    version = tmp_path / "repo" / "m" / "1"
+    version.mkdir(parents=True)
+    (version / "model.onnx").write_bytes(files["random"].read_bytes())
+    _serve_refused(tmp_path / "repo", "m/1/model.onnx")
 
 
 # --------------------------------------------------------------------------- export
