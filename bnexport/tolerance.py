@@ -119,6 +119,15 @@ def bounds(ref: np.ndarray, rtol: float, atol: float) -> np.ndarray:
     return atol + rtol * np.abs(np.asarray(ref, np.float64))
 
 
+def exceeds(absdiff: np.ndarray, absref: np.ndarray, rtol: float, atol: float) -> np.ndarray:
+    """The criterion on precomputed ``|out − ref|`` and ``|ref|``: mask of failing elements.
+
+    A NaN difference compares False with its bound, so it counts as a violation.
+    """
+    with np.errstate(invalid="ignore"):
+        return ~(absdiff <= atol + rtol * absref)
+
+
 def violations(ref: Any, out: Any, rtol: float, atol: float) -> np.ndarray:
     """Boolean mask of the elements that fail the criterion (non-finite ones included).
 
@@ -127,7 +136,7 @@ def violations(ref: Any, out: Any, rtol: float, atol: float) -> np.ndarray:
     r = np.asarray(ref, np.float64)
     o = np.asarray(out, np.float64)
     with np.errstate(invalid="ignore"):
-        bad = ~(np.abs(o - r) <= bounds(r, rtol, atol))  # NaN compares False: a violation
+        bad = exceeds(np.abs(o - r), np.abs(r), rtol, atol)
     return bad | ~np.isfinite(r) | ~np.isfinite(o)
 
 
