@@ -1,4 +1,4 @@
-"""CI check: a fresh venv with only ``bnexport[serve]`` runs fold, run and serve.
+"""CI check: a fresh venv with only ``bnexport[serve]`` runs fold, run, serve (and more).
 
 Usage: ``python3 tests/lean_install_check.py [--venv DIR] [--keep]``. Exit 0 when:
 
@@ -6,6 +6,7 @@ Usage: ``python3 tests/lean_install_check.py [--venv DIR] [--keep]``. Exit 0 whe
    tf2onnx, tf-keras, scikit-learn or matplotlib;
 2. ``bnexport fold`` folds a MatMul+BatchNormalization graph and ``bnexport run`` computes
    what NumPy computes (float32 graph vs float64 reference, max abs error < 1e-4);
+   ``bnexport triton-repo`` and ``bnexport quantize`` run;
 3. ``bnexport serve`` starts, answers ``/v2/health/ready``, serves one KServe v2 JSON
    inference with the same numbers, and stops on SIGTERM;
 4. the training side says which extra it needs, in one line (``bnexport quickstart``,
@@ -160,6 +161,8 @@ def main() -> int:
             _run([sys.executable, "-m", "venv", str(venv)], tmp)
         _run([py, "-m", "pip", "install", "-q", "--upgrade", "pip"], tmp)
         _run([py, "-m", "pip", "install", "-q", f"{ROOT}[serve]"], tmp)
+        # a reused --venv already has bnexport 0.1.0: install this checkout's code anyway
+        _run([py, "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(ROOT)], tmp)
 
         _step("no training-side packages installed")
         probe = (
@@ -176,6 +179,13 @@ def main() -> int:
         print(_run([bnexport, "fold", "lean.onnx", "-o", "folded.onnx"], work).stdout.strip())
         _run([bnexport, "run", "folded.onnx", "-i", "x.npy", "-o", "y.npz"], work)
         print(_run([py, "-c", COMPARE], work).stdout.strip())
+
+        _step("bnexport triton-repo / quantize")
+        _run([bnexport, "triton-repo", "folded.onnx", "repo"], work)
+        if not (work / "repo" / "folded" / "config.pbtxt").is_file():
+            sys.exit("FAILED: triton-repo wrote no config.pbtxt")
+        _run([bnexport, "quantize", "lean.onnx", "-o", "int8.onnx", "--calibration", "x.npy"], work)
+        print("triton-repo and quantize: ok")
 
         _step("bnexport serve")
         _serve(bindir, work)
