@@ -324,6 +324,30 @@ def check_targets(rows: list[dict]) -> list[str]:
     return lines
 
 
+def captured_constants(model, graph) -> dict:
+    """Values for graph inputs beyond the image that Keras's exporter leaves unbound.
+
+    Keras 3's ``Model.export(format="onnx")`` (tf2onnx ``from_function``) turns constants
+    captured by the traced function — EfficientNet's ``Normalization`` mean and variance —
+    into graph *inputs*, so its graph does not run as written. To compare its outputs,
+    they are fed here from the layer (``<layer>/Sub/y`` = mean, ``<layer>/Sqrt/x`` =
+    variance); any other unbound input is an error.
+    """
+    extra = {}
+    layers = {layer.name: layer for layer in model._flatten_layers(include_self=False)}  # noqa: SLF001
+    for value in graph.graph.input[1:]:
+        parts = value.name.split(":")[0].split("/")
+        owner = next(
+            (layers[p.rsplit("_", 1)[0]] for p in parts if p.rsplit("_", 1)[0] in layers), None
+        )
+        attr = {"Sub": "mean", "Sqrt": "variance"}.get(parts[-2]) if len(parts) >= 2 else None
+        if owner is None or attr is None:
+            raise ValueError(f"unbound graph input {value.name!r}")
+        dims = [d.dim_value for d in value.type.tensor_type.shape.dim]
+        extra[value.name] = np.asarray(getattr(owner, attr), np.float32).reshape(dims)
+    return extra
+
+
 def speed_model(name: str, size: int, rounds: int, workdir: Path) -> dict:
     """Export ``name`` ``rounds`` times with each exporter, interleaved; one result row."""
     import onnx
@@ -359,7 +383,8 @@ def speed_model(name: str, size: int, rounds: int, workdir: Path) -> dict:
     nodes = {}
     for label, path in (("keras", keras_path), ("bnexport", ours_path)):
         graph = onnx.load(str(path))
-        out = np.asarray(run_outputs(str(path), {graph.graph.input[0].name: x}), np.float64)
+        feed = {graph.graph.input[0].name: x, **captured_constants(model, graph)}
+        out = np.asarray(run_outputs(str(path), feed), np.float64)
         errors[label] = float(np.max(np.abs(out - ref)))
         nodes[label] = bn_derived(graph)
     keras_med, ours_med = statistics.median(keras_s), statistics.median(ours_s)
@@ -373,6 +398,7 @@ def speed_model(name: str, size: int, rounds: int, workdir: Path) -> dict:
         "stages_s": {k: round(statistics.median(v), 3) for k, v in stages.items()},
         "bn_nodes": nodes,
         "max_abs_err": errors,
+        "max_abs_ref": float(np.max(np.abs(ref))),
         "summary": report.summary if report else {},
     }
 
@@ -381,7 +407,7 @@ def print_speed(rows: list[dict]) -> None:
     header = (
         f"{'model':<15}{'keras s':>9}{'ours s':>8}{'ratio':>7}  "
         + "".join(f"{k:>10}" for k in STAGES)
-        + f"{'BN nodes k/ours':>17}{'err keras':>11}{'err ours':>10}"
+        + f"{'BN nodes k/ours':>17}{'err keras':>11}{'err ours':>10}{'max|ref|':>10}"
     )
     print(header)
     print("-" * len(header))
@@ -393,6 +419,7 @@ def print_speed(rows: list[dict]) -> None:
             + "".join(f"{st[k]:>10.2f}" for k in STAGES)
             + f"{r['bn_nodes']['keras']:>10}/{r['bn_nodes']['bnexport']:<6}"
             + f"{r['max_abs_err']['keras']:>11.1e}{r['max_abs_err']['bnexport']:>10.1e}"
+            + f"{r['max_abs_ref']:>10.2f}"
         )
     if rows:
         geo = float(np.exp(np.mean([np.log(r["ratio"]) for r in rows])))
