@@ -13,6 +13,10 @@ Pipeline (each step in its own module):
 6. :mod:`.float16` — convert to float16 after folding (``dtype="float16"``);
 7. ``onnx.checker`` (full check) and shape inference; :mod:`.verify` — run both, compare;
 8. :mod:`bnexport.atomic_write` — write the file atomically (nothing left behind on failure).
+
+Every stage is timed into ``ExportReport.timings`` (``load``, ``trace``, ``freeze``,
+``convert``, ``fold``, ``layer_map``, ``check``, ``verify``, ``write``), printed by the
+CLI. The graph is serialized once and those bytes are checked, run and written.
 """
 
 from __future__ import annotations
