@@ -7,7 +7,8 @@ Pass criterion (``check="elementwise"``, the default, as ``np.allclose``)::
 Other criteria apply the same inequality to one statistic of the error
 (``"max"``: max abs error <= atol + rtol * max |ref|; ``"mean"``; ``"quantile"``:
 the ``quantile``-th abs error; ``"agreement"``, for quantized graphs: top-1 agreement
->= ``min_top1`` on a class-score output, cosine >= ``min_cosine`` otherwise).
+>= ``min_top1`` on a class-score output whose reference predicts more than one class,
+cosine >= ``min_cosine`` otherwise).
 Non-finite values (NaN, +-Inf) on either side make the comparison fail and are
 counted per side; every statistic is computed over the elements finite on both
 sides, so a NaN is reported, never averaged.
@@ -146,6 +147,18 @@ def _topk_agreement(ref: np.ndarray, out: np.ndarray) -> tuple[float | None, flo
     return top1, float(np.mean(overlap))
 
 
+def _informative_top1(ref: np.ndarray, out: np.ndarray) -> float | None:
+    """Top-1 agreement, or ``None`` when it says nothing.
+
+    ``None`` for outputs that are not class scores, and where the reference predicts the
+    same class for every row (random-weight models often do).
+    """
+    top1, _ = _topk_agreement(ref, out)
+    if top1 is None or np.unique(np.argmax(ref, axis=1)).size < 2:
+        return None
+    return top1
+
+
 def compare_arrays(
     name: str,
     ref: Any,
@@ -240,7 +253,7 @@ def compare_arrays(
     elif check == "max":
         ok = max_abs <= atol + rtol * (float(absref.max()) if absref.size else 0.0)
     elif check == "agreement":
-        top1_now, _ = _topk_agreement(ref, out)
+        top1_now = _informative_top1(ref, out)
         ok = (top1_now >= min_top1) if top1_now is not None else cosine >= min_cosine
     elif check == "mean":
         ok = mean_abs <= atol + rtol * (float(absref.mean()) if absref.size else 0.0)
@@ -256,11 +269,12 @@ def compare_arrays(
             f"candidate {nan_out['nan']} NaN / {nan_out['inf']} Inf"
         )
     elif not ok and check == "agreement":
-        top1_now, _ = _topk_agreement(ref, out)
+        top1_now = _informative_top1(ref, out)
         reason = (
             f"top-1 agreement {top1_now:.2%} < {min_top1:.2%}"
             if top1_now is not None
             else f"cosine similarity {cosine:.5f} < {min_cosine}"
+            + (" (the reference predicts one class for every row)" if ref.ndim == 2 else "")
         )
     elif not ok:
         reason = (

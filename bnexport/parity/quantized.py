@@ -18,6 +18,13 @@ quantized inputs and weights). A layer without one (ReLU, pooling, a BN folded a
 only carries its upstream error on, and a nonlinearity can change a relative error by
 itself (a ReLU that zeroes part of a tensor raises its NMSE), which is not a loss that
 keeping anything in float32 would remove.
+
+Limits: ``added`` is a first-order attribution read off one run of the quantized graph.
+A layer whose output carries little energy relative to its input (logits centered by a
+bias, a projection to a near-zero residual) shows the upstream *absolute* error as a
+large relative one and can rank above the layer that caused it. For an isolated measure
+per node (quantize only that node), use ``bnexport quantize --target-agreement``, whose
+search ranks nodes that way; this list is the fast first look from a parity run.
 """
 
 from __future__ import annotations

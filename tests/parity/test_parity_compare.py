@@ -100,3 +100,34 @@ def test_default_and_resolved_tolerances():
     assert resolve_tolerance(0.1, "y", 0.5) == 0.1
     per = {"y": 0.2, "": 0.3}
     assert resolve_tolerance(per, "y", 0.5) == 0.2 and resolve_tolerance(per, "z", 0.5) == 0.3
+
+
+def test_agreement_check_uses_top1_unless_the_reference_is_degenerate():
+    rng = np.random.default_rng(2)
+    ref = rng.normal(size=(100, 10))
+    out = ref.copy()
+    out[:3] = out[:3, ::-1]  # flip 3 rows: their argmax changes (almost surely)
+    changed = float(np.mean(ref.argmax(1) != out.argmax(1)))
+    c = compare_arrays("logits", ref, out, rtol=0, atol=0, check="agreement")
+    assert c.top1 == pytest.approx(1 - changed) and c.passed == (1 - changed >= 0.99)
+    assert not compare_arrays("l", ref, out, rtol=0, atol=0, check="agreement", min_top1=1.0)
+    assert compare_arrays("l", ref, out, rtol=0, atol=0, check="agreement", min_top1=0.9)
+    # every reference row predicts class 0: top-1 says nothing, cosine decides
+    flat = np.zeros((50, 10))
+    flat[:, 0] = 10.0
+    noisy = flat + rng.normal(size=flat.shape) * 3.0  # argmax mostly kept, values far off
+    c = compare_arrays("l", flat, noisy, rtol=0, atol=0, check="agreement")
+    cos = float(np.sum(flat * noisy) / np.linalg.norm(flat) / np.linalg.norm(noisy))
+    assert c.cosine == pytest.approx(cos) and c.passed == (cos >= 0.99)
+    assert not c.passed and "one class for every row" in c.reason
+    # not class scores: cosine
+    feat = rng.normal(size=(4, 8, 8, 3))
+    assert compare_arrays("f", feat, feat * 1.001, rtol=0, atol=0, check="agreement").passed
+    assert not compare_arrays("f", feat, -feat, rtol=0, atol=0, check="agreement").passed
+
+
+def test_nmse_matches_numpy():
+    rng = np.random.default_rng(3)
+    ref, out = rng.normal(size=(5, 7)), rng.normal(size=(5, 7))
+    want = float(np.sum((out - ref) ** 2) / np.sum(ref**2))
+    assert compare_arrays("y", ref, out, rtol=0, atol=0).nmse == pytest.approx(want, rel=1e-12)

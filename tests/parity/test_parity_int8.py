@@ -21,16 +21,34 @@ from bnexport.quantize import quantize
 from bnexport.tolerance import INT8_MIN_TOP1, is_quantized
 
 
-@pytest.fixture(scope="module")
-def int8(tmp_path_factory):
-    model = conv_bn_model()
-    folder = tmp_path_factory.mktemp("int8")
+def _export_and_quantize(model, folder, calib):
     fp32 = folder / "pnet.onnx"
     bnexport.export(model, fp32)
-    calib = np.random.default_rng(11).standard_normal((64, 8, 8, 3)).astype(np.float32)
     q = folder / "pnet.int8.onnx"
     quantize(fp32, q, calib)
     return model, fp32, q, calib
+
+
+@pytest.fixture(scope="module")
+def int8(tmp_path_factory):
+    """The test CNN with its logits centered on the data (bias = −W·E[features]), so the
+    predicted class varies between inputs and top-1 agreement means something."""
+    import keras
+
+    model = conv_bn_model()
+    calib = np.random.default_rng(11).standard_normal((64, 8, 8, 3)).astype(np.float32)
+    features = keras.Model(model.inputs, model.get_layer("gap").output)(calib).numpy()
+    dense = model.get_layer("logits")
+    kernel, _ = dense.get_weights()
+    dense.set_weights([kernel, -features.mean(0) @ kernel])
+    return _export_and_quantize(model, tmp_path_factory.mktemp("int8"), calib)
+
+
+@pytest.fixture(scope="module")
+def int8_plain(tmp_path_factory):
+    """The test CNN as built (logits not centered: a small relative error at the end)."""
+    calib = np.random.default_rng(11).standard_normal((64, 8, 8, 3)).astype(np.float32)
+    return _export_and_quantize(conv_bn_model(), tmp_path_factory.mktemp("int8p"), calib)
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +72,8 @@ def test_int8_graph_is_judged_by_top1_agreement(int8, feed):
     (out,) = b.outputs
     assert out.check == "agreement" and out.min_top1 == INT8_MIN_TOP1
     expected = _top1_numpy(model, q, feed)
+    # top-1 is informative here (else cosine would decide): the reference uses >1 class
+    assert np.unique(model(feed, training=False).numpy().argmax(1)).size > 1
     assert out.top1 == pytest.approx(expected) and b.top1 == pytest.approx(expected)
     assert report.passed == (expected >= INT8_MIN_TOP1)
     # the float policy would reject the same graph: INT8 needs its own defaults
@@ -74,8 +94,10 @@ def test_float_graph_keeps_the_float_policy(int8, feed):
     assert b.outputs[0].check == "elementwise" and b.outputs[0].rtol == 1e-4
 
 
-def test_per_layer_ranks_the_corrupted_layer_first_and_names_nodes_to_exclude(int8, feed, tmp_path):
-    model, fp32, q, calib = int8
+def test_per_layer_ranks_the_corrupted_layer_first_and_names_nodes_to_exclude(
+    int8_plain, feed, tmp_path
+):
+    model, fp32, q, calib = int8_plain
     graph = onnx.load(q)
     conv = producer_of(graph, metadata_layer_map(graph)["bn2"])
     assert conv.op_type == "Conv"
