@@ -37,7 +37,7 @@ def int8(tmp_path_factory):
 
     model = conv_bn_model()
     calib = np.random.default_rng(11).standard_normal((64, 8, 8, 3)).astype(np.float32)
-    features = keras.Model(model.inputs, model.get_layer("gap").output)(calib).numpy()
+    features = keras.Model(model.inputs, model.get_layer("gap").output)([calib]).numpy()
     dense = model.get_layer("logits")
     kernel, _ = dense.get_weights()
     dense.set_weights([kernel, -features.mean(0) @ kernel])
