@@ -225,6 +225,22 @@ def test_recalibrate_and_training_mode_see_nested_bns():
     assert model(x).shape == (1, 5)
 
 
+def test_recalibrate_reaches_bn_inside_custom_block():
+    """``recalibrate`` sets the nested ``stem/bn`` to the population moments (NumPy ref).
+
+    Reference: mean and biased variance over (N, H, W) of ``stem.conv(x)`` in float64;
+    tolerance ``rtol=1e-5, atol=1e-6`` (float32 conv outputs, float64 accumulation).
+    """
+    model = _backbone(se=True)
+    x = np.random.default_rng(0).normal(size=(64, 16, 16, 3)).astype(np.float32)
+    changed = bnexport.recalibrate(model, x, batch_size=16)
+    assert set(changed) == {p for p, _ in bn_layers(model)}
+    stem = model.get_layer("stem")
+    y = np.asarray(stem.conv(x), np.float64)
+    np.testing.assert_allclose(stem.bn.moving_mean.numpy(), y.mean((0, 1, 2)), 1e-5, 1e-6)
+    np.testing.assert_allclose(stem.bn.moving_variance.numpy(), y.var((0, 1, 2)), 1e-5, 1e-6)
+
+
 class _Inner(L.Layer):
     def call(self, x):
         import tensorflow as tf
