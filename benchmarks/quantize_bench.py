@@ -4,7 +4,9 @@ For each model, one run:
 
 * exports the Keras model with ``bnexport.export`` (BNs folded; the float32 graph);
 * quantizes it with ``bnexport.quantize`` (MinMax calibration, per-channel symmetric int8
-  weights, symmetric int8 activations; ``--method`` to change);
+  weights, symmetric int8 activations; ``--method`` to change), and again with
+  ``target="cpu"`` (uint8 asymmetric activations, onnxruntime's x86 recommendation;
+  not TensorRT-ready) for comparison;
 * measures latency of both graphs on onnxruntime CPU (2 intra-op threads, no spinning,
   full graph optimization) at batch 1 and batch 8, median of ``--runs`` runs, the runs of
   every (model, precision, batch) interleaved and the order reversed every other round so
@@ -99,12 +101,18 @@ def bench_model(name: str, args, workdir: Path) -> tuple[dict, list]:
     t = time.perf_counter()
     model, calib, x_eval, y_eval = prepare(name, args.calib, args.eval, args.epochs)
     fp32_path, int8_path = workdir / f"{name}.onnx", workdir / f"{name}.int8.onnx"
+    cpu_path = workdir / f"{name}.int8cpu.onnx"
     export_report = bnexport.export(model, fp32_path, verify=False)
     t_export = time.perf_counter() - t
     t = time.perf_counter()
     report = bnexport.quantize(fp32_path, int8_path, calib, method=args.method)
     t_quant = time.perf_counter() - t
-    sessions = {"fp32": make_session(str(fp32_path)), "int8": make_session(str(int8_path))}
+    bnexport.quantize(fp32_path, cpu_path, calib, method=args.method, target="cpu")
+    sessions = {
+        "fp32": make_session(str(fp32_path)),
+        "int8": make_session(str(int8_path)),
+        "int8cpu": make_session(str(cpu_path)),
+    }
     input_name = sessions["fp32"].get_inputs()[0].name
     ref = keras_predict(model, x_eval)
     # a random-weight network may predict the same class for every input; agreement on
@@ -147,14 +155,15 @@ def bench_model(name: str, args, workdir: Path) -> tuple[dict, list]:
     timed = [
         (name, precision, batch, sessions[precision], {input_name: x_eval[:batch]})
         for batch in BATCHES
-        for precision in ("fp32", "int8")
+        for precision in ("fp32", "int8", "int8cpu")
     ]
     return row, timed
 
 
 def print_table(rows: list[dict]) -> None:
     head = (
-        "| model | batch | fp32 ms | int8 ms | int8/fp32 | top-1 agree fp32 | top-1 agree int8 "
+        "| model | batch | fp32 ms | int8 ms | int8/fp32 | int8 cpu-target ms | cpu/fp32 "
+        "| top-1 agree fp32 | top-1 agree int8 "
         "| centered top-1 int8 | SQNR int8 dB | eval data (classes) | BN folded | int8 nodes "
         "| TRT-ready |"
     )
@@ -162,9 +171,10 @@ def print_table(rows: list[dict]) -> None:
     print("|" + "---|" * (head.count("|") - 1))
     for r in rows:
         for b in BATCHES:
-            fp, q = r[f"ms_fp32_b{b}"], r[f"ms_int8_b{b}"]
+            fp, q, c = r[f"ms_fp32_b{b}"], r[f"ms_int8_b{b}"], r[f"ms_int8cpu_b{b}"]
             print(
-                f"| {r['model']} | {b} | {fp:.2f} | {q:.2f} | {q / fp:.2f} | "
+                f"| {r['model']} | {b} | {fp:.2f} | {q:.2f} | {q / fp:.2f} | {c:.2f} | "
+                f"{c / fp:.2f} | "
                 f"{r['agree_fp32']:.2%} | {r['agree_int8']:.2%} | "
                 f"{r['agree_centered_int8']:.2%} | {r['sqnr_db_int8']} | {r['eval_data']} "
                 f"({r['eval_samples']}, {r['keras_classes']}) | {r['bn_folded']} | "
@@ -176,6 +186,7 @@ def print_table(rows: list[dict]) -> None:
             print(
                 f"\n{r['model']} test accuracy: Keras {r['acc_keras']:.2%}, float32 ONNX "
                 f"{r['acc_fp32']:.2%}, INT8 {r['acc_int8']:.2%} "
+                f"(cpu target {r['acc_int8cpu']:.2%}) "
                 f"({(r['acc_int8'] - r['acc_keras']) * 100:+.2f} points)"
             )
     for r in rows:
@@ -192,6 +203,8 @@ def check_targets(rows: list[dict]) -> list[str]:
             ratio = r["ms_int8_b8"] / r["ms_fp32_b8"]
             verdict = "PASS" if ratio <= 0.5 else "MISS"
             lines.append(f"{verdict}: ResNet50 int8/fp32 latency at batch 8 = {ratio:.2f} (<= 0.5)")
+            cpu = r["ms_int8cpu_b8"] / r["ms_fp32_b8"]
+            lines.append(f"      (target='cpu' graph: {cpu:.2f})")
         if r["model"] == "digits":
             ok = r["agree_int8"] >= 0.99
             lines.append(

@@ -42,6 +42,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     parser.add_argument("--percentile", type=float, default=99.999, help="for --method percentile")
     parser.add_argument(
+        "--target",
+        choices=("tensorrt", "cpu"),
+        default="tensorrt",
+        help="tensorrt (default): symmetric int8 activations, TensorRT-ready, runs on "
+        "onnxruntime too; cpu: uint8 asymmetric activations, faster on onnxruntime x86 CPU, "
+        "refused by TensorRT",
+    )
+    parser.add_argument(
         "--per-tensor", action="store_true", help="one weight scale per tensor (not per channel)"
     )
     parser.add_argument(
@@ -104,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
             per_channel=not args.per_tensor,
             exclude=args.exclude,
             percentile=args.percentile,
+            target=args.target,
             validation=validation,
             target_agreement=args.target_agreement,
             max_exclude=args.max_exclude,

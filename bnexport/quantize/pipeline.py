@@ -148,6 +148,7 @@ def quantize_model(
     exclude: Sequence[str] = (),
     op_types: Sequence[str] = DEFAULT_OP_TYPES,
     percentile: float = 99.999,
+    target: str = "tensorrt",
     validation: Any = None,
     target_agreement: float | None = None,
     max_exclude: int = 8,
@@ -172,7 +173,7 @@ def quantize_model(
         timings[name] = round(now - since, 4)
         return now
 
-    options = QdqOptions(method, per_channel, tuple(op_types), percentile)
+    options = QdqOptions(method, per_channel, tuple(op_types), percentile, target)
     options.check()
     _check_numbers(target_agreement, max_exclude)
     qdq.check_no_quantization(model)
@@ -251,7 +252,10 @@ def quantize_model(
         "per_channel": per_channel,
         "op_types": list(op_types),
         "excluded": excluded,
-        "activations": "int8 symmetric per-tensor",
+        "target": target,
+        "activations": "int8 symmetric per-tensor"
+        if target == "tensorrt"
+        else "uint8 asymmetric per-tensor",
         "weights": "int8 symmetric " + ("per-channel" if per_channel else "per-tensor"),
     }
     _finalize(int8, model.metadata_props, info)
@@ -265,6 +269,7 @@ def quantize_model(
         method=method,
         per_channel=per_channel,
         op_types=list(op_types),
+        target=target,
         fold_records=list(records),
         bn_unfolded=unfolded,
         calibration_samples=calib.num_samples,
@@ -323,6 +328,7 @@ def quantize(
     exclude: Sequence[str] = (),
     op_types: Sequence[str] = DEFAULT_OP_TYPES,
     percentile: float = 99.999,
+    target: str = "tensorrt",
     validation: Any = None,
     target_agreement: float | None = None,
     max_exclude: int = 8,
@@ -331,10 +337,11 @@ def quantize(
 ) -> QuantizeReport:
     """Fold, calibrate and quantize a float32 ONNX graph to an INT8 QDQ graph at ``dst``.
 
-    The result runs on onnxruntime (int8 kernels on CPU) and has the form TensorRT's
-    explicit quantization takes: int8 symmetric per-channel weights, int8 symmetric
-    per-tensor activations (zero point 0), float bias, Q/DQ on the inputs of
-    Conv/ConvTranspose/Gemm/MatMul (see :mod:`bnexport.quantize.qdq`).
+    The result runs on onnxruntime (int8 kernels on CPU) and, with the default
+    ``target="tensorrt"``, has the form TensorRT's explicit quantization takes: int8
+    symmetric per-channel weights, int8 symmetric per-tensor activations (zero point 0),
+    float bias, Q/DQ on the inputs of Conv/ConvTranspose/Gemm/MatMul (see
+    :mod:`bnexport.quantize.qdq`).
 
     Args:
         src: the float32 ONNX file (or an ``onnx.ModelProto``).
@@ -347,6 +354,9 @@ def quantize(
             ``bnexport parity --per-layer``).
         op_types: op types whose inputs get Q/DQ.
         percentile: kept percentile of ``|x|`` for ``method="percentile"``.
+        target: ``"tensorrt"`` (default; symmetric int8 activations, runs on onnxruntime
+            too) or ``"cpu"`` (uint8 asymmetric activations, faster on onnxruntime x86 CPU,
+            refused by TensorRT); see :class:`bnexport.quantize.qdq.QdqOptions`.
         validation: data to measure the INT8 graph on (same forms as ``calibration``);
             default: the calibration data.
         target_agreement: if set, keep the most sensitive nodes in float32, one more at a
@@ -381,6 +391,7 @@ def quantize(
         exclude=exclude,
         op_types=op_types,
         percentile=percentile,
+        target=target,
         validation=validation,
         target_agreement=target_agreement,
         max_exclude=max_exclude,

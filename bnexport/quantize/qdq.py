@@ -48,6 +48,7 @@ from bnexport.errors import QuantizeError
 
 Method = Literal["minmax", "entropy", "percentile"]
 METHODS: tuple[str, ...] = ("minmax", "entropy", "percentile")
+TARGETS: tuple[str, ...] = ("tensorrt", "cpu")
 #: op types that get Q/DQ on their inputs (and outputs)
 DEFAULT_OP_TYPES: tuple[str, ...] = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 #: per-channel weight axis by op type (Gemm depends on transB, see the module docstring)
@@ -63,12 +64,19 @@ class QdqOptions:
         per_channel: per-output-channel weight scales (else one scale per weight tensor).
         op_types: op types whose inputs get Q/DQ.
         percentile: the percentile of ``|x|`` kept by ``method="percentile"``.
+        target: ``"tensorrt"`` (default): symmetric int8 activations, zero point 0 — what
+            TensorRT's explicit quantization needs, and what onnxruntime runs anywhere;
+            ``"cpu"``: asymmetric uint8 activations (onnxruntime's own recommendation for
+            x86 with VNNI): a ``Relu``/``Clip`` before a ``QuantizeLinear`` whose zero point
+            is the range minimum is dropped, so more of the graph stays in int8. TensorRT
+            refuses uint8 Q/DQ, and the report says so.
     """
 
     method: str = "minmax"
     per_channel: bool = True
     op_types: tuple[str, ...] = DEFAULT_OP_TYPES
     percentile: float = 99.999
+    target: str = "tensorrt"
 
     def check(self) -> None:
         """Raise :class:`QuantizeError` naming every invalid field."""
@@ -79,6 +87,8 @@ class QdqOptions:
             problems.append(f"per_channel must be a bool. Received: {self.per_channel!r}")
         if not self.op_types or not all(isinstance(t, str) for t in self.op_types):
             problems.append(f"op_types must be op type names. Received: {self.op_types!r}")
+        if self.target not in TARGETS:
+            problems.append(f"target must be one of {TARGETS}. Received: target={self.target!r}")
         if not 50.0 < float(self.percentile) <= 100.0:
             problems.append(f"percentile must be in (50, 100]. Received: {self.percentile!r}")
         if problems:
@@ -87,10 +97,11 @@ class QdqOptions:
 
 def extra_options(options: QdqOptions) -> dict[str, Any]:
     """The ``extra_options`` of ``quantize_static`` for ``options`` (see the module docstring)."""
+    tensorrt = options.target == "tensorrt"
     extra: dict[str, Any] = {
-        "ActivationSymmetric": True,
+        "ActivationSymmetric": tensorrt,
         "WeightSymmetric": True,
-        "QuantizeBias": False,
+        "QuantizeBias": not tensorrt,
         "CalibTensorRangeSymmetric": options.method == "percentile",
     }
     # No CalibMaxIntermediateOutputs: MinMax keeps only per-batch ReduceMin/ReduceMax
@@ -175,7 +186,7 @@ def run_quantize_static(
             op_types_to_quantize=list(options.op_types),
             per_channel=options.per_channel,
             reduce_range=False,
-            activation_type=QuantType.QInt8,
+            activation_type=QuantType.QInt8 if options.target == "tensorrt" else QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             nodes_to_quantize=list(only) if only is not None else None,
             nodes_to_exclude=list(exclude),
@@ -185,7 +196,8 @@ def run_quantize_static(
         )
     model = onnx.load_model(str(out))
     out.unlink()
-    split_shared_activations(model)
+    if options.target == "tensorrt":  # uint8 pairs need no int8 -> uint8 conversion
+        split_shared_activations(model)
     return model
 
 

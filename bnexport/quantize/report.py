@@ -30,6 +30,7 @@ class QuantizeReport:
         method: calibration method (``minmax``, ``entropy``, ``percentile``).
         per_channel: per-output-channel weight scales.
         op_types: op types that got Q/DQ on their inputs.
+        target: ``"tensorrt"`` (symmetric int8 activations) or ``"cpu"`` (uint8).
         fold_records: what bnexport's fold pass did to each BN before quantization
             (for the export path: the exporter's fold).
         bn_unfolded: BN nodes left unfolded (quantized around, in float32); empty
@@ -65,6 +66,7 @@ class QuantizeReport:
     method: str
     per_channel: bool
     op_types: list[str]
+    target: str = "tensorrt"
     fold_records: list[FoldRecord] = dataclasses.field(default_factory=list)
     bn_unfolded: list[str] = dataclasses.field(default_factory=list)
     calibration_samples: int = 0
@@ -122,7 +124,12 @@ class QuantizeReport:
             f"{len(self.float_nodes)} left float32"
             + (f" ({len(self.excluded)} excluded)" if self.excluded else ""),
             f"calibration: {self.method}, {self.calibration_samples} samples; "
-            f"weights {'per-channel' if self.per_channel else 'per-tensor'} symmetric int8",
+            f"weights {'per-channel' if self.per_channel else 'per-tensor'} symmetric int8; "
+            + (
+                "activations symmetric int8"
+                if self.target == "tensorrt"
+                else "activations asymmetric uint8 (target cpu)"
+            ),
         ]
         if agreement is not None:
             lines.append(

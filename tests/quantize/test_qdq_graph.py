@@ -193,3 +193,29 @@ def test_summary_flags_a_tensorrt_problem():
     summary = qdq_summary(model)
     assert not summary.tensorrt_ready and not summary.int8_only
     assert not summary.all_zero_points_zero
+
+
+def test_cpu_target_uint8_activations_flagged_for_tensorrt(tmp_path, cnn_path, calib):
+    import collections
+
+    import onnxruntime as ort
+
+    report = bnexport.quantize(cnn_path, tmp_path / "q.onnx", calib, target="cpu")
+    model = onnx.load(tmp_path / "q.onnx")
+    init = {t.name: t for t in model.graph.initializer}
+    activation_zp = [
+        init[n.input[2]]
+        for n in model.graph.node
+        if n.op_type == "QuantizeLinear" and n.input[0] not in init
+    ]
+    assert activation_zp and all(zp.data_type == TensorProto.UINT8 for zp in activation_zp)
+    assert all(w["dtype"] == "int8" and w["zero_points_zero"] for w in report.weights.values())
+    assert not report.tensorrt_ready
+    assert any("TensorRT needs int8" in p for p in report.tensorrt_problems)
+    assert report.target == "cpu" and report.top1_agreement >= 0.95
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(tmp_path / "q.onnx"), options, providers=["CPUExecutionProvider"])
+    ops = collections.Counter(n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node)
+    assert ops["QLinearConv"] == 2 and ops["Conv"] == 0, ops
