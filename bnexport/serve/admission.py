@@ -117,6 +117,23 @@ class Admission:
             OverloadedError: no room within ``max_wait_s``, or the queue is full.
         """
         cost = max(0, int(cost))
+        await self.acquire(cost)
+        try:
+            yield
+        finally:
+            self.release(cost)
+
+    def release(self, cost: int) -> None:
+        """Give back what :meth:`acquire` took."""
+        self._release(max(0, int(cost)))
+
+    async def acquire(self, cost: int) -> None:
+        """Take ``cost`` bytes and one request slot, waiting in line if there is no room.
+
+        Raises:
+            OverloadedError: no room within ``max_wait_s``, or the queue is full.
+        """
+        cost = max(0, int(cost))
         if not self._queue and self._fits(cost):
             self._take(cost)
         else:
@@ -137,7 +154,3 @@ class Admission:
                 raise self._overloaded(
                     f"no room for {cost} body bytes within {self.max_wait_s:g} s"
                 ) from None
-        try:
-            yield
-        finally:
-            self._release(cost)

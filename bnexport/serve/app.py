@@ -40,7 +40,7 @@ from bnexport.serve.admission import Admission
 from bnexport.serve.batcher import DynamicBatcher
 from bnexport.serve.decode_process import DEFAULT_MIN_BYTES, DecodeProcess
 from bnexport.serve.errors import ServeError
-from bnexport.serve.infer import _ERRORS, error_response, infer_router, read_body
+from bnexport.serve.infer import _ERRORS, add_infer_routes, error_response, read_body
 from bnexport.serve.logs import get_logger
 from bnexport.serve.metrics import ServerMetrics
 from bnexport.serve.middleware import GuardMiddleware
@@ -182,10 +182,10 @@ def create_app(
     )
     _add_error_handlers(api)
     # -- routers: one line per group of endpoints --------------------------------------------
+    add_infer_routes(api, state, max_body_bytes)  # on the app itself: the hot path matches first
     api.include_router(health_router(state))
     api.include_router(triton_router(state))  # before metadata: /v2/models/stats
     api.include_router(metadata_router(state))
-    api.include_router(infer_router(state, max_body_bytes))
     # ------------------------------------------------------------------------------------------
     app = GuardMiddleware(
         api,

@@ -221,6 +221,11 @@ def _from_json(name: str, data: list, dtype: np.dtype, datatype: str) -> np.ndar
     if raw.size == 0:
         return raw.astype(dtype)
     kind = raw.dtype.kind
+    if dtype.kind in "iu" and kind in "fO":
+        raw = _big_integers(
+            raw, data, f"input '{name}'"
+        )  # e.g. UINT64 [0, 2**63]: NumPy guesses float64
+        kind = raw.dtype.kind
     ok = {
         "b": kind == "b",
         "i": kind in "iu",
@@ -237,6 +242,23 @@ def _from_json(name: str, data: list, dtype: np.dtype, datatype: str) -> np.ndar
         if raw.min() < info.min or raw.max() > info.max:
             raise BadRequestError(f"input '{name}': a value does not fit {datatype}")
     return raw.astype(dtype, copy=False)
+
+
+def _big_integers(raw: np.ndarray, data: list, name: str) -> np.ndarray:
+    """``data`` as exact integers when every element is a JSON integer, else ``raw`` unchanged.
+
+    ``np.array`` turns a list mixing integers below and above 2**63 into float64
+    (losing precision); the elements are checked one by one instead.
+    """
+    flat = np.array(data, dtype=np.object_).reshape(-1)
+    if not all(type(v) is int for v in flat):  # bool, float, str, list: not integers
+        return raw
+    lo, hi = min(flat), max(flat)
+    if lo >= 0 and hi < 2**64:
+        return np.array(flat.tolist(), dtype=np.uint64)
+    if -(2**63) <= lo and hi < 2**63:
+        return np.array(flat.tolist(), dtype=np.int64)
+    raise BadRequestError(f"{name}: a value does not fit 64-bit integers")
 
 
 def encode_response(

@@ -169,13 +169,15 @@ class GuardMiddleware:
             await self.app(scope, body_receive, send)
             return
         try:
-            async with self.admission.admit(cost):
-                await self.app(scope, body_receive, send)
-        except ServeError as exc:  # only OverloadedError comes from admit() itself
-            if info["status"]:
-                raise
+            await self.admission.acquire(cost)
+        except ServeError as exc:  # OverloadedError: 503 + Retry-After
             extra = [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
             await send_error(send, exc.status_code, str(exc), [*extra, _CLOSE])
+            return
+        try:
+            await self.app(scope, body_receive, send)
+        finally:
+            self.admission.release(cost)
 
     def _authorized(self, headers: list) -> bool:
         given = next((v for k, v in headers if k == b"authorization"), b"")
@@ -191,20 +193,42 @@ class GuardMiddleware:
         timeout = self.body_timeout_s
         loop = asyncio.get_running_loop()
 
+        def timed_out() -> RequestTimeoutError:
+            return RequestTimeoutError(
+                f"request body not received within {timeout:g} s "
+                f"({seen} bytes arrived; bnexport serve --body-timeout-s)"
+            )
+
         async def body_receive() -> dict:
             nonlocal seen, deadline
             if timeout is None:
                 message = await receive()
             else:
+                # one timer that cancels this task, not asyncio.wait_for (a task per message)
                 if deadline is None:
                     deadline = loop.time() + timeout
+                if loop.time() >= deadline:
+                    raise timed_out()
+                task = asyncio.current_task()
+                fired = False
+
+                def fire() -> None:
+                    nonlocal fired
+                    fired = True
+                    task.cancel()
+
+                timer = loop.call_at(deadline, fire)
                 try:
-                    message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
-                except asyncio.TimeoutError:
-                    raise RequestTimeoutError(
-                        f"request body not received within {timeout:g} s "
-                        f"({seen} bytes arrived; bnexport serve --body-timeout-s)"
-                    ) from None
+                    message = await receive()
+                except asyncio.CancelledError:
+                    if not fired:
+                        raise
+                    uncancel = getattr(task, "uncancel", None)  # Python >= 3.11
+                    if uncancel is not None:
+                        uncancel()
+                    raise timed_out() from None
+                finally:
+                    timer.cancel()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_body_bytes:

@@ -274,3 +274,25 @@ def test_http_junk_never_gets_5xx(server, body, header_length, model):
     assert resp.status_code < 500, resp.text
     if resp.status_code >= 400:
         assert set(resp.json()) == {"error"}
+
+
+@pytest.mark.parametrize(
+    "data, datatype, want",
+    [
+        ([0, 2**63], "UINT64", np.array([0, 2**63], np.uint64)),  # NumPy alone: float64
+        ([2**64 - 1, 1], "UINT64", np.array([2**64 - 1, 1], np.uint64)),
+        ([-(2**63), 2**63 - 1], "INT64", np.array([-(2**63), 2**63 - 1], np.int64)),
+    ],
+)
+def test_integers_beyond_int64_are_exact(data, datatype, want):
+    """Found by the response round trip: JSON integers above 2**63 decode exactly."""
+    body = {"inputs": [{"name": "a", "shape": [2], "datatype": datatype, "data": data}]}
+    got = codec.decode_request(json.dumps(body).encode(), None).inputs["a"]
+    assert got.dtype == want.dtype and got.tobytes() == want.tobytes()
+
+
+@pytest.mark.parametrize("data", [[0, 2**64], [-1, 2**63], [1.0, 2**63]])
+def test_integers_beyond_64_bits_are_400(data):
+    body = {"inputs": [{"name": "a", "shape": [2], "datatype": "UINT64", "data": data}]}
+    with pytest.raises(BadRequestError, match="input 'a'"):
+        codec.decode_request(json.dumps(body).encode(), None)
