@@ -10,16 +10,26 @@ import subprocess
 import sys
 import time
 
+import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from serve_helpers import make_app
+from serve_helpers import make_app, metric
 from serve_models import digits_reference, images
 
 from bnexport.errors import UsageError
 from bnexport.serve.grpc_server import GrpcFrontend
 
 RTOL, ATOL = 1e-4, 1e-5
+
+
+def _received(text: str) -> float:
+    """digits requests answered (any version) or being handled, from Prometheus text."""
+    total = 0.0
+    for version in ("1", "2"):
+        total += metric(text, "bnexport_requests_total", model="digits", version=version)
+        total += metric(text, "bnexport_inflight_requests", model="digits", version=version)
+    return total
 
 
 def _free_port() -> int:
@@ -68,7 +78,14 @@ def test_cli_serves_grpc_and_drains_on_sigterm(repo_dir):
                 calls = [
                     asyncio.ensure_future(c.infer("digits", [i], headers=auth)) for _ in range(4)
                 ]
-                await asyncio.sleep(0.1)
+                deadline = time.monotonic() + 30
+                async with httpx.AsyncClient(headers=auth) as web:  # until all 4 are received
+                    while True:
+                        text = (await web.get(f"http://127.0.0.1:{http_port}/metrics")).text
+                        if _received(text) >= 4 + 1:  # + the request above
+                            break
+                        assert time.monotonic() < deadline, "requests never reached the server"
+                        await asyncio.sleep(0.01)
                 proc.send_signal(signal.SIGTERM)
                 return await asyncio.gather(*calls)
             finally:

@@ -337,6 +337,19 @@ def test_grpc_requests_in_http_metrics(servers, client):
     assert metric(text, "bnexport_grpc_requests_total", rpc="ModelInfer", code="NOT_FOUND") >= 0
 
 
+def _received(text: str) -> float:
+    """Requests for digits v2 being handled or answered (Prometheus text)."""
+    done = metric(text, "bnexport_requests_total", model="digits", version="2", status="200")
+    return done + metric(text, "bnexport_inflight_requests", model="digits", version="2")
+
+
+def _wait_received(metrics, n: int, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _received(metrics.render().decode()) < n:
+        assert time.monotonic() < deadline, "the requests never reached the server"
+        time.sleep(0.01)
+
+
 def test_shutdown_drains_grpc_requests_in_flight(repo_dir):
     """SIGTERM with requests in flight: every one is answered, then new calls are refused."""
     # a long window keeps the requests queued in the batcher when SIGTERM arrives
@@ -348,7 +361,7 @@ def test_shutdown_drains_grpc_requests_in_flight(repo_dir):
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             for x in xs:
                 pending.append(pool.submit(client.infer, "digits", [_input(x)]))
-            time.sleep(0.1)  # they are in the batcher's 200 ms window
+            _wait_received(app.state.metrics, len(xs))  # in flight or answered, none refused
             s.sigterm()
             answers = [f.result(timeout=30) for f in pending]
         ref = [digits_reference(x, seed=1)["probs"] for x in xs]
