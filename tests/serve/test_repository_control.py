@@ -87,30 +87,34 @@ def test_server_and_session_share_the_validator(tmp_path):
 
 
 # -- index, load, unload ----------------------------------------------------------------------
-class _SlowFirst:
-    """Session factory: the first session built runs ``delay_s`` slower (to hold requests)."""
+class _HeldFirst:
+    """Session factory: runs of the first session built wait for :attr:`release`.
 
-    def __init__(self, delay_s: float) -> None:
-        self.delay_s = delay_s
+    So requests on the old version stay in flight, deterministically, while a load
+    swaps the new version in.
+    """
+
+    def __init__(self) -> None:
         self.built = 0
         self.running = threading.Event()
+        self.release = threading.Event()
 
     def __call__(self, path: str, **kwargs):
         session = default_session_factory(path, **kwargs)
         self.built += 1
         if self.built > 1:
             return session
-        run, started = session.run, self.running
+        run, started, release = session.run, self.running, self.release
 
-        class Slow:
+        class Held:
             inputs, outputs = session.inputs, session.outputs
 
-            def run(self_inner, feed, **kw):
+            def run(self, feed, **kw):
                 started.set()
-                time.sleep(self.delay_s)
+                assert release.wait(60), "the test never released the old version"
                 return run(feed, **kw)
 
-        return Slow()
+        return Held()
 
 
 def _serve(root, mode="explicit", factory=default_session_factory):
@@ -207,25 +211,28 @@ def test_failed_load_keeps_the_old_version(tmp_path):
 def test_in_flight_requests_finish_on_the_old_version(tmp_path):
     """Requests running on v(seed 0) when a load swaps in seed 3 are answered by seed 0."""
     root = _repo(tmp_path / "repo", seed=0)
-    factory = _SlowFirst(delay_s=1.0)
+    factory = _HeldFirst()
     xs = [images(1, seed=40 + i) for i in range(4)]
     with _serve(root, factory=factory) as s:
         client = grpcclient.InferenceServerClient(s.grpc)
         repo = s.server.config.app.state.repository
         first = repo.get("digits")
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            old = [pool.submit(_infer_grpc, client, x) for x in xs]
-            assert factory.running.wait(10)  # the first batch is inside the slow model
-            onnx.save(digits_cnn(3), root / "digits" / "1" / "model.onnx")
-            load = pool.submit(client.load_model, "digits")
-            deadline = time.monotonic() + 30
-            while repo.get("digits") is first and time.monotonic() < deadline:
-                time.sleep(0.005)  # until the new version is swapped in
-            assert not all(f.done() for f in old)  # the old ones are still running
-            new = _infer_http(s.http, xs[0])  # served at once by the new version
-            load.result(timeout=30)  # returns after the old requests finished
-            answers = [f.result(timeout=30) for f in old]
+        with concurrent.futures.ThreadPoolExecutor(len(xs) + 1) as pool:
+            try:
+                old = [pool.submit(_infer_grpc, client, x) for x in xs]
+                assert factory.running.wait(30)  # a batch is inside the old model
+                onnx.save(digits_cnn(3), root / "digits" / "1" / "model.onnx")
+                load = pool.submit(client.load_model, "digits")
+                deadline = time.monotonic() + 60
+                while repo.get("digits") is first:  # until the new version is swapped in
+                    assert time.monotonic() < deadline, "the load never swapped"
+                    time.sleep(0.005)
+                new = _infer_http(s.http, xs[0])  # served at once by the new version
+                assert not any(f.done() for f in old) and not load.done()
+            finally:
+                factory.release.set()
+            load.result(timeout=60)  # returned once the old requests were answered
+            answers = [f.result(timeout=60) for f in old]
         for x, got in zip(xs, answers, strict=True):
             np.testing.assert_allclose(got, digits_reference(x, 0)["probs"], RTOL, ATOL)
         np.testing.assert_allclose(new, digits_reference(xs[0], 3)["probs"], RTOL, ATOL)
-        assert all(f.done() for f in old)
