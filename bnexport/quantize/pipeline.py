@@ -205,10 +205,9 @@ def quantize_model(
             return compare.compare_outputs(got, reference)
 
         def quantize_excluding(names: Sequence[str]) -> tuple[Any, list[Any]]:
-            reader = None if cache.is_file() else calib.reader()
             try:
                 int8 = qdq.run_quantize_static(
-                    prepared, reader, options, exclude=names, cache=cache, workdir=workdir
+                    prepared, calib.reader, options, exclude=names, cache=cache, workdir=workdir
                 )
             except QuantizeError:
                 raise
@@ -229,7 +228,7 @@ def quantize_model(
 
             def single(node: str) -> list[Any]:
                 one = qdq.run_quantize_static(
-                    prepared, None, options, only=[node], cache=cache, workdir=workdir
+                    prepared, calib.reader, options, only=[node], cache=cache, workdir=workdir
                 )
                 return measure(one)
 

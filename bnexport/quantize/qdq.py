@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import inspect
 import logging
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -147,7 +148,7 @@ def preprocess(model: Any, workdir: Path) -> Path:
 
 def run_quantize_static(
     prepared: Path,
-    calibration_reader: Any,
+    make_reader: Any,
     options: QdqOptions,
     *,
     exclude: Sequence[str] = (),
@@ -159,12 +160,14 @@ def run_quantize_static(
 
     Args:
         prepared: the output of :func:`preprocess`.
-        calibration_reader: a calibration data reader; may be ``None`` when ``cache``
-            already holds the ranges.
+        make_reader: ``() -> CalibrationDataReader``, called when the ranges are not
+            cached yet (or onnxruntime has no ``calibration_cache_path``: every call
+            then calibrates).
         options: the :class:`QdqOptions`.
         exclude: node names kept in float.
         only: quantize only these nodes (``None``: every node of ``options.op_types``).
-        cache: the JSON calibration cache (written on first use, then read).
+        cache: the JSON calibration cache (written on first use, then read; needs
+            onnxruntime's ``quantize_static(calibration_cache_path=...)``).
         workdir: a scratch folder.
     """
     import onnx
@@ -177,11 +180,15 @@ def run_quantize_static(
     }[options.method]
     with tempfile.NamedTemporaryFile(dir=workdir, suffix=".onnx", delete=False) as handle:
         out = Path(handle.name)
+    cache_kwargs: dict[str, Any] = {}
+    if "calibration_cache_path" in inspect.signature(quantize_static).parameters:
+        cache_kwargs["calibration_cache_path"] = str(cache)
+    reader = None if cache_kwargs and cache.is_file() else make_reader()
     with _quiet_ort_logging():
         quantize_static(
             str(prepared),
             str(out),
-            calibration_reader,
+            reader,
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(options.op_types),
             per_channel=options.per_channel,
@@ -192,7 +199,7 @@ def run_quantize_static(
             nodes_to_exclude=list(exclude),
             calibrate_method=method,
             extra_options=extra_options(options),
-            calibration_cache_path=str(cache),
+            **cache_kwargs,
         )
     model = onnx.load_model(str(out))
     out.unlink()
