@@ -92,10 +92,6 @@ def status_code(exc: ServeError) -> grpc.StatusCode:
     return _CODES.get(exc.status_code, grpc.StatusCode.UNKNOWN)
 
 
-class _Abort(Exception):
-    """Raised by ``context.abort``'s replacement in unary calls (carries code and message)."""
-
-
 def _rpc(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     """Wrap one unary RPC: token check, error -> status code, access log, RPC counter."""
     name = method.__name__
@@ -269,6 +265,10 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 msg = service_pb2.ModelStreamInferResponse(infer_response=await self.infer(req))
             except ServeError as exc:
                 msg = service_pb2.ModelStreamInferResponse(error_message=str(exc))
+            except Exception as exc:  # noqa: BLE001 - answered, never left pending
+                get_logger().error("stream request failed", exc_info=exc)
+                text = f"ModelStreamInfer: {type(exc).__name__}: {exc}"
+                msg = service_pb2.ModelStreamInferResponse(error_message=text)
             await answers.put(msg)
 
         async def read() -> None:
