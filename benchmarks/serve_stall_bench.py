@@ -12,7 +12,8 @@ scenario, for each round (trees interleaved within a round), the benchmark:
    peak RSS of its child processes (the JSON decode helper, where there is one).
 
 Scenarios: ``binary-64``: 64 MiB of FP32 binary tensor data (262,128 rows);
-``json-16``: a 16 MiB JSON body (4.2 M numbers). Prints one table and, with
+``json-16``: a 16 MiB JSON body (4.2 M numbers); ``json-64`` (on request): 64 MiB of
+JSON (16.8 M numbers). Prints one table and, with
 ``--json PATH``, writes every measurement.
 
     python benchmarks/serve_stall_bench.py --tree before=/tmp/base --tree after=. --rounds 2
@@ -39,7 +40,8 @@ from bnexport.serve.server import serve_model
 serve_model(sys.argv[1], "127.0.0.1", int(sys.argv[2]), max_body_mb=float(sys.argv[3]),
             log_level="warning", print_fn=lambda line: print(line, flush=True))
 """
-SCENARIOS = {"binary-64": ("binary", 64), "json-16": ("json", 16)}
+SCENARIOS = {"binary-64": ("binary", 64), "json-16": ("json", 16), "json-64": ("json", 64)}
+DEFAULT_SCENARIOS = ["binary-64", "json-16"]
 
 
 def _repo(tmp: Path) -> Path:
@@ -169,7 +171,7 @@ def main() -> None:
     results: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         repo = _repo(Path(tmp))
-        for name in args.scenario or sorted(SCENARIOS):
+        for name in args.scenario or DEFAULT_SCENARIOS:
             kind, limit_mb = SCENARIOS[name]
             body, headers = _body(kind, limit_mb << 20)
             body_file = Path(tmp) / f"{name}.bin"
@@ -184,7 +186,7 @@ def main() -> None:
     cols = ["idle_p99_ms", "busy_p50_ms", "busy_p99_ms", "busy_max_ms", "request_s"]
     cols += ["rss_peak_growth_mb", "helper_peak_mb"]
     print(f"{'scenario':<10} {'tree':<8} " + " ".join(f"{c:>18}" for c in cols))
-    for name in args.scenario or sorted(SCENARIOS):
+    for name in args.scenario or DEFAULT_SCENARIOS:
         for label, _ in trees:
             rows = [r for r in results if r["scenario"] == name and r["tree"] == label]
             cells = [float(np.median([r[c] for r in rows])) for c in cols]

@@ -77,10 +77,10 @@ class DecodeProcess:
     ) -> codec.DecodedRequest:
         """``codec.decode_request(body, header_length)`` in the helper; blocks (run in a thread)."""
         with self._lock:
-            proc = self._process()
-            assert proc.stdin is not None and proc.stdout is not None
             header = b"" if header_length is None else header_length.encode("utf-8", "replace")
             try:
+                proc = self._process()
+                assert proc.stdin is not None and proc.stdout is not None
                 proc.stdin.write(
                     _REQUEST.pack(len(body), -1 if header_length is None else len(header))
                 )

@@ -42,9 +42,10 @@ class UnauthorizedError(ServeError):
 
 
 class PayloadTooLargeError(ServeError):
-    """Request body over the configured limit (413)."""
+    """Request body over the configured limit (413; the connection closes, the rest is unread)."""
 
     status_code = 413
+    headers = {"Connection": "close"}
 
 
 class RequestTimeoutError(ServeError):

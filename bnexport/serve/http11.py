@@ -49,6 +49,7 @@ class GuardedH11Protocol(H11Protocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._header_timer: asyncio.TimerHandle | None = None
+        self._partial = False
         self._h11_error = ""
         next_event = self.conn.next_event
 
@@ -64,6 +65,7 @@ class GuardedH11Protocol(H11Protocol):
     # -- header timeout -----------------------------------------------------------------------
     def _arm(self) -> None:
         self._disarm()
+        self._partial = False  # no byte of the next request yet
         if self.header_timeout_s:
             self._header_timer = self.loop.call_later(self.header_timeout_s, self._header_timeout)
 
@@ -78,6 +80,9 @@ class GuardedH11Protocol(H11Protocol):
             return
         if self.cycle is not None and not self.cycle.response_complete:
             return  # a request is being served (its head arrived in time)
+        if not self._partial:  # idle: close quietly, as uvicorn's keep-alive timeout does
+            self.transport.close()
+            return
         self.transport.write(
             _raw_response(
                 408,
@@ -95,6 +100,10 @@ class GuardedH11Protocol(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:  # noqa: D102
         self._disarm()
         super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:  # noqa: D102
+        self._partial = True
+        super().data_received(data)
 
     def handle_events(self) -> None:  # noqa: D102
         cycle = self.cycle

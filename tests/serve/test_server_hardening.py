@@ -205,6 +205,15 @@ def test_slow_headers_get_408(guarded, captured_logs):
     _wait_for_log(captured_logs, lambda r: r.get("status") == 408)
 
 
+def test_idle_connection_closed_quietly(guarded):
+    """A connection that sends nothing is closed at the header timeout, without a 408."""
+    host, port = guarded.split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        start = time.perf_counter()
+        assert sock.recv(1024) == b""
+        assert 0.3 < time.perf_counter() - start < 3.0
+
+
 def test_slow_body_gets_408(guarded, captured_logs):
     head = (
         f"POST {INFER} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
