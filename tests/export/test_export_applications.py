@@ -166,7 +166,8 @@ def test_every_bn_application_exports_folds_and_verifies(tmp_path, name, size):
 
     ctor = getattr(keras.applications, name)
     model = ctor(input_shape=(size, size, 3), weights=None, classes=10, classifier_activation=None)
-    randomize_bn(model)
+    # narrow ranges: keeps 300+-layer nets' logits near unit scale (see randomize_bn)
+    randomize_bn(model, var_range=(0.8, 1.25), gamma_range=(0.8, 1.2))
     path = tmp_path / f"{name}.onnx"
     report = bnexport.export(model, path)
     s = report.summary
