@@ -12,8 +12,11 @@ Endpoints::
     GET  /metrics                                         Prometheus metrics
 
 Every error is a KServe error body ``{"error": "..."}``: 400 malformed request
-or wrong input, 401 auth, 404 unknown model/route, 413 body over the limit, 500
-the model failed on this request (only this one), 503 shutting down. The
+(HTTP framing included) or wrong input, 401 auth, 404 unknown model/route, 408
+headers or body too slow, 413 body over the limit, 415 unknown Content-Encoding,
+500 the model failed on this request (only this one), 503 shutting down or the
+in-flight bound is full (with ``Retry-After``); a client that leaves before its
+body arrived is logged and counted as 499. The
 request body may be ``gzip``/``deflate`` encoded (``Content-Encoding``), as
 ``tritonclient`` sends it with ``request_compression_algorithm``; the decoded
 size counts against the limit.
