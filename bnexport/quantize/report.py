@@ -158,7 +158,9 @@ class QuantizeReport:
         from rich.table import Table
 
         table = Table(
-            title=f"bnexport quantize: {self.source}", caption="\n".join(self.summary_lines())
+            title=f"bnexport quantize: {self.source}",
+            caption="\n".join(self.summary_lines()),
+            caption_justify="left",
         )
         for column in ("output", "top-1 agreement", "max abs error", "max |ref|", "SQNR dB"):
             table.add_column(column)
