@@ -55,6 +55,7 @@ from bnexport.serve.protocol import (
     ServerReadyResponse,
 )
 from bnexport.serve.repository import ModelRepository, ServedModel
+from bnexport.serve.routes_triton import EXTENSIONS as TRITON_EXTENSIONS
 from bnexport.serve.routes_triton import triton_router
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "ServerState", "create_app", "error_response", "read_body"]
@@ -294,7 +295,8 @@ def metadata_router(state: ServerState) -> APIRouter:
 
     @router.get("/v2", response_model=ServerMetadataResponse)
     async def server_metadata() -> dict:
-        return {"name": "bnexport", "version": __version__, "extensions": ["binary_tensor_data"]}
+        extensions = ["binary_tensor_data", *TRITON_EXTENSIONS]
+        return {"name": "bnexport", "version": __version__, "extensions": extensions}
 
     @router.get("/v2/models/{name}", response_model=ModelMetadataResponse, responses=_ERRORS)
     @router.get(

@@ -55,13 +55,12 @@ from bnexport.serve.errors import (
 )
 from bnexport.serve.logs import get_logger
 from bnexport.serve.model_control import load_model, unload_model
+from bnexport.serve.routes_triton import EXTENSIONS
 from bnexport.serve.statistics import statistics_response
 
 if TYPE_CHECKING:
     from bnexport.serve.app import ServerState
 
-#: extensions announced in ServerMetadata
-EXTENSIONS = ["model_configuration", "model_repository", "statistics"]
 #: RPCs that need no token (health checks)
 _OPEN = frozenset({"ServerLive", "ServerReady"})
 

@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from bnexport.serve.app import ServerState
 
 _ERRORS: dict = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 503)}
+#: Triton extensions both protocols announce in their server metadata
+EXTENSIONS = ["model_configuration", "model_repository", "statistics"]
 
 
 async def _json_object(request: Request, what: str) -> dict[str, Any]:

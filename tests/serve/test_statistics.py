@@ -92,6 +92,7 @@ def server(repo_dir):
 
 def test_http_stats_like_triton(server):
     client = httpclient.InferenceServerClient(server)
+    assert {"statistics", "model_repository"} <= set(client.get_server_metadata()["extensions"])
     before = client.get_inference_statistics("digits", "1")["model_stats"][0]
     x = images(3, seed=5)
     inp = httpclient.InferInput("image", list(x.shape), "FP32")
