@@ -19,11 +19,13 @@ TOL = {"float32": (1e-4, 1e-5), "float16": (2e-2, 1e-3)}
 BN_OPS = ("BatchNormalization", "Mul", "Add", "FusedNorm")
 
 
-def randomize_bn(model, seed: int = 0, var_range=(0.3, 2.0), gamma_range=(0.5, 1.5)) -> None:
+def randomize_bn(
+    model, seed: int = 0, var_range=(0.3, 2.0), gamma_range=(0.5, 1.5), shift: float = 1.0
+) -> None:
     """Give every BN layer (any kind, nested too) non-trivial statistics and affine params.
 
     ``moving_variance ~ U(var_range)``, ``gamma ~ U(gamma_range)``, ``moving_mean ~
-    N(0, 0.5)``, ``beta ~ N(0, 0.3)``. Very deep models want narrower ranges: each BN
+    N(0, 0.5·shift)``, ``beta ~ N(0, 0.3·shift)``. Very deep models want narrower ranges: each BN
     multiplies activations by ``gamma/sqrt(var)``, and over hundreds of layers the wide
     defaults drive logits to ~100, where float32 reordering alone (a few ulps per layer)
     exceeds an elementwise 1e-4 bound on the logits near zero; trained models keep
@@ -36,12 +38,12 @@ def randomize_bn(model, seed: int = 0, var_range=(0.3, 2.0), gamma_range=(0.5, 1
         if not is_batch_norm(layer):
             continue
         shape = tuple(layer.moving_mean.shape)
-        layer.moving_mean.assign(rng.normal(0.0, 0.5, shape).astype(np.float32))
+        layer.moving_mean.assign(rng.normal(0.0, 0.5 * shift, shape).astype(np.float32))
         layer.moving_variance.assign(rng.uniform(*var_range, shape).astype(np.float32))
         if getattr(layer, "gamma", None) is not None:
             layer.gamma.assign(rng.uniform(*gamma_range, shape).astype(np.float32))
         if getattr(layer, "beta", None) is not None:
-            layer.beta.assign(rng.normal(0.0, 0.3, shape).astype(np.float32))
+            layer.beta.assign(rng.normal(0.0, 0.3 * shift, shape).astype(np.float32))
 
 
 def randomize_biases(model, seed: int = 1) -> None:

@@ -148,6 +148,28 @@ BN_APPLICATIONS = [
 FAST = {"MobileNetV3Small", "MobileNetV3Large", "MobileNet"}
 
 
+#: untrained EfficientNetV2-S/M/L can be chaotic: with some initializations a 1e-6 input
+#: change moves the logits by 75 % and Keras's eager and ``tf.function`` runs differ by
+#: 100 % (measured on V2-L at 64x64). Their numbers are compared only when Keras agrees
+#: with itself; the export, fold and report are checked always.
+CHAOTIC = {"EfficientNetV2S", "EfficientNetV2M", "EfficientNetV2L"}
+
+
+def _self_consistent(model, size: int) -> bool:
+    """Keras eager vs ``tf.function`` on one batch, 10x inside the exporter's bound.
+
+    The bound is the export verification's (elementwise ``1e-4 + 1e-4·|ref|``); a model
+    whose two Keras runs already use a tenth of it is too ill-conditioned to verify.
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    x = np.random.default_rng(3).uniform(-1, 1, (2, size, size, 3)).astype(np.float32)
+    eager = np.asarray(model(x, training=False), np.float64)
+    graph = np.asarray(tf.function(lambda t: model(t, training=False))(x), np.float64)
+    return bool(np.all(np.abs(eager - graph) <= 0.1 * (1e-4 + 1e-4 * np.abs(eager))))
+
+
 @pytest.mark.parametrize(
     ("name", "size"),
     [
@@ -166,14 +188,17 @@ def test_every_bn_application_exports_folds_and_verifies(tmp_path, name, size):
 
     ctor = getattr(keras.applications, name)
     model = ctor(input_shape=(size, size, 3), weights=None, classes=10, classifier_activation=None)
-    # narrow ranges: keeps 300+-layer nets' logits near unit scale (see randomize_bn)
-    randomize_bn(model, var_range=(0.8, 1.25), gamma_range=(0.8, 1.2))
+    # mild statistics (scale 0.97-1.03, shifts ~0.05): a wrong fold still shows as ~1e-2
+    # errors, while 500-layer untrained nets (EfficientNetV2-L) keep logits near unit
+    # scale; wider ranges compound with depth to logits of 1e2-1e9 (see randomize_bn)
+    randomize_bn(model, var_range=(0.97, 1.03), gamma_range=(0.97, 1.03), shift=0.05)
     path = tmp_path / f"{name}.onnx"
-    report = bnexport.export(model, path)
+    chaotic = name in CHAOTIC and not _self_consistent(model, size)
+    report = bnexport.export(model, path, verify=not chaotic)
     s = report.summary
     assert s["total"] >= len(bn_layers(model)) > 0
     assert s["kept"] == 0, [r for r in report.records if r.action == "kept"]
-    assert report.verify is not None and report.verify.passed
+    assert chaotic or (report.verify is not None and report.verify.passed)
     # what cannot fold is exactly its target node(s): one BatchNormalization, or Mul+Add
     # for an input Normalization (EfficientNetV2's preprocessing, which the pass treats
     # like a BN) whose channel axis is not 1
@@ -181,6 +206,8 @@ def test_every_bn_application_exports_folds_and_verifies(tmp_path, name, size):
     assert len(bn_derived_nodes(path)) == fused_nodes
     bn_records = {r.name for r in report.records} & {n for n in display_names(model).values()}
     assert len(bn_records) == len(bn_layers(model))  # every Keras BN layer is in the report
+    if chaotic:  # Keras disagrees with itself (eager vs tf.function): numbers say nothing
+        return
     assert_matches_keras(
         path, model, image_feed(next(iter(report.inputs)), (size, size, 3), batch=2)
     )
