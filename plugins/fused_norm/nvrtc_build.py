@@ -270,21 +270,25 @@ def compile_kernels(
         enc = [o.encode() for o in opts]
         compiled = nvrtc.nvrtcCompileProgram(prog, len(enc), enc)
         size = nvrtc.nvrtcGetProgramLogSize(prog)[1]
-        buf = b" " * size
+        # NVRTC writes into the buffer: a fresh bytearray, never ``b" " * n``, which for
+        # n == 1 is CPython's shared one-byte ``b" "`` object (NVRTC's NUL would corrupt it
+        # for the whole process).
+        buf = bytearray(size)
         nvrtc.nvrtcGetProgramLog(prog, buf)
-        log = buf.rstrip(b"\0 ").decode(errors="replace")
+        log = bytes(buf).rstrip(b"\0 ").decode(errors="replace")
         _check(compiled, f"compilation of {SOURCE_NAME} for {target}", log)
         if kind == "cubin":
             res = nvrtc.nvrtcGetCUBINSize(prog)
             _check(res, "nvrtcGetCUBINSize")
-            image = b" " * res[1]
-            _check(nvrtc.nvrtcGetCUBIN(prog, image), "nvrtcGetCUBIN")
+            cubin = bytearray(res[1])
+            _check(nvrtc.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
+            image = bytes(cubin)
         else:
             res = nvrtc.nvrtcGetPTXSize(prog)
             _check(res, "nvrtcGetPTXSize")
-            image = b" " * res[1]
-            _check(nvrtc.nvrtcGetPTX(prog, image), "nvrtcGetPTX")
-            image = image.rstrip(b"\0")
+            ptx = bytearray(res[1])
+            _check(nvrtc.nvrtcGetPTX(prog, ptx), "nvrtcGetPTX")
+            image = bytes(ptx).rstrip(b"\0")
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
     if not image:

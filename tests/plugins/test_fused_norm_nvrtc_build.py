@@ -151,3 +151,14 @@ def test_nvrtc_that_cannot_load_is_backend_unavailable(monkeypatch):
     finally:
         nb.nvrtc_version.cache_clear()
         nb.supported_archs.cache_clear()
+
+
+@pytest.mark.parametrize("kind", ["cubin", "ptx"])
+def test_compile_leaves_interpreter_bytes_intact(kind):
+    """NVRTC writes into its output buffers; an empty log (size 1) once went into CPython's
+    shared one-byte ``b" "`` object, after which ``b"a b".partition(b" ")`` no longer split
+    anywhere in the process (it broke the server's Bearer-token parsing)."""
+    nb.compile_kernels(nb.DEFAULT_ARCHS[-1], kind=kind, use_cache=False)
+    space = bytes([32])
+    assert b" " == space
+    assert b"Bearer tok".partition(b" ") == (b"Bearer", space, b"tok")
