@@ -53,6 +53,18 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-verify", action="store_true", help="skip the comparison run")
     parser.add_argument(
+        "--rtol",
+        type=float,
+        default=None,
+        help="verification: relative tolerance (default: the dtype's, see bnexport.tolerance)",
+    )
+    parser.add_argument(
+        "--atol",
+        type=float,
+        default=None,
+        help="verification: absolute tolerance (default: the dtype's)",
+    )
+    parser.add_argument(
         "--unsafe-load",
         action="store_true",
         help="load a model file even if that runs Python code stored in it (a Lambda "
@@ -93,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
         dynamic_batch=not args.static_batch,
         fused_norm=args.fused_norm,
         verify=not args.no_verify,
+        verify_rtol=args.rtol,
+        verify_atol=args.atol,
         keep_float16_overflow=args.keep_float16_overflow,
         safe_mode=not args.unsafe_load,
     )

@@ -155,6 +155,8 @@ def export(
     io_dtype: Dtype | None = None,
     keep_float16_overflow: Literal["float32", "error"] = "float32",
     verify_batch: int = 2,
+    verify_rtol: float | None = None,
+    verify_atol: float | None = None,
     seed: int = 0,
     safe_mode: bool = True,
     int8: Any = None,
@@ -180,6 +182,9 @@ def export(
         keep_float16_overflow: float16 only — ``"float32"`` keeps an op whose folded
             weights overflow float16 in float32; ``"error"`` fails naming the layer.
         verify_batch: batch size of the verification inputs when the batch is dynamic.
+        verify_rtol: relative tolerance of the verification (default: the dtype's row of
+            :mod:`bnexport.tolerance`).
+        verify_atol: absolute tolerance of the verification (default: as ``verify_rtol``).
         seed: seed of the verification inputs.
         safe_mode: when ``model`` is a path, refuse a file that needs Python code to
             load (a ``Lambda`` layer) instead of running it; ``False`` only for files
@@ -289,7 +294,14 @@ def export(
 
         batch = verify_batch if dynamic_batch else (loaded.inputs[0].shape[0] or 1)
         result = run_verify(
-            loaded, folded, dtype=dtype, batch=batch, seed=seed, serialized=serialized
+            loaded,
+            folded,
+            dtype=dtype,
+            batch=batch,
+            seed=seed,
+            serialized=serialized,
+            rtol=verify_rtol,
+            atol=verify_atol,
         )
         t = lap("verify", t)
 

@@ -169,6 +169,7 @@ def test_bn_with_two_consumers_and_bn_on_input(tmp_path):
 
 def test_bnexport_batch_normalization_layer(tmp_path):
     import bnexport.layers.batch_normalization as layers_mod
+
     inp = keras.Input((8, 8, 3), name="image")
     x = L.Conv2D(4, 3, name="c")(inp)
     x = layers_mod.BatchNormalization(name="ours")(x)
@@ -363,3 +364,16 @@ def test_conv1d_grouped_and_causal_bn_fold(tmp_path):
     assert sorted(groups) == [1, 2]
     feeds = {"seq": np.random.default_rng(0).standard_normal((3, 16, 6)).astype(np.float32)}
     assert_matches_keras(path, model, feeds)
+
+
+def test_verify_tolerance_override(tmp_path):
+    """verify_rtol/verify_atol replace the dtype's defaults; a too-tight bound fails the
+    export naming the way out, and nothing is written."""
+    model = _conv_bn("conv")
+    report = bnexport.export(model, tmp_path / "loose.onnx", verify_rtol=5e-3, verify_atol=5e-4)
+    assert (report.verify.rtol, report.verify.atol) == (5e-3, 5e-4) and report.verify.passed
+    # float32 TF vs onnxruntime after folding differ by some ulps on 1728 elements
+    tight = tmp_path / "tight.onnx"
+    with pytest.raises(ExportError, match="--rtol/--atol"):
+        bnexport.export(model, tight, verify_rtol=0.0, verify_atol=1e-12)
+    assert not tight.exists()
