@@ -82,7 +82,7 @@ def int8_step(onnx_path: Path, data: Any, out: Path, console: Any, runs: int = 5
     console.print(table)
     console.print(
         f"int8 top-1 agreement with float32 on the test split: {agreement:.2%}; "
-        f"{report.bn_folded} BN folded before quantization; wrote {int8_path}",
+        f"{report.fold_summary()}; wrote {int8_path}",
         highlight=False,
     )
     return Int8Result(int8_path, report, accuracy, latency, agreement)

@@ -110,6 +110,14 @@ class QuantizeReport:
         data["top1_agreement"] = self.top1_agreement
         return data
 
+    def fold_summary(self) -> str:
+        """What the fold pass before quantization did, in one phrase."""
+        if not self.bn_folded and not self.bn_unfolded:
+            return "no BN left to fold before quantization (graph already folded)"
+        return f"{self.bn_folded} BN folded before quantization" + (
+            f", {len(self.bn_unfolded)} left unfolded" if self.bn_unfolded else ""
+        )
+
     def to_json(self, indent: int | None = 2) -> str:
         """The report as a JSON string (non-finite numbers as ``null``)."""
         return json.dumps(_finite(self.to_dict()), indent=indent)
@@ -118,8 +126,7 @@ class QuantizeReport:
         """A few lines: folding, quantized nodes, agreement, TensorRT check."""
         agreement = self.top1_agreement
         lines = [
-            f"{self.bn_folded} BN folded before quantization"
-            + (f", {len(self.bn_unfolded)} left unfolded" if self.bn_unfolded else ""),
+            self.fold_summary(),
             f"{len(self.quantized_nodes)} node(s) int8 ({_counts(self.quantized_nodes)}), "
             f"{len(self.float_nodes)} left float32"
             + (f" ({len(self.excluded)} excluded)" if self.excluded else ""),

@@ -151,15 +151,24 @@ def test_async_infer_under_concurrency_is_batched_and_exact(servers, repo_dir):
         finally:
             await client.close()
 
-    got, before, after = asyncio.run(main())
-    for x, probs in zip(xs, got, strict=True):
-        np.testing.assert_array_equal(probs, local.run({"image": x})["probs"])
-    rows = sum(len(x) for x in xs)
-    assert after.inference_count - before.inference_count == rows
-    ok = after.inference_stats.success.count - before.inference_stats.success.count
-    assert ok == len(xs)
-    runs = after.execution_count - before.execution_count
-    assert 1 <= runs < len(xs), "concurrent requests were never merged into one run"
+    # Merging is timing-dependent (a gRPC request arrives whole, so the batcher only merges
+    # what queues while a run is busy): on a loaded machine one burst may run unmerged, so
+    # up to three bursts; a batcher that never merges fails all three.
+    merged_runs = []
+    for _ in range(3):
+        got, before, after = asyncio.run(main())
+        for x, probs in zip(xs, got, strict=True):
+            np.testing.assert_array_equal(probs, local.run({"image": x})["probs"])
+        rows = sum(len(x) for x in xs)
+        assert after.inference_count - before.inference_count == rows
+        ok = after.inference_stats.success.count - before.inference_stats.success.count
+        assert ok == len(xs)
+        runs = after.execution_count - before.execution_count
+        assert 1 <= runs <= len(xs)
+        merged_runs.append(runs)
+        if runs < len(xs):
+            break
+    assert min(merged_runs) < len(xs), f"requests never merged into one run: {merged_runs}"
 
 
 @pytest.mark.parametrize(
