@@ -44,11 +44,9 @@ from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from bnexport import __version__
-from bnexport.errors import InputError
 from bnexport.serve import grpc_codec
+from bnexport.serve.batcher import run_request
 from bnexport.serve.errors import (
-    BadRequestError,
-    ModelRunError,
     ServeError,
     UnauthorizedError,
     UnavailableError,
@@ -325,7 +323,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 rows = model.check_inputs(req.inputs)
                 model.check_outputs(req.outputs)
                 expected = None
-                results = await _submit(batcher, model, req.inputs, rows, received)
+                results = await run_request(batcher, model, req.inputs, rows, received)
                 response = grpc_codec.encode_response(
                     service_pb2.ModelInferResponse,
                     model.name,
@@ -357,25 +355,3 @@ def _admitted(admission: Any, request: Any) -> Any:
     if admission is None:
         return contextlib.nullcontext()
     return admission.admit(request.ByteSize())
-
-
-async def _submit(
-    batcher: Any, model: Any, inputs: dict, rows: int | None, received_ns: int
-) -> dict:
-    """Run one (expected) request through the batcher, mapping errors to server errors."""
-    try:
-        return await batcher.submit(inputs, rows, expected=True, received_ns=received_ns)
-    except ServeError:
-        raise
-    except InputError as exc:
-        raise BadRequestError(f"model '{model.name}': {exc}") from None
-    except Exception as exc:
-        get_logger().error(
-            "model run failed",
-            exc_info=exc,
-            extra={"fields": {"model": model.name, "version": model.version}},
-        )
-        raise ModelRunError(
-            f"model '{model.name}' version {model.version} failed on this request: "
-            f"{type(exc).__name__}: {exc}"
-        ) from None

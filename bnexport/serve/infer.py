@@ -29,20 +29,16 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
-from bnexport.errors import InputError
 from bnexport.serve import codec
-from bnexport.serve.batcher import DynamicBatcher
+from bnexport.serve.batcher import run_request
 from bnexport.serve.binary import HEADER_LENGTH
 from bnexport.serve.errors import (
     BadRequestError,
     ClientGoneError,
-    ModelRunError,
     PayloadTooLargeError,
     ServeError,
 )
-from bnexport.serve.logs import get_logger
 from bnexport.serve.protocol import ErrorResponse, InferenceRequest, InferenceResponse
-from bnexport.serve.repository import ServedModel
 
 if TYPE_CHECKING:
     from bnexport.serve.app import ServerState
@@ -154,6 +150,7 @@ async def handle_infer(
     """Answer one inference request; records its status and latency in the metrics."""
     metrics = state.metrics
     start = time.perf_counter()
+    received_ns = time.perf_counter_ns()  # statistics: success duration from arrival
     labels = ("unknown", "")
     status = 500
     inflight = None
@@ -173,7 +170,7 @@ async def handle_infer(
             rows = model.check_inputs(req.inputs)
         model.check_outputs(req.outputs)
         expected = None
-        results = await _run(batcher, model, req.inputs, rows)
+        results = await run_request(batcher, model, req.inputs, rows, received_ns)
         encode = functools.partial(
             codec.encode_response,
             model.name,
@@ -224,23 +221,3 @@ def _response(payload: bytes, media_type: str, headers: dict[str, str]) -> Respo
 
     headers = {**headers, "Content-Length": str(len(payload))}
     return StreamingResponse(slices(), media_type=media_type, headers=headers)
-
-
-async def _run(batcher: DynamicBatcher, model: ServedModel, inputs: dict, rows: int | None) -> dict:
-    """Run one (expected) request through the model's batcher, mapping errors to statuses."""
-    try:
-        return await batcher.submit(inputs, rows, expected=True)
-    except ServeError:
-        raise
-    except InputError as exc:
-        raise BadRequestError(f"model '{model.name}': {exc}") from None
-    except Exception as exc:
-        get_logger().error(
-            "model run failed",
-            exc_info=exc,
-            extra={"fields": {"model": model.name, "version": model.version}},
-        )
-        raise ModelRunError(
-            f"model '{model.name}' version {model.version} failed on this request: "
-            f"{type(exc).__name__}: {exc}"
-        ) from None
