@@ -129,6 +129,7 @@ def test_float16_overflow_error_names_the_layer(tmp_path):
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_plugin_mode_emits_fused_norm_node(tmp_path, dtype):
     import bnexport_plugins.fused_norm.ort_cpu  # noqa: F401 - must import, not skip
+
     model = _cnn()
     path = tmp_path / f"plugin_{dtype}.onnx"
     report = bnexport.export(model, path, fused_norm="plugin", dtype=dtype)

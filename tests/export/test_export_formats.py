@@ -22,6 +22,7 @@ import bnexport  # noqa: E402
 
 def _tf_keras_model():
     import tf_keras  # the [legacy] extra, part of [test]
+
     tl = tf_keras.layers
     inp = tf_keras.Input((10, 10, 3), name="image")
     x = tl.Conv2D(6, 3, name="conv")(inp)
