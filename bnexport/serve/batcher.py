@@ -51,9 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from bnexport.errors import InputError
-from bnexport.serve.errors import BadRequestError, ModelRunError, ServeError, UnavailableError
-from bnexport.serve.logs import get_logger
+from bnexport.serve.errors import UnavailableError
 from bnexport.serve.statistics import BatchTiming, ModelStats
 
 RunFn = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
@@ -406,41 +404,3 @@ class DynamicBatcher:
             self._record([it], it.rows or 1, 0, infer_ns, time.perf_counter_ns())
             results.append(out)
         return results
-
-
-async def run_request(
-    batcher: DynamicBatcher,
-    model: Any,
-    inputs: dict[str, np.ndarray],
-    rows: int | None,
-    received_ns: int | None = None,
-) -> dict[str, np.ndarray]:
-    """Run one expected request (HTTP or gRPC) through ``model``'s batcher.
-
-    Errors become the server's typed errors: a bad tensor ``BadRequestError`` (400 /
-    INVALID_ARGUMENT), a model that fails ``ModelRunError`` (500 / INTERNAL, logged with
-    its traceback once); ``ServeError`` passes through.
-
-    Args:
-        batcher: the model's batcher, told to expect this request.
-        model: the ``ServedModel`` (its ``name`` and ``version`` name it in errors).
-        inputs: the validated feed.
-        rows: its batch size, ``None`` if it has none.
-        received_ns: ``time.perf_counter_ns()`` when the request arrived (statistics).
-    """
-    try:
-        return await batcher.submit(inputs, rows, expected=True, received_ns=received_ns)
-    except ServeError:
-        raise
-    except InputError as exc:
-        raise BadRequestError(f"model '{model.name}': {exc}") from None
-    except Exception as exc:
-        get_logger().error(
-            "model run failed",
-            exc_info=exc,
-            extra={"fields": {"model": model.name, "version": model.version}},
-        )
-        raise ModelRunError(
-            f"model '{model.name}' version {model.version} failed on this request: "
-            f"{type(exc).__name__}: {exc}"
-        ) from None

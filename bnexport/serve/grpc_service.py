@@ -45,12 +45,12 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from bnexport import __version__
 from bnexport.serve import grpc_codec
-from bnexport.serve.batcher import run_request
 from bnexport.serve.errors import (
     ServeError,
     UnauthorizedError,
     UnavailableError,
 )
+from bnexport.serve.infer_scope import InferScope
 from bnexport.serve.logs import get_logger
 from bnexport.serve.model_control import load_model, unload_model
 from bnexport.serve.routes_triton import EXTENSIONS
@@ -301,29 +301,16 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         Raises:
             ServeError: whatever ends the request (mapped to a status by the caller).
         """
-        state = self.state
-        metrics = state.metrics
-        received = time.perf_counter_ns()
-        labels, status, inflight, expected = ("unknown", ""), 500, None, None
-        try:
+        with InferScope(self.state) as scope:
             async with _admitted(self.admission, request):
-                # lookup -> batcher -> expect() without an await in between, so that a model
-                # being unloaded either serves this request or was already gone
-                model = state.repository.get(request.model_name, request.model_version or None)
-                labels = (model.name, model.version)
-                inflight = metrics.inflight.labels(*labels)
-                inflight.inc()
-                batcher = state.batcher(model)
-                batcher.expect()
-                expected = batcher
+                model = scope.open(request.model_name, request.model_version or None)
                 if grpc_codec.typed_elements(request) > grpc_codec.OFFLOAD_ELEMENTS:
                     req = await asyncio.to_thread(grpc_codec.decode_request, request)
                 else:
                     req = grpc_codec.decode_request(request)
                 rows = model.check_inputs(req.inputs)
                 model.check_outputs(req.outputs)
-                expected = None
-                results = await run_request(batcher, model, req.inputs, rows, received)
+                results = await scope.run(req.inputs, rows)
                 response = grpc_codec.encode_response(
                     service_pb2.ModelInferResponse,
                     model.name,
@@ -332,22 +319,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                     results,
                     req.outputs,
                 )
-            status = 200
+            scope.succeeded()
             return response
-        except ServeError as exc:
-            status = exc.status_code
-            raise
-        except asyncio.CancelledError:
-            status = 499
-            raise
-        finally:
-            if expected is not None:
-                expected.unexpect()
-            if inflight is not None:
-                inflight.dec()
-            metrics.requests.labels(*labels, str(status)).inc()
-            if labels[0] != "unknown":
-                metrics.latency.labels(*labels).observe((time.perf_counter_ns() - received) / 1e9)
 
 
 def _admitted(admission: Any, request: Any) -> Any:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import time
 import zlib
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +29,6 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
 from bnexport.serve import codec
-from bnexport.serve.batcher import run_request
 from bnexport.serve.binary import HEADER_LENGTH
 from bnexport.serve.errors import (
     BadRequestError,
@@ -38,6 +36,7 @@ from bnexport.serve.errors import (
     PayloadTooLargeError,
     ServeError,
 )
+from bnexport.serve.infer_scope import InferScope
 from bnexport.serve.protocol import ErrorResponse, InferenceRequest, InferenceResponse
 
 if TYPE_CHECKING:
@@ -148,60 +147,35 @@ async def handle_infer(
     state: ServerState, max_body_bytes: int, request: Request, name: str, version: str | None
 ) -> Response:
     """Answer one inference request; records its status and latency in the metrics."""
-    metrics = state.metrics
-    start = time.perf_counter()
-    received_ns = time.perf_counter_ns()  # statistics: success duration from arrival
-    labels = ("unknown", "")
-    status = 500
-    inflight = None
-    expected = None  # the batcher told to expect this request, until it is submitted
     try:
-        model = state.repository.get(name, version)
-        labels = (model.name, model.version)
-        inflight = metrics.inflight.labels(*labels)
-        inflight.inc()
-        batcher = state.batcher(model)
-        batcher.expect()
-        expected = batcher
-        req = await decode_body(state, request, max_body_bytes)
-        if sum(a.nbytes for a in req.inputs.values()) > OFFLOAD_BYTES:
-            rows = await asyncio.to_thread(model.check_inputs, req.inputs)
-        else:
-            rows = model.check_inputs(req.inputs)
-        model.check_outputs(req.outputs)
-        expected = None
-        results = await run_request(batcher, model, req.inputs, rows, received_ns)
-        encode = functools.partial(
-            codec.encode_response,
-            model.name,
-            model.version,
-            req.id,
-            results,
-            req.outputs,
-            req.binary_output,
-        )
-        if sum(v.nbytes for v in results.values()) > OFFLOAD_BYTES:
-            payload, header_len = await asyncio.to_thread(encode)
-        else:
-            payload, header_len = encode()
-        status = 200
-        headers = {} if header_len is None else {HEADER_LENGTH: str(header_len)}
-        media = "application/json" if header_len is None else "application/octet-stream"
-        return _response(payload, media, headers)
+        with InferScope(state) as scope:
+            model = scope.open(name, version)
+            req = await decode_body(state, request, max_body_bytes)
+            if sum(a.nbytes for a in req.inputs.values()) > OFFLOAD_BYTES:
+                rows = await asyncio.to_thread(model.check_inputs, req.inputs)
+            else:
+                rows = model.check_inputs(req.inputs)
+            model.check_outputs(req.outputs)
+            results = await scope.run(req.inputs, rows)
+            encode = functools.partial(
+                codec.encode_response,
+                model.name,
+                model.version,
+                req.id,
+                results,
+                req.outputs,
+                req.binary_output,
+            )
+            if sum(v.nbytes for v in results.values()) > OFFLOAD_BYTES:
+                payload, header_len = await asyncio.to_thread(encode)
+            else:
+                payload, header_len = encode()
+            scope.succeeded()
     except ServeError as exc:
-        status = exc.status_code
-        return error_response(status, str(exc), exc.headers or None)
-    except BaseException:
-        status = 499  # cancelled (the server is stopping) or an unexpected error
-        raise
-    finally:
-        if expected is not None:
-            expected.unexpect()
-        if inflight is not None:
-            inflight.dec()
-        metrics.requests.labels(*labels, str(status)).inc()
-        if labels[0] != "unknown":
-            metrics.latency.labels(*labels).observe(time.perf_counter() - start)
+        return error_response(exc.status_code, str(exc), exc.headers or None)
+    headers = {} if header_len is None else {HEADER_LENGTH: str(header_len)}
+    media = "application/json" if header_len is None else "application/octet-stream"
+    return _response(payload, media, headers)
 
 
 def _response(payload: bytes, media_type: str, headers: dict[str, str]) -> Response:
