@@ -59,20 +59,15 @@ def _load(path: Path) -> Any:
 
 
 def _check(model: Any, fused_norm: str) -> None:
-    import onnx
 
     from bnexport.errors import FoldError
+    from bnexport.io.onnx_file import check_graph_valid
 
     if fused_norm == "plugin":
         from bnexport_plugins.fused_norm.onnx_node import register_onnx_schema
 
         register_onnx_schema()
-    try:
-        if model.ByteSize() < 2**31 - 1:
-            onnx.checker.check_model(model, full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise FoldError(f"folded graph fails onnx.checker: {first}") from exc
+    check_graph_valid(model, "folded graph", FoldError)
 
 
 def _print_report(records: list, before: int, after: int, out: Path) -> dict[str, int]:

@@ -221,3 +221,21 @@ def onnxruntime_load_errors(desc: str) -> Iterator[None]:
         if translated is None:
             raise
         raise translated from exc
+
+
+def check_graph_valid(model: Any, what: str, error: type[Exception]) -> None:
+    """``onnx.checker`` (full check) on a graph this package produced.
+
+    Skipped above protobuf's 2 GiB limit (the checker needs one serialized message).
+
+    Raises:
+        error: ``"<what> fails onnx.checker: <first line of the checker's message>"``.
+    """
+    import onnx
+
+    try:
+        if model.ByteSize() < 2**31 - 1:
+            onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise error(f"{what} fails onnx.checker: {first}") from exc

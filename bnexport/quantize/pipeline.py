@@ -129,14 +129,9 @@ def _finalize(model: Any, source_meta: Sequence[Any], info: dict[str, Any]) -> N
 
 
 def _check_graph(model: Any) -> None:
-    import onnx
+    from bnexport.io.onnx_file import check_graph_valid
 
-    try:
-        if model.ByteSize() < 2**31 - 1:
-            onnx.checker.check_model(model, full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise QuantizeError(f"quantized graph fails onnx.checker: {first}") from exc
+    check_graph_valid(model, "quantized graph", QuantizeError)
 
 
 def quantize_model(
