@@ -18,7 +18,7 @@ from keras import constraints, initializers, regularizers
 
 from bnexport.errors import InputError, LayerConfigError
 from bnexport.layers import fused as fused_lib
-from bnexport.layers.moments import local_moments, synchronized_moments
+from bnexport.layers.moments import bessel_corrected, local_moments, synchronized_moments
 from bnexport.layers.renorm import renorm_correction, validate_renorm_clipping
 
 EMA_UPDATE_MODES = ("internal", "skip")
@@ -51,6 +51,37 @@ def _validate_fused(fused: Any) -> None:
         raise LayerConfigError(f"`fused` must be None, True or False. Received: fused={fused!r}")
 
 
+# axes tf.keras's fused kernel takes: 1/-3 (NCHW) and 3/-1 (NHWC) on rank 4, 1/-4 and
+# 4/-1 on rank 5 (checked against the rank at build)
+_LEGACY_FUSED_AXES = (-4, -3, -1, 1, 3, 4)
+
+
+def legacy_fused_ruled_out(layer: BatchNormalization) -> str | None:
+    """Why tf.keras's rule keeps ``layer`` off the fused kernel before ``build``, or ``None``.
+
+    tf.keras (``BatchNormalizationBase._fused_can_be_used`` /
+    ``_raise_if_fused_cannot_be_used``, and ``synchronized`` in ``__init__``) sets
+    ``fused=False`` at construction for: ``synchronized``, ``renorm``, an axis list of
+    more than one axis or an axis outside ``(-4, -3, -1, 1, 3, 4)``,
+    ``virtual_batch_size``, ``adjustment``, and a compute dtype other than
+    float16/bfloat16/float32. The input rank (4 or 5) is only known at ``build``.
+    """
+    axes = [layer._axis_arg] if isinstance(layer._axis_arg, int) else layer._axis_arg
+    if layer.synchronized:
+        return "synchronized=True"
+    if layer.renorm:
+        return "renorm=True"
+    if len(axes) > 1 or axes[0] not in _LEGACY_FUSED_AXES:
+        return f"axis={layer._axis_arg!r}"
+    if layer.virtual_batch_size is not None:
+        return f"virtual_batch_size={layer.virtual_batch_size}"
+    if layer.adjustment is not None:
+        return "adjustment is set"
+    if layer.compute_dtype not in fused_lib.FUSED_DTYPES:
+        return f"compute dtype {layer.compute_dtype}"
+    return None
+
+
 def _compose(
     scale: tf.Tensor | None,
     offset: tf.Tensor | None,
@@ -73,7 +104,9 @@ class BatchNormalization(keras.layers.Layer):
     **During training** (``training=True`` and ``trainable=True``):
     ``y = γ · (x − μ_B) / sqrt(var_B + ε) + β`` with the mean and biased variance of the
     batch (of each ghost batch, of the global batch across replicas when synchronized);
-    then ``moving = moving · momentum + batch · (1 − momentum)``.
+    then ``moving = moving · momentum + batch · (1 − momentum)``, where the batch
+    variance is ``var_B`` (Keras 3) or, with ``bessel_correction=True``, the unbiased
+    ``var_B · n/(n − 1)`` (tf.keras's fused kernel).
     With renorm: ``y = γ · ((x − μ_B)/σ_B · r + d) + β`` (see :mod:`bnexport.layers.renorm`).
 
     **During inference**: ``y = γ · (x − moving_mean) / sqrt(moving_variance + ε) + β``.
@@ -103,9 +136,20 @@ class BatchNormalization(keras.layers.Layer):
             one feature axis that is 1 or last, float16/bfloat16/float32, no mask,
             adjustment or synchronization, ``epsilon >= 1.001e-5``); ``True`` requires it
             (:class:`LayerConfigError` naming ``fused`` where it cannot be honoured, also
-            accepted for any rank >= 2); ``False`` never uses it. After ``build``,
-            ``layer.fused`` reads ``True``/``False`` (whether the kernel is used), as in
-            legacy tf.keras; ``get_config()["fused"]`` stays the argument.
+            accepted for any rank >= 2, with renorm and ghost batches); ``False``
+            never uses it. ``layer.fused`` reads as in legacy tf.keras: before
+            ``build`` the argument, except that ``fused=None`` reads ``False`` where
+            tf.keras's rule rules the kernel out (``synchronized``, ``renorm``,
+            ``virtual_batch_size``, ``adjustment``, an axis list or an axis other
+            than 1/3/4/−1/−3/−4, a compute dtype other than float16/bfloat16/float32);
+            after ``build``, ``True``/``False``: ``fused=True``, or ``None`` not ruled
+            out whose input takes the kernel (rank 4/5, the axis 1 or last,
+            ``epsilon >= 1.001e-5``: where tf.keras silently raised a smaller ε to
+            1.001e-5, this layer keeps ε exact on plain ops and reads ``False``).
+            With ``fused=None``, renorm and ghost batches still run on the kernel
+            inside this layer when the input allows (the same numbers, faster), but
+            ``layer.fused`` reads ``False`` as in tf.keras.
+            ``get_config()["fused"]`` stays the argument.
         virtual_batch_size: ghost batch size ``v``: during training, each of the ``N/v``
             contiguous groups of ``v`` examples (examples ``g·v … g·v+v−1``, as in Hoffer
             et al., 2017) is normalized with its own statistics; ``N`` must be a multiple
@@ -125,6 +169,24 @@ class BatchNormalization(keras.layers.Layer):
               For a layer shared by several branches or towers, where one update per
               call would count a step several times; recompute the statistics later
               with :func:`bnexport.recalibrate`.
+        bessel_correction: ``False`` (default, Keras 3): the moving variance is updated
+            with the biased batch variance ``Σ(x − μ_B)²/n``. ``True``: with the
+            unbiased one ``Σ(x − μ_B)²/(n − 1)``, as tf.keras's fused path did
+            (``FusedBatchNormV3`` returns it and tf.keras fed it to the moving
+            average). Only the moving statistics change (``moving_variance``, and
+            with renorm ``moving_stddev``; not ``renorm_stddev``, which tracks the
+            biased σ_B that ``r`` is measured against); the training output is
+            normalized with the biased variance either way. ``n`` is the number of
+            values each statistic was computed from: elements per feature of the
+            batch; of each ghost batch (``v`` × the other reduced dimensions: each
+            ghost batch's variance is corrected with its own ``n``, then they are
+            averaged); of the global batch across replicas when synchronized
+            (``N`` over all replicas: the variance of the global batch); the sum of
+            the mask weights with a mask. Where ``n <= 1`` the variance is 0 either
+            way (as tf.keras). tf.keras applied the correction only where its fused
+            kernel ran (``layer.fused`` True: rank 4/5 inputs, one axis 1 or last,
+            no renorm, ghost batches, adjustment or synchronization); to reproduce a
+            tf.keras layer set ``bessel_correction=True`` on those layers.
         data_format: ``"channels_last"``/``"channels_first"``, used only when ``axis=None``.
         **kwargs: base layer arguments (``name``, ``dtype``, ``trainable``, ...).
 
@@ -164,6 +226,7 @@ class BatchNormalization(keras.layers.Layer):
         adjustment: Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]] | None = None,
         ema_update: str = "internal",
         data_format: str | None = None,
+        bessel_correction: bool = False,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
@@ -195,6 +258,11 @@ class BatchNormalization(keras.layers.Layer):
                 f"Received: ema_update={ema_update!r}"
             )
         _validate_fused(fused)
+        if not isinstance(bessel_correction, bool):
+            raise LayerConfigError(
+                "`bessel_correction` must be True or False. "
+                f"Received: bessel_correction={bessel_correction!r}"
+            )
         if adjustment is not None and not callable(adjustment):
             raise LayerConfigError(
                 f"`adjustment` must be a callable. Received: adjustment={adjustment!r}"
@@ -240,6 +308,7 @@ class BatchNormalization(keras.layers.Layer):
         self.virtual_batch_size = virtual_batch_size
         self.adjustment = adjustment
         self.ema_update = ema_update
+        self.bessel_correction = bessel_correction
         self.supports_masking = True
 
         self.gamma = None
@@ -251,15 +320,21 @@ class BatchNormalization(keras.layers.Layer):
 
     @property
     def fused(self) -> bool | None:
-        """The ``fused`` argument before ``build``; after it, whether the fused kernel is used.
+        """tf.keras's ``fused`` attribute: the argument, ruled out early, resolved by build.
 
-        As in legacy ``tf.keras``, ``build`` resolves ``fused=None`` to ``True`` or
+        Before ``build``: ``True``/``False`` as given; ``None`` unless tf.keras's rule
+        rules the fused kernel out for these arguments, then ``False``
+        (:func:`legacy_fused_ruled_out`). ``build`` resolves it to ``True`` or
         ``False`` for the input it sees: ``True`` when unmasked inputs of the compute
         dtype take TensorFlow's fused kernel (a masked or float64 call then falls back
         to the plain ops, where tf.keras raised). ``get_config`` keeps the argument, so
         a layer re-created from its config makes the same choice for its own input.
         """
-        return self._fused_arg if self._fused_resolved is None else self._fused_resolved
+        if self._fused_resolved is not None:
+            return self._fused_resolved
+        if self._fused_arg is None and legacy_fused_ruled_out(self) is not None:
+            return False
+        return self._fused_arg
 
     @fused.setter
     def fused(self, value: bool | None) -> None:
@@ -341,7 +416,11 @@ class BatchNormalization(keras.layers.Layer):
         self._broadcast_shape = [int(input_shape[i]) if i in axes else 1 for i in range(rank)]
         self._reduction_axes = [i for i in range(rank) if i not in axes]
         self._plan = self._choose_plan(rank, axes)
-        self._fused_resolved = self._plan is not None
+        # the kernel may also run for renorm / ghost batches (fused=None), which
+        # tf.keras's attribute reports as False
+        self._fused_resolved = self._plan is not None and (
+            self._fused_arg is True or legacy_fused_ruled_out(self) is None
+        )
         dtype = self.variable_dtype
         dtype = "float32" if dtype in _16BIT else dtype
         shape = self._param_shape
@@ -550,11 +629,14 @@ class BatchNormalization(keras.layers.Layer):
         y4, count, mean, variance = fused_lib.fused_train(
             x4, scale, offset, self.epsilon, plan.data_format
         )
+        # count: values per channel of one (ghost) batch, the n of Bessel's correction
+        update_variance = self._update_variance(variance, count)
         if not fused_lib.no_groups(groups):
             count = tf.cast(count, tf.float32) * tf.cast(groups, tf.float32)
             mean = self._average_groups(mean, groups)
             variance = self._average_groups(variance, groups)
-        self._update_statistics(count, mean, variance)
+            update_variance = self._average_groups(update_variance, groups)
+        self._update_statistics(count, mean, variance, update_variance)
         return plan.from_4d(y4, x, groups, vbs)
 
     def _train_fused_split(self, x: tf.Tensor, groups: int) -> tf.Tensor:
@@ -567,7 +649,7 @@ class BatchNormalization(keras.layers.Layer):
             mean = tf.add_n([m for _, m, _ in moments]) / groups
             variance = tf.add_n([v for _, _, v in moments]) / groups
             scale, offset = self._renorm_scale_offset(scale, offset, mean, variance)
-        outputs, means, variances, count = [], [], [], 0.0
+        outputs, means, variances, updates, count = [], [], [], [], 0.0
         for x4 in slices:
             y4, n, mean, variance = fused_lib.fused_train(
                 x4, scale, offset, self.epsilon, plan.data_format
@@ -575,8 +657,14 @@ class BatchNormalization(keras.layers.Layer):
             outputs.append(y4)
             means.append(mean)
             variances.append(variance)
+            updates.append(self._update_variance(variance, n))  # n of this ghost batch
             count = count + n
-        self._update_statistics(count, tf.add_n(means) / groups, tf.add_n(variances) / groups)
+        self._update_statistics(
+            count,
+            tf.add_n(means) / groups,
+            tf.add_n(variances) / groups,
+            tf.add_n(updates) / groups,
+        )
         y = tf.concat(outputs, axis=0)
         return y if plan.rank == 4 else tf.reshape(y, tf.shape(x))
 
@@ -626,6 +714,12 @@ class BatchNormalization(keras.layers.Layer):
         stat_axes = [0] if ghost else []
         batch_mean = tf.reshape(self._mean_over(mean, stat_axes), self._param_shape)
         batch_var = tf.reshape(self._mean_over(variance, stat_axes), self._param_shape)
+        # Bessel's correction per ghost batch (count: its n; N of all replicas if synced)
+        update_var = batch_var
+        if self.bessel_correction:
+            update_var = tf.reshape(
+                self._mean_over(bessel_corrected(variance, count), stat_axes), self._param_shape
+            )
         total = tf.broadcast_to(count, tf.shape(mean))
         if ghost:
             total = tf.reduce_sum(total, 0)
@@ -643,7 +737,7 @@ class BatchNormalization(keras.layers.Layer):
             scale, offset = _compose(
                 self._broadcast(r, ghost), self._broadcast(d, ghost), scale, offset
             )
-        self._update_statistics(total, batch_mean, batch_var)
+        self._update_statistics(total, batch_mean, batch_var, update_var)
         y = tf.nn.batch_normalization(x, mean, variance, offset, scale, self.epsilon)
         if ghost:
             y = tf.reshape(y, tf.shape(original))
@@ -657,13 +751,25 @@ class BatchNormalization(keras.layers.Layer):
         n = tf.cast(tf.reduce_prod(tf.gather(tf.shape(v), axes)), v.dtype)
         return tf.math.divide_no_nan(tf.reduce_sum(v, axes, keepdims=True), n)
 
+    def _update_variance(self, variance: tf.Tensor, count: tf.Tensor | float) -> tf.Tensor:
+        """The batch variance the moving variance receives (Bessel-corrected if asked)."""
+        return bessel_corrected(variance, count) if self.bessel_correction else variance
+
     def _update_statistics(
-        self, count: tf.Tensor | float, mean: tf.Tensor, variance: tf.Tensor
+        self,
+        count: tf.Tensor | float,
+        mean: tf.Tensor,
+        variance: tf.Tensor,
+        update_variance: tf.Tensor | None = None,
     ) -> None:
         """EMA updates from parameter-shaped batch moments; skipped where ``count == 0``.
 
+        ``variance`` is the biased batch variance (renorm's ``renorm_stddev``);
+        ``update_variance`` (default ``variance``) feeds the moving variance / stddev.
         ``count`` may be a Python number (static shapes): then no guard op is built.
         """
+        if update_variance is None:
+            update_variance = variance
         if self.ema_update == "skip":
             return
         if isinstance(count, (int, float)):
@@ -674,6 +780,7 @@ class BatchNormalization(keras.layers.Layer):
             valid = tf.broadcast_to(tf.cast(count, mean.dtype) > 0, tf.shape(mean))
         mean = tf.stop_gradient(mean)
         variance = tf.stop_gradient(variance)
+        update_variance = tf.stop_gradient(update_variance)
 
         def guarded(new: tf.Tensor, old: tf.Tensor) -> tf.Tensor:
             return new if valid is None else tf.where(valid, new, old)
@@ -685,13 +792,13 @@ class BatchNormalization(keras.layers.Layer):
 
         if not self.renorm:
             ema(self.moving_mean, mean, self.momentum)
-            ema(self.moving_variance, variance, self.momentum)
+            ema(self.moving_variance, update_variance, self.momentum)
             return
         stddev = tf.sqrt(variance + self.epsilon)
         ema(self.renorm_mean, mean, self.renorm_momentum)
         ema(self.renorm_stddev, stddev, self.renorm_momentum)
         ema(self.moving_mean, mean, self.momentum)
-        ema(self.moving_stddev, stddev, self.momentum)
+        ema(self.moving_stddev, tf.sqrt(update_variance + self.epsilon), self.momentum)
         moving_stddev = tf.cast(self.moving_stddev.value, mean.dtype)
         # relu: rounding must not make the variance negative
         variance = tf.nn.relu(moving_stddev * moving_stddev - self.epsilon)
@@ -730,6 +837,7 @@ class BatchNormalization(keras.layers.Layer):
             "virtual_batch_size": self.virtual_batch_size,
             "ema_update": self.ema_update,
             "data_format": self.data_format,
+            "bessel_correction": self.bessel_correction,
         }
         return {**base_config, **config}
 

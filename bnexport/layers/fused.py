@@ -15,7 +15,8 @@ dynamic batch size the groups become extra channels ``G·C`` (γ/β tiled ``G`` 
 which costs one transpose each way.
 
 The kernel returns the *unbiased* batch variance; :func:`fused_train` converts it back
-to the biased variance every other code path uses.
+to the biased variance every other code path uses (the layer's ``bessel_correction=True``
+applies ``n/(n − 1)`` again, on every path alike, for the moving variance).
 """
 
 from __future__ import annotations

@@ -129,6 +129,21 @@ def local_moments(
     return count, pivot + s1, variance
 
 
+def bessel_corrected(variance: tf.Tensor, count: tf.Tensor | float) -> tf.Tensor:
+    """The unbiased variance ``variance · n/(n − 1)`` from the biased one and its ``n``.
+
+    ``n`` (``count``, broadcastable to ``variance``: a Python number, a scalar or
+    per-feature tensor) is the number of values the biased variance was taken over.
+    Where ``n <= 1`` the variance is returned as is (0: one value has no spread), as
+    TensorFlow's fused kernel does.
+    """
+    if isinstance(count, (int, float)):
+        return variance * (count / (count - 1.0)) if count > 1 else variance
+    n = tf.cast(count, variance.dtype)
+    factor = tf.where(n > 1.0, n / tf.maximum(n - 1.0, 1.0), tf.ones_like(n))
+    return variance * factor
+
+
 def combine_moments(
     counts: tf.Tensor, means: tf.Tensor, m2s: tf.Tensor, axis: int = 0
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
