@@ -12,6 +12,7 @@ only when used, so this module imports on machines without a GPU.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,11 +32,14 @@ from bnexport.runtime.cuda_api import driver as _driver
 
 __all__ = [
     "FusedNormCuda",
+    "PreparedLaunch",
     "check",
+    "current_device_runtime",
     "default_runtime",
     "gpu_available",
     "gpu_unavailable_reason",
     "run_numpy",
+    "runtime_for_device",
 ]
 
 
@@ -59,6 +63,43 @@ def gpu_unavailable_reason() -> str | None:
 def gpu_available() -> bool:
     """True when a CUDA device and a loadable NVRTC are present (:func:`gpu_unavailable_reason`)."""
     return gpu_unavailable_reason() is None
+
+
+@dataclass
+class PreparedLaunch:
+    """The launches of one plan with every kernel argument built once.
+
+    Calling it enqueues the kernels with one ``cuLaunchKernel`` each and no other
+    Python work, so back-to-back calls (or a CUDA graph captured from them) time the
+    kernels, not the host code that builds their arguments.
+
+    Attributes:
+        calls: ``(CUfunction, grid, block, kernelParams address)`` per launch.
+        stream: the ``CUstream`` they are enqueued on.
+        keep: the argument arrays the ``kernelParams`` addresses point into (kept alive).
+    """
+
+    calls: list[tuple[Any, tuple[int, int, int], tuple[int, int, int], int]]
+    stream: Any
+    keep: list[np.ndarray] = field(default_factory=list, repr=False)
+
+    def __call__(self, stream: Any = None) -> None:
+        """Enqueue every launch (raises ``BackendUnavailableError`` on a CUDA error).
+
+        Args:
+            stream: another stream for this call (a ``CUstream`` or its integer value,
+                e.g. torch's capture stream); default: the stream given to ``prepare``.
+        """
+        drv = _driver()
+        if stream is None:
+            stream = self.stream
+        elif not isinstance(stream, drv.CUstream):
+            stream = drv.CUstream(stream)
+        launch = drv.cuLaunchKernel
+        for function, grid, block, params in self.calls:
+            err = launch(function, *grid, *block, 0, stream, params, 0)[0]
+            if int(err):
+                check((err,), "cuLaunchKernel")
 
 
 class FusedNormCuda:
@@ -117,16 +158,18 @@ class FusedNormCuda:
             )
         return self._functions[name]
 
-    def launch(self, p: Plan, buffers: dict[str, int], stream: int = 0) -> None:
-        """Enqueue every launch of ``p`` on ``stream``.
+    def prepare(self, p: Plan, buffers: dict[str, int], stream: Any = 0) -> PreparedLaunch:
+        """Build the kernel arguments of ``p`` once; the result enqueues them when called.
 
         Args:
             p: From :func:`launch.plan`.
             buffers: Device pointer of each buffer the plan names (``x``, ``scale``,
                 ``shift``, ``y``, and ``mean``/``var``/``ws`` where used).
-            stream: ``CUstream`` handle (0 = legacy default stream).
+            stream: ``CUstream`` handle or its integer value (0 = legacy default stream).
         """
         drv = _driver()
+        keep: list[np.ndarray] = []
+        calls = []
         for launch in p.launches:
             values = []
             for arg in launch.args:
@@ -139,18 +182,16 @@ class FusedNormCuda:
                 else:
                     values.append(np.array([arg.value], np.int32))
             addresses = np.array([v.ctypes.data for v in values], np.uint64)
-            check(
-                drv.cuLaunchKernel(
-                    self.function(launch.kernel),
-                    *launch.grid,
-                    *launch.block,
-                    0,
-                    drv.CUstream(stream),
-                    addresses.ctypes.data,
-                    0,
-                ),
-                f"cuLaunchKernel({launch.kernel})",
+            keep += [*values, addresses]
+            calls.append(
+                (self.function(launch.kernel), launch.grid, launch.block, addresses.ctypes.data)
             )
+        handle = stream if isinstance(stream, drv.CUstream) else drv.CUstream(stream)
+        return PreparedLaunch(calls, handle, keep)
+
+    def launch(self, p: Plan, buffers: dict[str, int], stream: Any = 0) -> None:
+        """Enqueue every launch of ``p`` on ``stream`` (:meth:`prepare`, then call it)."""
+        self.prepare(p, buffers, stream)()
 
     # ------------------------------------------------------------ device memory helpers
     def alloc(self, nbytes: int) -> int:
@@ -194,15 +235,32 @@ class FusedNormCuda:
         check(_driver().cuCtxSynchronize(), "cuCtxSynchronize")
 
 
-_DEFAULT: FusedNormCuda | None = None
+_RUNTIMES: dict[int, FusedNormCuda] = {}
+
+
+def runtime_for_device(device: int) -> FusedNormCuda:
+    """A process-wide :class:`FusedNormCuda` for CUDA device ``device`` (loaded once)."""
+    device = int(device)
+    if device not in _RUNTIMES:
+        _RUNTIMES[device] = FusedNormCuda(device)
+    return _RUNTIMES[device]
 
 
 def default_runtime() -> FusedNormCuda:
     """A process-wide :class:`FusedNormCuda` on device 0."""
-    global _DEFAULT
-    if _DEFAULT is None:
-        _DEFAULT = FusedNormCuda(0)
-    return _DEFAULT
+    return runtime_for_device(0)
+
+
+def current_device_runtime() -> FusedNormCuda:
+    """The kernels on the calling thread's current CUDA device (``cudaGetDevice``).
+
+    A TensorRT engine enqueues on the device it was deserialized on; its plugin must
+    launch there too, not on device 0 (pointers of one device are invalid on another).
+    """
+    from bnexport.runtime.cuda_api import runtime
+
+    device: int = check(runtime().cudaGetDevice(), "cudaGetDevice")
+    return runtime_for_device(int(device))
 
 
 def run_numpy(

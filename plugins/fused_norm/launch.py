@@ -30,6 +30,8 @@ FUSED_BLOCK = 512
 ROWS_BLOCK_Y = 8
 FINALIZE_BLOCK = 256  # 8 warps, one (group, channel) each
 BLOCKS_PER_SM = 8  # target resident blocks per SM for the grid-stride / split kernels
+#: CUDA's grid limits (x, y, z) for every GPU this project targets (compute capability >= 3.0)
+MAX_GRID = (2**31 - 1, 65535, 65535)
 
 
 def float_bits(value: float) -> int:
@@ -81,6 +83,25 @@ class Plan:
     def workspace_bytes(self) -> int:
         """Workspace size in bytes."""
         return 4 * self.workspace_floats
+
+
+def check_grid(lnch: Launch) -> Launch:
+    """Return ``lnch`` if its grid fits CUDA's limits (:data:`MAX_GRID`).
+
+    Raises:
+        PluginError: naming the kernel, the grid dimension and what makes it too large
+            (``grid.y``/``grid.z`` count ghost batches ``G`` on the batch_stats paths).
+    """
+    from bnexport.errors import PluginError
+
+    for axis, (size, limit) in zip("xyz", zip(lnch.grid, MAX_GRID, strict=True), strict=True):
+        if not 1 <= size <= limit:
+            raise PluginError(
+                f"FusedNorm: kernel {lnch.kernel} needs grid.{axis} = {size}, outside CUDA's "
+                f"1..{limit} (grid.y/z count the ghost batches N / virtual_batch_size); use a "
+                "larger virtual_batch_size or a smaller batch"
+            )
+    return lnch
 
 
 def _ptr(name: str, offset: int = 0) -> Arg:
@@ -173,7 +194,18 @@ def plan(
 
     Buffers named in the arguments: ``x``, ``scale``, ``shift``, ``y``, ``mean``, ``var``
     (the latter two only with ``return_stats=1``) and ``ws`` (the workspace).
+
+    Raises:
+        PluginError: a launch's grid exceeds CUDA's limits (:func:`check_grid`).
     """
+    p = _plan(geo, dtype, attrs, num_sms, strategy)
+    for lnch in p.launches:
+        check_grid(lnch)
+    return p
+
+
+def _plan(geo: Geometry, dtype: str, attrs: dict, num_sms: int, strategy: str) -> Plan:
+    """:func:`plan` before the grid checks."""
     act = spec.ACTIVATION_CODES[attrs["activation"]]
     alpha = float(attrs["alpha"])
     if attrs["mode"] == "affine":

@@ -81,7 +81,7 @@ ATTRIBUTE_TYPES: dict[str, type] = {
 
 
 def validate_attributes(attrs: dict[str, int | float | str]) -> dict[str, int | float | str]:
-    """Check a complete attribute dict and return it with canonical Python types.
+    r"""Check a complete attribute dict and return it with canonical Python types.
 
     Args:
         attrs: Every key of ``ATTRIBUTE_DEFAULTS`` (extra ``plugin_namespace`` and
@@ -89,7 +89,10 @@ def validate_attributes(attrs: dict[str, int | float | str]) -> dict[str, int | 
 
     Returns:
         A new dict with exactly the keys of ``ATTRIBUTE_DEFAULTS``, values cast to
-        ``ATTRIBUTE_TYPES`` (``bytes`` strings decoded).
+        ``ATTRIBUTE_TYPES`` (``bytes`` strings decoded, trailing NULs stripped: TensorRT's
+        ONNX parser hands string fields to plugins with the C terminator counted in their
+        length -- onnx-tensorrt ``copyField``, onnx/onnx-tensorrt#921 -- so ``mode``
+        arrives as ``"affine\x00"``).
 
     Raises:
         PluginError: naming the field for an unknown/missing attribute or a bad value.
@@ -105,8 +108,12 @@ def validate_attributes(attrs: dict[str, int | float | str]) -> dict[str, int | 
     out: dict[str, int | float | str] = {}
     for key, typ in ATTRIBUTE_TYPES.items():
         value = attrs[key]
-        if isinstance(value, bytes):
-            value = value.decode("utf-8")
+        if getattr(value, "shape", None) in ((), (1,)) and hasattr(value, "item"):
+            value = value.item()  # a one-element NumPy plugin field
+        if isinstance(value, bytes | bytearray | memoryview):
+            value = bytes(value).decode("utf-8")
+        if isinstance(value, str):
+            value = value.rstrip("\x00")
         try:
             out[key] = typ(value)
         except (TypeError, ValueError) as exc:

@@ -34,6 +34,16 @@ The JIT implementation (``@trtp.impl``, Python at run time) uses the faster
 split-reduction path with a stream-ordered workspace.
 
 Tactics (:class:`Tactic`) are thread-block sizes; TensorRT times them at build time.
+
+Limits checked at build time (:func:`check_launch_limits`), because an ahead-of-time
+kernel runs without Python and cannot refuse a shape when it is launched: X has at most
+``2**31 - 1`` elements (the kernels index with int32), and the batch-statistics grid's
+``y`` dimension (ghost batches ``N / virtual_batch_size``) is at most 65535. Static shapes
+are checked when the plugin's output shapes are described; dynamic ones at autotune,
+against the optimization profile's largest shape.
+
+String attributes come from TensorRT's ONNX parser with a trailing NUL
+(onnx/onnx-tensorrt#921); :func:`spec.validate_attributes` strips it.
 """
 
 import os
@@ -127,6 +137,52 @@ def _check_static(x, scale, shift, attrs: dict) -> None:
         )
 
 
+def _constant_shape(x) -> "tuple[int, ...] | None":
+    """X's shape when every dimension is a build-time constant, else ``None``."""
+    dims = []
+    for d in x.shape_expr:
+        if d.is_fake or not d.is_constant:
+            return None
+        dims.append(int(d.constant_value()))
+    return tuple(dims)
+
+
+def profile_max_shape(x) -> "tuple[int, ...] | None":
+    """The largest shape X takes (autotune's ``TensorDesc.shape``), or ``None`` if unknown.
+
+    In ``@trtp.autotune`` a descriptor has a concrete :class:`tensorrt.plugin.Shape`; for a
+    dynamic tensor its ``max`` is the optimization profile's upper bound.
+    """
+    if not getattr(x, "has_shape", False):
+        return None
+    shape = x.shape
+    dims = shape.max if shape.is_dynamic else tuple(shape)
+    return tuple(int(d) for d in dims)
+
+
+def check_launch_limits(shape: "tuple[int, ...]", dtype: str, attrs: dict) -> None:
+    """Refuse a shape of X the kernels cannot launch on (int32 element count, grid size).
+
+    Args:
+        shape: a concrete shape of X (a static shape, or a profile's largest one).
+        dtype: element type name of X.
+        attrs: validated node attributes.
+
+    Raises:
+        PluginError: naming the limit, the shape and what to change.
+    """
+    from bnexport_plugins.fused_norm.checks import geometry
+    from bnexport_plugins.fused_norm.launch import check_grid, fused_batch_stats_launch
+
+    shape = tuple(int(d) for d in shape)
+    vbs = int(attrs["virtual_batch_size"])
+    if vbs and shape and shape[0] % vbs:  # a profile bound need not be a ghost-batch multiple
+        shape = (max(vbs, shape[0] - shape[0] % vbs), *shape[1:])
+    geo = geometry(shape, attrs)  # PluginError beyond 2**31 - 1 elements
+    if attrs["mode"] == "batch_stats" and geo.numel:
+        check_grid(fused_batch_stats_launch(geo, dtype, attrs, bool(attrs["return_stats"])))
+
+
 def _prod(dims):
     """Product of shape expressions / ints (1 for none), without building constants."""
     out = 1
@@ -170,8 +226,9 @@ def _register(trt, trtp, namespace: str, with_stats: bool) -> None:
                 raise PluginError(
                     f"{plugin_id} needs return_stats=1 (use namespace {spec.PLUGIN_NAMESPACE})"
                 )
-            _dtype_name(trt, x.dtype)
+            dtype = _dtype_name(trt, x.dtype)
             _check_static(x, scale, shift, attrs)
+            _check_constant_limits(x, dtype, attrs)
             return _outputs(x, attrs)
     else:
 
@@ -196,12 +253,37 @@ def _register(trt, trtp, namespace: str, with_stats: bool) -> None:
                     f"{plugin_id} has one output; return_stats=1 needs namespace "
                     f"{spec.PLUGIN_NAMESPACE_STATS}"
                 )
-            _dtype_name(trt, x.dtype)
+            dtype = _dtype_name(trt, x.dtype)
             _check_static(x, scale, shift, attrs)
+            _check_constant_limits(x, dtype, attrs)
             return _outputs(x, attrs)
 
     @trtp.autotune(plugin_id)
-    def _autotune(x, scale, shift, outputs):
+    def _autotune(
+        x,
+        scale,
+        shift,
+        activation,
+        alpha,
+        axis,
+        epsilon,
+        mode,
+        return_stats,
+        virtual_batch_size,
+        outputs,
+    ):
+        largest = profile_max_shape(x)
+        if largest is not None:
+            attrs = _attrs(
+                activation=activation,
+                alpha=alpha,
+                axis=axis,
+                epsilon=epsilon,
+                mode=mode,
+                return_stats=return_stats,
+                virtual_batch_size=virtual_batch_size,
+            )
+            check_launch_limits(largest, _dtype_name(trt, x.dtype), attrs)
         io = "FP32|FP16|BF16, FP32, FP32, FP32|FP16|BF16" + (", FP32, FP32" if with_stats else "")
         return [trtp.AutoTuneCombination(io, "LINEAR", [int(t) for t in Tactic])]
 
@@ -261,6 +343,12 @@ def _register(trt, trtp, namespace: str, with_stats: bool) -> None:
         jit_launch(trt, x, scale, shift, outputs, attrs, int(stream))
 
 
+def _check_constant_limits(x, dtype: str, attrs: dict) -> None:
+    shape = _constant_shape(x) if x.ndim > int(attrs["axis"]) else None
+    if shape is not None:
+        check_launch_limits(shape, dtype, attrs)
+
+
 def ptx_for_plugin() -> bytes:
     """PTX of the kernels for TensorRT (compute_80, runs on every GPU >= sm_80)."""
     from bnexport_plugins.fused_norm.nvrtc_build import compile_kernels
@@ -278,6 +366,9 @@ def aot_kernel(trt, trtp, x, attrs: dict, tactic: "Tactic"):
     from bnexport_plugins.fused_norm.nvrtc_build import entry_name
 
     dtype = _dtype_name(trt, x.dtype)
+    static = _constant_shape(x)
+    if static is not None:
+        check_launch_limits(static, dtype, attrs)
     shape = list(x.shape_expr)
     axis = int(attrs["axis"])
     c = shape[axis]
@@ -328,12 +419,12 @@ def aot_kernel(trt, trtp, x, attrs: dict, tactic: "Tactic"):
 def jit_launch(trt, x, scale, shift, outputs, attrs: dict, stream: int) -> None:
     """``@trtp.impl`` body: the split batch_stats path (or affine) via cuda-python."""
     from bnexport_plugins.fused_norm.checks import check_inputs
-    from bnexport_plugins.fused_norm.gpu_runtime import default_runtime
+    from bnexport_plugins.fused_norm.gpu_runtime import current_device_runtime
     from bnexport_plugins.fused_norm.launch import plan
 
     from bnexport.runtime.cuda_api import check, driver, handle_value
 
-    rt = default_runtime()
+    rt = current_device_runtime()  # the engine's device, which TensorRT made current
     dtype = _dtype_name(trt, x.dtype)
     geo = check_inputs(tuple(x.shape), dtype, tuple(scale.shape), tuple(shift.shape), attrs)
     p = plan(geo, dtype, attrs, rt.num_sms, "split")
@@ -399,8 +490,11 @@ def build_engine(
     Args:
         onnx_path: The ONNX model.
         engine_path: If given, the engine is also written there (atomically).
-        fp16: Allow FP16 kernels (weakly typed networks).
-        bf16: Allow BF16 kernels (weakly typed networks); not together with ``fp16``.
+        fp16: Build in float16: a float32 graph is converted to float16 and built strongly
+            typed (TensorRT 11 has no ``BuilderFlag.FP16``; see
+            :mod:`bnexport.runtime.trt_build`).
+        bf16: ``BuilderFlag.BF16`` where TensorRT still has it (10.x), else only for a graph
+            that is bfloat16 already; not together with ``fp16``.
         tf32: Allow TF32 math in fp32 layers.
         workspace_bytes: Builder workspace limit.
         profiles: Optimization profiles: one ``{input: (min, opt, max)}`` dict each,
