@@ -28,7 +28,7 @@ from typing import Any
 from bnexport.errors import BackendUnavailableError
 
 #: extra a missing binding is installed with
-_INSTALL = "pip install 'bnexport[gpu]' (cuda-bindings and nvidia-cuda-nvrtc of one CUDA major)"
+_INSTALL = 'pip install "bnexport[gpu]" (cuda-bindings and nvidia-cuda-nvrtc of one CUDA major)'
 
 _LOADED: dict[str, Any] = {}
 

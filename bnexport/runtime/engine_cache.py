@@ -4,9 +4,17 @@ Everything here is pure Python (no TensorRT, no CUDA), so it is tested on
 machines without a GPU.
 
 An engine is valid only for the exact ONNX bytes, TensorRT version, GPU and
-build flags it was built with, so the cache key is::
+build flags it was built with -- and, for graphs with ``bnexport::FusedNorm``, the
+plugin code and kernel source compiled into it (the ahead-of-time PTX is embedded in
+the engine) -- so the cache key is::
 
-    sha256(sha256(onnx bytes) | tensorrt version | gpu name | sorted flags as JSON)
+    sha256(sha256(onnx bytes) | tensorrt version | gpu name | sorted flags as JSON
+           [| plugin digest])
+
+:func:`plugin_digest` hashes every source file of ``bnexport_plugins.fused_norm``
+(``fused_norm.cu`` and the Python modules that register, plan and launch it) and
+``$BNEXPORT_PTX_ISA`` (the PTX version cap), so editing the kernel or the plugin
+rebuilds the engine instead of loading a stale one.
 
 Engines live in ``$BNEXPORT_CACHE_DIR`` (default ``~/.cache/bnexport/engines``)
 as ``<key>.engine``; the timing cache, which TensorRT can share between builds
@@ -46,8 +54,34 @@ def onnx_digest(model_bytes: bytes) -> str:
     return hashlib.sha256(model_bytes).hexdigest()
 
 
+#: suffixes of the plugin files that change what an engine computes
+_PLUGIN_SOURCES = (".py", ".cu", ".cuh", ".h")
+
+
+def plugin_digest() -> str:
+    """Hex SHA-256 of the FusedNorm plugin as it would be compiled into an engine.
+
+    Covers the name and bytes of every ``.py``/``.cu``/``.cuh``/``.h`` file of
+    ``bnexport_plugins.fused_norm`` (kernel source, registration, launch plans, NVRTC
+    options) and ``$BNEXPORT_PTX_ISA``.
+    """
+    import bnexport_plugins.fused_norm as package
+
+    root = Path(package.__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.iterdir()):
+        if path.is_file() and path.suffix in _PLUGIN_SOURCES:
+            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    digest.update(b"BNEXPORT_PTX_ISA=" + os.environ.get("BNEXPORT_PTX_ISA", "").encode())
+    return digest.hexdigest()
+
+
 def engine_cache_key(
-    model_bytes: bytes, trt_version: str, gpu_name: str, flags: Mapping[str, Any]
+    model_bytes: bytes,
+    trt_version: str,
+    gpu_name: str,
+    flags: Mapping[str, Any],
+    plugin: str | None = None,
 ) -> str:
     """Key of an engine: hash of ONNX digest, TensorRT version, GPU name and build flags.
 
@@ -57,14 +91,15 @@ def engine_cache_key(
         gpu_name: the device name (``cudaDeviceProp.name``).
         flags: every build setting that changes the engine (precision, tf32,
             profile shapes, workspace...); must be JSON-serializable.
+        plugin: :func:`plugin_digest` for graphs that use the FusedNorm plugin.
 
     Returns:
         A 64-character hex string.
     """
-    payload = "|".join(
-        [onnx_digest(model_bytes), trt_version, gpu_name, json.dumps(flags, sort_keys=True)]
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()
+    parts = [onnx_digest(model_bytes), trt_version, gpu_name, json.dumps(flags, sort_keys=True)]
+    if plugin is not None:
+        parts.append(f"plugin={plugin}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
 def _slug(text: str) -> str:

@@ -1,20 +1,27 @@
 """TensorRT backend of :class:`bnexport.Session` (extra ``bnexport[tensorrt]``).
 
 Build: once per ONNX file, TensorRT version, GPU and
-:class:`~bnexport.runtime.trt_build.BuildSettings` (then from the engine cache, see
-:mod:`bnexport.runtime.engine_cache`), by the project's one builder,
+:class:`~bnexport.runtime.trt_build.BuildSettings` -- and, for graphs with
+``bnexport::FusedNorm``, the plugin's code (:func:`~bnexport.runtime.engine_cache.plugin_digest`)
+-- (then from the engine cache, see :mod:`bnexport.runtime.engine_cache`), by the
+project's one builder,
 :func:`bnexport.runtime.trt_build.build_serialized_engine`: bundled plugins and, for
 graphs with ``bnexport::FusedNorm``, the project's plugin registered; ahead-of-time
 Python plugins preferred; TF32 cleared unless ``tf32=True``; one optimization profile
 whose batch spans ``1..max_batch``; a timing cache shared per TensorRT version and GPU.
 Then ``trt.Runtime.deserialize_cuda_engine``.
 
-Run: inputs are copied host -> device on a private CUDA stream, input shapes
+Run: the engine's device is made current (``cudaSetDevice``: the current device is
+per thread, and a server calls ``run`` from other threads than the one that built the
+engine), inputs are copied host -> device on a private CUDA stream, input shapes
 set with ``IExecutionContext.set_input_shape``, every tensor address bound with
 ``set_tensor_address``, ``execute_async_v3`` enqueued, outputs copied back and
 the stream synchronized. Device buffers grow on demand and are reused. One
 execution context is not re-entrant, so ``run`` holds a lock. CUDA is reached
 through :mod:`bnexport.runtime.cuda_api` (cuda-bindings' runtime API).
+
+I/O dtypes are the engine's (:func:`numpy_dtype`): bfloat16 tensors, which
+``trt.nptype`` does not map (NumPy has no bfloat16), use ``ml_dtypes.bfloat16``.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from bnexport.runtime.engine_cache import (
     DEFAULT_TRT_MAX_BATCH,
     EngineCache,
     engine_cache_key,
+    plugin_digest,
     profile_shapes,
     timing_cache_path,
 )
@@ -45,7 +53,26 @@ from bnexport.runtime.trt_build import (
     register_plugins,
 )
 
-__all__ = ["DEFAULT_WORKSPACE_BYTES", "TrtBackend", "gpu_name", "import_cudart", "import_tensorrt"]
+__all__ = [
+    "DEFAULT_WORKSPACE_BYTES",
+    "TrtBackend",
+    "gpu_name",
+    "import_cudart",
+    "import_tensorrt",
+    "numpy_dtype",
+]
+
+
+def numpy_dtype(trt: Any, trt_dtype: Any) -> np.dtype:
+    """The NumPy dtype of a TensorRT tensor type; bfloat16 as ``ml_dtypes.bfloat16``.
+
+    ``trt.nptype`` raises ``TypeError`` for ``trt.bfloat16`` (NumPy has no such type).
+    """
+    if trt_dtype == getattr(trt, "bfloat16", object()):
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(trt.nptype(trt_dtype))
 
 
 def gpu_name(cudart: Any, device_id: int) -> str:
@@ -89,7 +116,8 @@ class TrtBackend:
         model_bytes: the serialized ONNX model.
         inputs: graph inputs (used for the optimization profile).
         outputs: graph outputs.
-        precision: ``"fp32"`` or ``"fp16"``.
+        precision: ``"fp32"`` or ``"fp16"`` (the graph converted to float16 and built
+            strongly typed, see :mod:`bnexport.runtime.trt_build`).
         max_batch: largest batch of the profile (default ``DEFAULT_TRT_MAX_BATCH``).
         device_id: CUDA device ordinal.
         tf32: allow TF32 math in fp32 layers (off by default).
@@ -122,6 +150,7 @@ class TrtBackend:
         self._trt, self._cudart = trt, cudart
         self.inputs, self.outputs = inputs, outputs
         self.max_batch = max_batch or DEFAULT_TRT_MAX_BATCH
+        self.device_id = int(device_id)
         _check_cuda(cudart.cudaSetDevice(device_id), "cudaSetDevice")
         self.device = gpu_name(cudart, device_id)
         self.shapes = profile_shapes(inputs, self.max_batch, overrides=profile_overrides)
@@ -133,7 +162,11 @@ class TrtBackend:
         )
         self.cache = cache or EngineCache()
         self.cache_key = engine_cache_key(
-            model_bytes, trt.__version__, self.device, self.settings.key(trt)
+            model_bytes,
+            trt.__version__,
+            self.device,
+            self.settings.key(trt),
+            plugin=plugin_digest() if needs_fused_norm else None,
         )
         self._logger = trt.Logger(trt.Logger.WARNING)
         register_plugins(trt, self._logger, needs_fused_norm)
@@ -172,8 +205,10 @@ class TrtBackend:
         h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
         d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         with self._lock:
+            # the current device is per thread: launch where the engine was built
+            _check_cuda(cudart.cudaSetDevice(self.device_id), "cudaSetDevice")
             for name, arr in feed.items():
-                dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
+                dtype = numpy_dtype(trt, self.engine.get_tensor_dtype(name))
                 host = np.ascontiguousarray(arr, dtype=dtype)
                 if not self.context.set_input_shape(name, host.shape):
                     lo, _, hi = self.shapes[name]
@@ -190,7 +225,7 @@ class TrtBackend:
             results: dict[str, np.ndarray] = {}
             for info in self.outputs:
                 shape = tuple(self.context.get_tensor_shape(info.name))
-                dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(info.name)))
+                dtype = numpy_dtype(trt, self.engine.get_tensor_dtype(info.name))
                 out = np.empty(shape, dtype=dtype)
                 ptr = self._buffer(info.name).ensure(out.nbytes)
                 self.context.set_tensor_address(info.name, ptr)

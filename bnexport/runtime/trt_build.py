@@ -7,17 +7,29 @@ Used by the TensorRT backend of :class:`bnexport.Session`
 
 1. ``trt.init_libnvinfer_plugins`` and, for graphs with ``bnexport::FusedNorm``
    nodes, the project's plugin (``trt_plugin.register_fused_norm_plugin``);
-2. parse the ONNX bytes with ``trt.OnnxParser`` into a network created with
+2. precision lives in the graph (:func:`graph_for_precision`): networks are **strongly
+   typed** -- TensorRT 11 removed ``BuilderFlag.FP16``/``BF16`` (weak typing, deprecated
+   since 10.12) and builds every network strongly typed -- so ``precision="fp16"``
+   converts a float32 graph to float16 first (:func:`bnexport.export.float16.convert_to_float16`:
+   weights and activations float16, a node whose folded weights overflow float16 kept in
+   float32, graph inputs/outputs kept float32 so callers, Triton configs and the
+   engine's bindings do not change). A graph already in float16 is built as it is; a
+   Q/DQ (INT8) graph is never converted (its Q/DQ nodes say what runs in int8).
+   ``precision="bf16"`` has no converter here: it uses ``BuilderFlag.BF16`` (weakly
+   typed) where this TensorRT still has it, builds a graph that is already bfloat16 as
+   it is, and is refused otherwise;
+3. parse the ONNX bytes with ``trt.OnnxParser`` into a network created with
    :func:`network_flags` (explicit batch is TensorRT 10's only mode;
+   ``STRONGLY_TYPED`` where the flag exists -- required on 10.x, ignored on 11.x;
    ``PREFER_AOT_PYTHON_PLUGINS`` -- or ``PREFER_JIT_...`` with ``prefer_aot=False`` --
    where this TensorRT has it, so the plugin's ahead-of-time kernel is compiled into
    the engine, which then runs without Python);
-3. configure (:class:`BuildSettings`): workspace pool limit; ``BuilderFlag.FP16`` /
-   ``BF16`` for ``precision="fp16"`` / ``"bf16"``; ``BuilderFlag.TF32`` **cleared**
-   unless ``tf32=True`` (fp32 engines then compute in fp32, like the Keras and NumPy
-   references); one optimization profile per ``{input: (min, opt, max)}`` dict; a
-   timing cache read from and written back to ``timing_cache`` when given;
-4. ``builder.build_serialized_network``.
+4. configure (:class:`BuildSettings`): workspace pool limit; ``BuilderFlag.TF32``
+   **cleared** unless ``tf32=True`` (fp32 engines then compute in fp32, like the Keras
+   and NumPy references; TF32 is allowed in strongly typed networks); one optimization
+   profile per ``{input: (min, opt, max)}`` dict; a timing cache read from and written
+   back to ``timing_cache`` when given;
+5. ``builder.build_serialized_network``.
 
 Errors: a parse or build failure is :class:`~bnexport.errors.ExportError` naming the
 source and TensorRT's messages; TensorRT missing is ``BackendUnavailableError``.
@@ -32,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from bnexport.atomic_write import write_bytes_atomic
-from bnexport.errors import BackendUnavailableError, ExportError, UsageError
+from bnexport.errors import ExportError, UsageError
 
 Shape = tuple[int, ...]
 #: ``{input name: (min shape, opt shape, max shape)}``
@@ -47,9 +59,13 @@ def import_tensorrt() -> Any:
     try:
         import tensorrt as trt
     except ImportError as exc:
-        raise BackendUnavailableError(
+        from bnexport.errors import MissingExtraError
+        from bnexport.extras import install_hint
+
+        raise MissingExtraError(
             "backend='tensorrt' (and building TensorRT engines) needs the tensorrt package "
-            "(pip install 'bnexport[tensorrt]')"
+            f"({install_hint('tensorrt')})",
+            name="tensorrt",
         ) from exc
     return trt
 
@@ -59,8 +75,8 @@ class BuildSettings:
     """Every builder setting that changes the engine (also part of the engine cache key).
 
     Attributes:
-        precision: ``"fp32"``, ``"fp16"`` (``BuilderFlag.FP16``) or ``"bf16"``
-            (``BuilderFlag.BF16``); weakly typed networks pick kernels per layer.
+        precision: ``"fp32"``, ``"fp16"`` (the graph converted to float16, built strongly
+            typed) or ``"bf16"`` (see the module docstring).
         tf32: allow TF32 math in fp32 layers (off: ``BuilderFlag.TF32`` is cleared).
         workspace_bytes: ``MemoryPoolType.WORKSPACE`` limit.
         profiles: one ``{input: (min, opt, max)}`` per optimization profile (needed for
@@ -88,7 +104,7 @@ class BuildSettings:
     def key(self, trt: Any) -> dict[str, Any]:
         """JSON-ready description of the settings (and network flags) for cache keys."""
         return {
-            "network_flags": network_flags(trt, self.prefer_aot),
+            "network_flags": network_flags(trt, self.prefer_aot, not weak_bf16(trt, self)),
             "precision": self.precision,
             "tf32": bool(self.tf32),
             "workspace": int(self.workspace_bytes),
@@ -99,14 +115,91 @@ class BuildSettings:
         }
 
 
-def network_flags(trt: Any, prefer_aot: bool = True) -> int:
-    """Flags for ``builder.create_network``: the Python-plugin preference, where it exists.
+def network_flags(trt: Any, prefer_aot: bool = True, strongly_typed: bool = True) -> int:
+    """Flags for ``builder.create_network``: strong typing and the Python-plugin preference.
 
-    Explicit batch is TensorRT 10's only mode (flag value 0).
+    Each only where this TensorRT has the flag (``STRONGLY_TYPED``: 9.x-10.x, kept but
+    ignored by 11.x, where every network is strongly typed). Explicit batch is TensorRT
+    10's only mode (flag value 0).
     """
-    name = "PREFER_AOT_PYTHON_PLUGINS" if prefer_aot else "PREFER_JIT_PYTHON_PLUGINS"
-    flag = getattr(trt.NetworkDefinitionCreationFlag, name, None)
-    return 0 if flag is None else 1 << int(flag)
+    flags = 0
+    names = ["PREFER_AOT_PYTHON_PLUGINS" if prefer_aot else "PREFER_JIT_PYTHON_PLUGINS"]
+    if strongly_typed:
+        names.append("STRONGLY_TYPED")
+    for name in names:
+        flag = getattr(trt.NetworkDefinitionCreationFlag, name, None)
+        if flag is not None:
+            flags |= 1 << int(flag)
+    return flags
+
+
+def weak_bf16(trt: Any, settings: BuildSettings) -> bool:
+    """Whether this build uses ``BuilderFlag.BF16`` (weak typing): bf16 where the flag exists."""
+    return settings.precision == "bf16" and hasattr(trt.BuilderFlag, "BF16")
+
+
+def _float_types(model: Any) -> set[int]:
+    """Element types of the graph's initializers, inputs and outputs (main graph)."""
+    graph = model.graph
+    types = {init.data_type for init in graph.initializer}
+    for value in (*graph.input, *graph.output):
+        types.add(value.type.tensor_type.elem_type)
+    return types
+
+
+def _uses_float16(model: Any) -> bool:
+    """Whether the graph already computes in float16 (weights, I/O or a ``Cast`` to it)."""
+    import onnx
+
+    half = onnx.TensorProto.FLOAT16
+    if half in _float_types(model):
+        return True
+    return any(
+        node.op_type == "Cast" and any(a.name == "to" and a.i == half for a in node.attribute)
+        for node in model.graph.node
+    )
+
+
+def graph_for_precision(model: Any, precision: str, trt: Any = None) -> tuple[Any, str | None]:
+    """The graph to build for ``precision`` and a note on what was done (``None``: as is).
+
+    Args:
+        model: an ``onnx.ModelProto``.
+        precision: ``"fp32"``, ``"fp16"`` or ``"bf16"``.
+        trt: the ``tensorrt`` module (decides whether ``BuilderFlag.BF16`` exists).
+
+    Raises:
+        UsageError: ``precision="bf16"`` on a TensorRT without ``BuilderFlag.BF16`` for a
+            graph that is not bfloat16 already.
+    """
+    import onnx
+
+    from bnexport.tolerance import is_quantized
+
+    if precision == "fp32":
+        return model, None
+    types = _float_types(model)
+    if precision == "bf16":
+        if trt is not None and hasattr(trt.BuilderFlag, "BF16"):
+            return model, None  # weakly typed, BuilderFlag.BF16 (TensorRT 10)
+        if onnx.TensorProto.BFLOAT16 in types:
+            return model, None
+        version = getattr(trt, "__version__", "?")
+        raise UsageError(
+            f"precision='bf16': TensorRT {version} builds strongly typed networks only "
+            "(BuilderFlag.BF16 was removed in TensorRT 11) and bnexport converts graphs to "
+            "float16, not bfloat16; build fp16, or convert the ONNX graph to bfloat16 first"
+        )
+    if onnx.TensorProto.FLOAT not in types or _uses_float16(model) or is_quantized(model):
+        return model, None  # already float16 (e.g. exported with dtype="float16"), or Q/DQ
+    from bnexport.export.float16 import convert_to_float16
+
+    io = {v.type.tensor_type.elem_type for v in (*model.graph.input, *model.graph.output)}
+    io_dtype = "float32" if onnx.TensorProto.FLOAT in io else "float16"
+    converted, kept = convert_to_float16(model, io_dtype=io_dtype)
+    note = f"converted to float16 ({io_dtype} inputs/outputs"
+    note += f"; {len(kept)} node(s) kept in float32)" if kept else ")"
+    return converted, note
 
 
 def register_plugins(trt: Any, logger: Any, needs_fused_norm: bool) -> None:
@@ -125,9 +218,7 @@ def register_plugins(trt: Any, logger: Any, needs_fused_norm: bool) -> None:
 def _configure(trt: Any, builder: Any, settings: BuildSettings) -> Any:
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(settings.workspace_bytes))
-    if settings.precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
-    elif settings.precision == "bf16":
+    if weak_bf16(trt, settings):
         config.set_flag(trt.BuilderFlag.BF16)
     if settings.tf32:
         config.set_flag(trt.BuilderFlag.TF32)
@@ -168,6 +259,8 @@ def build_serialized_engine(
             parser's messages).
         BackendUnavailableError: TensorRT (or, for FusedNorm graphs, TensorRT >= 10.9)
             is missing.
+        UsageError: ``precision="bf16"`` that this TensorRT cannot build (see
+            :func:`graph_for_precision`).
     """
     trt = import_tensorrt()
     if isinstance(onnx_model, bytes):
@@ -175,15 +268,27 @@ def build_serialized_engine(
     else:
         path = os.fspath(onnx_model)  # lets the parser resolve external data files
         data, source = Path(path).read_bytes(), repr(path)
-    if needs_fused_norm is None:
+    model = None
+    if needs_fused_norm is None or settings.precision != "fp32":
         import onnx
+
+        if path is None:
+            model = onnx.load_from_string(data)
+        else:  # weights from external data files only when the graph may be converted
+            model = onnx.load(path, load_external_data=settings.precision != "fp32")
+    if needs_fused_norm is None:
         from bnexport_plugins.fused_norm.spec import has_fused_norm
 
-        needs_fused_norm = has_fused_norm(onnx.load_from_string(data))
+        needs_fused_norm = has_fused_norm(model)
+    if settings.precision != "fp32":
+        typed, note = graph_for_precision(model, settings.precision, trt)
+        if note is not None:  # the converted graph carries its weights inline
+            data, path, source = typed.SerializeToString(), None, f"{source} ({note})"
     logger = logger if logger is not None else trt.Logger(trt.Logger.WARNING)
     register_plugins(trt, logger, needs_fused_norm)
     builder = trt.Builder(logger)
-    network = builder.create_network(network_flags(trt, settings.prefer_aot))
+    strong = not weak_bf16(trt, settings)
+    network = builder.create_network(network_flags(trt, settings.prefer_aot, strong))
     parser = trt.OnnxParser(network, logger)
     if not (parser.parse(data) if path is None else parser.parse(data, path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
