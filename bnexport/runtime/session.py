@@ -176,6 +176,15 @@ class Session:
                     providers_options=providers_options,
                     session_options=session_options,
                 )
+            if device == "cpu":  # int8 kernels that can saturate here: one warning line
+                from bnexport.runtime.int8_kernels import warn_if_saturating
+
+                self.int8_warning = warn_if_saturating(
+                    model, model_name or path or "<in-memory model>"
+                )
+
+    #: the warning logged at load when this CPU's int8 kernels can saturate on the graph
+    int8_warning: str | None = None
 
     @property
     def input_names(self) -> list[str]:

@@ -42,7 +42,8 @@ def configure_logging(level: str = "info", stream: TextIO | None = None) -> None
     """Send the server's and uvicorn's logs to ``stream`` (stderr) as JSON lines."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonLineFormatter())
-    for name in (LOGGER_NAME, "uvicorn", "uvicorn.error"):
+    # "bnexport.int8": Session's load-time warning on int8 kernels that can saturate here
+    for name in (LOGGER_NAME, "uvicorn", "uvicorn.error", "bnexport.int8"):
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
         logger.setLevel(level.upper())
