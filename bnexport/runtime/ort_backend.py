@@ -10,7 +10,16 @@ Execution providers by ``device``:
 Provider options are not hidden: ``providers_options`` maps a provider name to
 its option dict (e.g. ``{"CUDAExecutionProvider": {"device_id": 1}}``) and is
 merged over the defaults below; ``session_options`` is an
-``onnxruntime.SessionOptions`` used as is.
+``onnxruntime.SessionOptions`` used as is. The TensorRT execution provider's engine
+cache is on, in ``<engine cache>/ort-trt`` (:func:`ort_trt_cache_dir`), not in the
+current directory.
+
+No silent fallback: onnxruntime drops a GPU provider whose libraries fail to load
+(CUDA/cuDNN/TensorRT missing or of another version) with a log line and runs on
+CPU -- or, without the TensorRT provider, in fp32 instead of the fp16 asked for.
+After the session is created, :func:`check_providers` compares
+``InferenceSession.get_providers()`` with the providers asked for and raises
+:class:`~bnexport.errors.BackendUnavailableError` naming what is missing.
 
 Graphs that contain the project's ``bnexport::FusedNorm`` node are handed to the
 fused-norm plugin's onnxruntime paths: on CPU ``ort_cpu.make_cpu_session`` (the
@@ -31,7 +40,13 @@ from bnexport_plugins.fused_norm.spec import has_fused_norm
 from bnexport.errors import BackendUnavailableError, InputError
 from bnexport.runtime.io_check import TensorInfo
 
-__all__ = ["DEFAULT_PROVIDER_OPTIONS", "OrtBackend", "has_fused_norm"]
+__all__ = [
+    "DEFAULT_PROVIDER_OPTIONS",
+    "OrtBackend",
+    "check_providers",
+    "has_fused_norm",
+    "ort_trt_cache_dir",
+]
 
 #: options used unless ``providers_options`` overrides them
 DEFAULT_PROVIDER_OPTIONS: dict[str, dict[str, Any]] = {
@@ -39,6 +54,47 @@ DEFAULT_PROVIDER_OPTIONS: dict[str, dict[str, Any]] = {
     "CUDAExecutionProvider": {},
     "CPUExecutionProvider": {},
 }
+
+
+def ort_trt_cache_dir() -> str:
+    """Folder of the TensorRT execution provider's engine cache (created on first use)."""
+    from bnexport.runtime.engine_cache import cache_dir
+
+    path = cache_dir() / "ort-trt"
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
+def check_providers(
+    session: Any, requested: list[tuple[str, dict[str, Any]]], precision: str
+) -> list[str]:
+    """Refuse a session that silently lost a GPU provider; returns its providers.
+
+    Args:
+        session: the ``onnxruntime.InferenceSession``.
+        requested: the ``(provider, options)`` list it was created with.
+        precision: the precision asked for (``"fp16"`` needs the TensorRT provider).
+
+    Raises:
+        BackendUnavailableError: a requested provider other than CPU is not among
+            ``session.get_providers()`` (names it, what runs instead, and the cause).
+    """
+    active = list(session.get_providers())
+    missing = [
+        name for name, _ in requested if name != "CPUExecutionProvider" and name not in active
+    ]
+    if missing:
+        what = (
+            "fp16 would silently run in fp32"
+            if precision == "fp16" and "TensorrtExecutionProvider" in missing
+            else "the graph would silently run on the CPU"
+        )
+        raise BackendUnavailableError(
+            f"onnxruntime could not load {', '.join(missing)} (running on {active}): {what}. "
+            "Check that the CUDA/cuDNN/TensorRT libraries onnxruntime-gpu was built for are "
+            "installed (onnxruntime logs the library that failed to load)"
+        )
+    return active
 
 
 def _providers(
@@ -77,8 +133,11 @@ def _providers(
     result = []
     for name in names:
         opts = {**DEFAULT_PROVIDER_OPTIONS.get(name, {}), **user.get(name, {})}
-        if name == "TensorrtExecutionProvider" and precision == "fp16":
-            opts.setdefault("trt_fp16_enable", True)
+        if name == "TensorrtExecutionProvider":
+            if precision == "fp16":
+                opts.setdefault("trt_fp16_enable", True)
+            if opts.get("trt_engine_cache_enable") and "trt_engine_cache_path" not in opts:
+                opts["trt_engine_cache_path"] = ort_trt_cache_dir()
         result.append((name, opts))
     return result
 
@@ -144,7 +203,7 @@ class OrtBackend:
             self.session = ort.InferenceSession(
                 source, sess_options=session_options, providers=providers
             )
-        self.providers = self.session.get_providers()
+        self.providers = check_providers(self.session, providers, precision)
         self._output_names = [o.name for o in self.outputs]
 
     def run(self, feed: dict[str, np.ndarray], run_options: Any = None) -> dict[str, np.ndarray]:
