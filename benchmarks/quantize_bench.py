@@ -21,12 +21,20 @@ For each model, one run:
   *centered* top-1 agreement (argmax of the logits minus their mean over the evaluation
   set: the class each input raises most) and the SQNR of the logits against Keras.
 
+Both errors of each INT8 graph (issue 17): top-1 agreement with Keras of the Q/DQ graph
+evaluated as float (onnxruntime, graph optimizations off: the quantization error), of
+onnxruntime's int8 kernels on this CPU, and (``--emulate``, small models) of the NumPy
+emulation of x86 kernels without VNNI (:mod:`bnexport.quantize.kernel_emulation`). The
+CPU's int8 features are printed first (``BNEXPORT_CPU_INT8`` overrides what bnexport
+decides, not what onnxruntime runs).
+
 Targets (issue 13): ResNet50 INT8 latency <= 0.5x float32 at batch 8; digits top-1
 agreement >= 99 % and test accuracy within 1 point of Keras.
 
 Usage::
 
     python benchmarks/quantize_bench.py [--models digits,ResNet50] [--runs N] [--json out.json]
+        [--emulate digits]
 """
 
 from __future__ import annotations
@@ -105,9 +113,14 @@ def bench_model(name: str, args, workdir: Path) -> tuple[dict, list]:
     export_report = bnexport.export(model, fp32_path, verify=False)
     t_export = time.perf_counter() - t
     t = time.perf_counter()
-    report = bnexport.quantize(fp32_path, int8_path, calib, method=args.method)
+    # random-weight models miss the default target: measure them anyway
+    report = bnexport.quantize(
+        fp32_path, int8_path, calib, method=args.method, keep_below_target=True
+    )
     t_quant = time.perf_counter() - t
-    bnexport.quantize(fp32_path, cpu_path, calib, method=args.method, target="cpu")
+    bnexport.quantize(
+        fp32_path, cpu_path, calib, method=args.method, target="cpu", keep_below_target=True
+    )
     sessions = {
         "fp32": make_session(str(fp32_path)),
         "int8": make_session(str(int8_path)),
@@ -152,12 +165,63 @@ def bench_model(name: str, args, workdir: Path) -> tuple[dict, list]:
             row[f"acc_{precision}"] = float(np.mean(out.argmax(-1) == y_eval))
     if y_eval is not None:
         row["acc_keras"] = float(np.mean(ref.argmax(-1) == y_eval))
+    row.update(int8_errors(name, args, {"int8": int8_path, "int8cpu": cpu_path}, ref, x_eval))
     timed = [
         (name, precision, batch, sessions[precision], {input_name: x_eval[:batch]})
         for batch in BATCHES
         for precision in ("fp32", "int8", "int8cpu")
     ]
     return row, timed
+
+
+def int8_errors(name: str, args, paths: dict, ref: np.ndarray, x_eval: np.ndarray) -> dict:
+    """Top-1 agreement with Keras of each INT8 graph's Q/DQ semantics (and emulation)."""
+    import onnx
+
+    from bnexport.quantize.compare import make_session as quant_session
+    from bnexport.quantize.kernel_emulation import EmulatedSession
+    from bnexport.runtime.int8_kernels import saturation_risk
+
+    out = {}
+    for precision, path in paths.items():
+        session = quant_session(path, optimize=False)
+        name_in = session.get_inputs()[0].name
+        qdq = onnx_predict(session, name_in, x_eval)
+        out[f"agree_qdq_{precision}"] = float(np.mean(qdq.argmax(-1) == ref.argmax(-1)))
+        model = onnx.load(path)
+        out[f"max_w_{precision}"] = saturation_risk(model).max_abs_weight
+        if name in args.emulate:
+            emulated = onnx_predict(EmulatedSession(model), name_in, x_eval)
+            out[f"agree_emu_{precision}"] = float(np.mean(emulated.argmax(-1) == ref.argmax(-1)))
+    return out
+
+
+def cpu_line() -> str:
+    from bnexport.runtime.cpu_features import ENV_VAR, cpu_int8_features, hardware_int8_features
+
+    hardware = hardware_int8_features()
+    decided = cpu_int8_features()
+    line = f"CPU int8 features: {hardware.describe()}"
+    if decided.overridden:
+        line += f"; bnexport decides as {decided.source}"
+    return line + f" ({ENV_VAR} overrides; onnxruntime runs the hardware's kernels)"
+
+
+def print_int8_table(rows: list[dict]) -> None:
+    """The two errors of every INT8 graph: agreement with Keras."""
+    print(
+        "\n| model | graph | max abs w_q | quantization (Q/DQ as float) | int8 kernels on this "
+        "CPU | emulated non-VNNI kernels |"
+    )
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        for precision, label in (("int8", "tensorrt target"), ("int8cpu", "cpu target")):
+            emu = r.get(f"agree_emu_{precision}")
+            print(
+                f"| {r['model']} | {label} | {r[f'max_w_{precision}']} | "
+                f"{r[f'agree_qdq_{precision}']:.2%} | {r[f'agree_{precision}']:.2%} | "
+                f"{'-' if emu is None else f'{emu:.2%}'} |"
+            )
 
 
 def print_table(rows: list[dict]) -> None:
@@ -226,7 +290,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=10, help="digits training epochs")
     parser.add_argument("--method", default="minmax", choices=("minmax", "entropy", "percentile"))
     parser.add_argument("--json", metavar="PATH", help="write the rows as JSON")
+    parser.add_argument(
+        "--emulate",
+        default="digits",
+        help="models whose non-VNNI kernel error is emulated in NumPy (slow on big models)",
+    )
     args = parser.parse_args(argv)
+    args.emulate = [m.strip() for m in args.emulate.split(",") if m.strip()]
+    print(cpu_line(), flush=True)
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     rows, timed = [], []
     with tempfile.TemporaryDirectory(prefix="quantize-bench-") as tmp:
@@ -241,11 +312,20 @@ def main(argv: list[str] | None = None) -> int:
     for (name, precision, batch, _, _), ms in zip(timed, medians, strict=True):
         by_model[name][f"ms_{precision}_b{batch}"] = round(ms, 3)
     print_table(rows)
+    print_int8_table(rows)
     print()
     for line in check_targets(rows):
         print(line)
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "args": vars(args)}, indent=2))
+        from bnexport.runtime.cpu_features import cpu_int8_features, hardware_int8_features
+
+        cpu = {
+            "hardware": hardware_int8_features().to_dict(),
+            "decided": cpu_int8_features().to_dict(),
+        }
+        Path(args.json).write_text(
+            json.dumps({"rows": rows, "args": vars(args), "cpu": cpu}, indent=2)
+        )
     return 0
 
 

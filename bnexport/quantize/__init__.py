@@ -8,7 +8,9 @@ attribute to the module).
 Modules: :mod:`.calibration` (accept/validate/replay data), :mod:`.qdq`
 (``onnxruntime.quantization`` settings and the QDQ structure check), :mod:`.compare`
 (INT8 vs float32 metrics), :mod:`.sensitivity` (per-node sensitivity, auto-exclude),
-:mod:`.report` (:class:`QuantizeReport`), :mod:`.pipeline` (the whole job).
+:mod:`.verdict` (quantization vs kernel error, the target), :mod:`.kernel_emulation`
+(non-VNNI int8 kernels in NumPy), :mod:`.report` (:class:`QuantizeReport`),
+:mod:`.pipeline` (the whole job).
 Nothing heavy is imported here: onnx and onnxruntime load on first call.
 """
 
@@ -20,8 +22,9 @@ from typing import Any
 
 from bnexport.quantize.pipeline import quantize, quantize_model
 from bnexport.quantize.report import QuantizeReport
+from bnexport.quantize.verdict import BelowTargetError
 
-__all__ = ["QuantizeReport", "quantize", "quantize_model"]
+__all__ = ["BelowTargetError", "QuantizeReport", "quantize", "quantize_model"]
 
 
 class _CallableModule(types.ModuleType):

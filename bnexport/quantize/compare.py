@@ -10,8 +10,10 @@ For each graph output ``o`` (int8 ``q``, float32 reference ``r``, over all sampl
 
 The *primary* agreement of a model is that of its first class-score output (top-1
 agreement is what a classifier's user sees; output errors of logits are not comparable
-across models). Sessions run on onnxruntime's CPU provider with full graph optimization,
-so the INT8 graph runs on the int8 kernels.
+across models). Sessions run on onnxruntime's CPU provider: with graph optimizations off
+(``make_session(..., optimize=False)``) the INT8 graph's Q/DQ nodes run as written, in
+float (the quantization error, the quantizer's verdict); with full optimization it runs
+on the host's int8 kernels (the kernel error; see :mod:`bnexport.quantize.verdict`).
 """
 
 from __future__ import annotations

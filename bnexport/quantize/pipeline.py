@@ -10,9 +10,14 @@ Pipeline (each step in its own module):
 3. validate the calibration data against the graph inputs (:mod:`.calibration`);
 4. ``quant_pre_process`` (shape inference) and ``quantize_static`` (:mod:`.qdq`);
 5. compare the INT8 graph with the float32 folded graph on the calibration data (or
-   ``validation``): top-1 agreement, max error, SQNR (:mod:`.compare`); optionally
-   exclude the most sensitive nodes until a target agreement is met (:mod:`.sensitivity`);
-6. ``onnx.checker`` (full), then write atomically (nothing is written on any error).
+   ``validation``): top-1 agreement, max error, SQNR (:mod:`.compare`) of the graph's own
+   Q/DQ semantics (the *quantization* error, the verdict); optionally exclude the most
+   sensitive nodes until a target agreement is met (:mod:`.sensitivity`);
+6. measure the *kernel* error of this host's onnxruntime int8 kernels (or predict it for
+   a non-VNNI CPU, :mod:`.kernel_emulation`) and check the target (:mod:`.verdict`): a
+   graph below it raises :class:`~bnexport.quantize.verdict.BelowTargetError` unless
+   ``keep_below_target=True``;
+7. ``onnx.checker`` (full), then write atomically (nothing is written on any error).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from bnexport.export.report import FoldRecord
 from bnexport.quantize.calibration import DEFAULT_BATCH, CalibrationSet, make_calibration_set
 from bnexport.quantize.qdq import DEFAULT_OP_TYPES, QdqOptions
 from bnexport.quantize.report import QuantizeReport
+from bnexport.quantize.verdict import BelowTargetError
 
 #: metadata key recording how the graph was quantized
 METADATA_KEY = "bnexport.quantize"
@@ -109,8 +115,13 @@ def _check_exclude(model: Any, exclude: Sequence[str]) -> list[str]:
     return list(exclude)
 
 
-def _check_numbers(target_agreement: float | None, max_exclude: int) -> None:
-    if target_agreement is not None and not 0.0 < float(target_agreement) <= 1.0:
+def _check_numbers(target_agreement: float | str | None, max_exclude: int) -> None:
+    if isinstance(target_agreement, str) and target_agreement != "auto":
+        raise QuantizeError(
+            "target_agreement must be a fraction in (0, 1], 'auto' or None. "
+            f"Received: target_agreement={target_agreement!r}"
+        )
+    if target_agreement not in (None, "auto") and not 0.0 < float(target_agreement) <= 1.0:
         raise QuantizeError(
             f"target_agreement must be in (0, 1]. Received: target_agreement={target_agreement!r}"
         )
@@ -145,10 +156,12 @@ def quantize_model(
     percentile: float = 99.999,
     target: str = "tensorrt",
     validation: Any = None,
-    target_agreement: float | None = None,
+    target_agreement: float | str | None = "auto",
     max_exclude: int = 8,
     allow_unfolded_bn: bool = False,
     batch_size: int = DEFAULT_BATCH,
+    keep_below_target: bool = False,
+    full_range_weights: bool = False,
     fold_records: Sequence[FoldRecord] | None = None,
     source: str = "<in-memory>",
 ) -> tuple[Any, QuantizeReport]:
@@ -158,7 +171,7 @@ def quantize_model(
     an earlier fold of this graph (the exporter's), reported instead of this call's when
     this call finds nothing left to fold.
     """
-    from bnexport.quantize import compare, qdq, sensitivity
+    from bnexport.quantize import compare, qdq, sensitivity, verdict
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -168,7 +181,9 @@ def quantize_model(
         timings[name] = round(now - since, 4)
         return now
 
-    options = QdqOptions(method, per_channel, tuple(op_types), percentile, target)
+    options = QdqOptions(
+        method, per_channel, tuple(op_types), percentile, target, full_range_weights
+    )
     options.check()
     _check_numbers(target_agreement, max_exclude)
     qdq.check_no_quantization(model)
@@ -195,9 +210,11 @@ def quantize_model(
         reference = compare.run_batches(fp32_session, evaluation.batches)
         del fp32_session
 
-        def measure(int8: Any) -> list[compare.OutputMetrics]:
-            got = compare.run_batches(compare.make_session(int8), evaluation.batches)
-            return compare.compare_outputs(got, reference)
+        def measure(int8: Any) -> list[compare.OutputMetrics]:  # the graph's Q/DQ semantics
+            session = compare.make_session(int8, optimize=False)
+            return compare.compare_outputs(
+                compare.run_batches(session, evaluation.batches), reference
+            )
 
         def quantize_excluding(names: Sequence[str]) -> tuple[Any, list[Any]]:
             try:
@@ -218,7 +235,8 @@ def quantize_model(
         steps: list[Any] = []
         auto: list[str] = []
         agreement = compare.primary_agreement(metrics)
-        if target_agreement is not None and (agreement is None or agreement < target_agreement):
+        search = target_agreement not in (None, "auto")
+        if search and (agreement is None or agreement < float(target_agreement)):
             candidates = [name for name in qdq.qdq_summary(int8, options.op_types).quantized_nodes]
 
             def single(node: str) -> list[Any]:
@@ -234,11 +252,14 @@ def quantize_model(
                 base_exclude=excluded,
                 target=float(target_agreement),
                 max_exclude=max_exclude,
+                keep_best=keep_below_target,
             )
             excluded = [*excluded, *auto]
             t = lap("search", t)
-        elif target_agreement is not None:
+        elif search:
             steps = [sensitivity.SearchStep(0, [], agreement, compare.mean_nmse(metrics))]
+        kernel = verdict.measure_kernels(int8, evaluation.batches, reference)
+        t = lap("kernels", t)
 
     summary = qdq.qdq_summary(int8, options.op_types)
     info = {
@@ -250,7 +271,9 @@ def quantize_model(
         "activations": "int8 symmetric per-tensor"
         if target == "tensorrt"
         else "uint8 asymmetric per-tensor",
-        "weights": "int8 symmetric " + ("per-channel" if per_channel else "per-tensor"),
+        "weights": ("7-bit (reduce_range) " if options.reduce_range else "")
+        + "int8 symmetric "
+        + ("per-channel" if per_channel else "per-tensor"),
     }
     _finalize(int8, model.metadata_props, info)
     _check_graph(int8)
@@ -276,8 +299,13 @@ def quantize_model(
         auto_excluded=auto,
         sensitivity=ranking,
         search=steps,
-        target_agreement=target_agreement,
+        target_agreement=target_agreement if search else None,
         outputs=metrics,
+        kernel_outputs=kernel.outputs,
+        kernel_source=kernel.source,
+        kernel_emulated=kernel.emulated,
+        cpu=kernel.cpu,
+        reduce_range=options.reduce_range,
         weights=summary.weights,
         tensorrt_ready=summary.tensorrt_ready,
         tensorrt_problems=summary.problems,
@@ -307,9 +335,44 @@ def quantize_model(
         )
         report.warnings.append(message)
         warnings.warn(message, UserWarning, stacklevel=3)
+    _judge(report, int8, target_agreement, target, keep_below_target, kernel)
     timings["total"] = round(time.perf_counter() - t_start, 4)
     report.timings = timings
     return int8, report
+
+
+def _judge(
+    report: QuantizeReport,
+    int8: Any,
+    target_agreement: float | str | None,
+    target: str,
+    keep_below_target: bool,
+    kernel: Any,
+) -> None:
+    """Warn when the kernels lose accuracy; check the target (:mod:`.verdict`)."""
+    from bnexport.quantize import verdict
+
+    message = verdict.kernel_warning(int8, report.outputs, kernel, target)
+    if message is not None:
+        report.warnings.append(message)
+        warnings.warn(message, UserWarning, stacklevel=4)
+    goal, origin = verdict.resolve_target(target_agreement, report.outputs, report.eval_samples)
+    report.verdict_target, report.verdict_target_origin = goal, origin
+    if goal is None:
+        return
+    where = f"(the Q/DQ graph, on {report.eval_samples} {report.eval_data} samples)"
+    judged = report.top1_agreement
+    if target == "cpu" and kernel.top1_agreement is not None and judged is not None:
+        if kernel.top1_agreement < judged:  # a CPU graph must hold on the CPU's kernels
+            judged = kernel.top1_agreement
+            where = f"({kernel.source}, on {report.eval_samples} {report.eval_data} samples)"
+    if judged is not None and judged >= goal:
+        return
+    text = verdict.below_target_message(judged, goal, origin, where=where, target_kind=target)
+    report.below_target = True
+    if not keep_below_target:
+        raise BelowTargetError(text, report)
+    report.warnings.append(text.replace("; nothing was written", "; kept (keep_below_target)"))
 
 
 def quantize(
@@ -324,10 +387,12 @@ def quantize(
     percentile: float = 99.999,
     target: str = "tensorrt",
     validation: Any = None,
-    target_agreement: float | None = None,
+    target_agreement: float | str | None = "auto",
     max_exclude: int = 8,
     allow_unfolded_bn: bool = False,
     batch_size: int = DEFAULT_BATCH,
+    keep_below_target: bool = False,
+    full_range_weights: bool = False,
 ) -> QuantizeReport:
     """Fold, calibrate and quantize a float32 ONNX graph to an INT8 QDQ graph at ``dst``.
 
@@ -336,6 +401,11 @@ def quantize(
     symmetric per-channel weights, int8 symmetric per-tensor activations (zero point 0),
     float bias, Q/DQ on the inputs of Conv/ConvTranspose/Gemm/MatMul (see
     :mod:`bnexport.quantize.qdq`).
+
+    Two errors are reported (:mod:`bnexport.quantize.verdict`): the quantization error
+    (the graph's Q/DQ semantics, host-independent: the verdict) and the kernel error of
+    this host's onnxruntime int8 kernels (on x86 CPUs without VNNI they saturate on
+    8-bit weights; ``target="cpu"`` uses 7-bit weights, which cannot).
 
     Args:
         src: the float32 ONNX file (or an ``onnx.ModelProto``).
@@ -348,16 +418,23 @@ def quantize(
             ``bnexport parity --per-layer``).
         op_types: op types whose inputs get Q/DQ.
         percentile: kept percentile of ``|x|`` for ``method="percentile"``.
-        target: ``"tensorrt"`` (default; symmetric int8 activations, runs on onnxruntime
-            too) or ``"cpu"`` (uint8 asymmetric activations, faster on onnxruntime x86 CPU,
+        target: ``"tensorrt"`` (default; symmetric int8 activations and 8-bit weights;
+            onnxruntime runs it too, exactly on CPUs with VNNI/AVX-VNNI/AMX) or ``"cpu"``
+            (uint8 asymmetric activations and 7-bit weights: correct on every x86 CPU,
             refused by TensorRT); see :class:`bnexport.quantize.qdq.QdqOptions`.
         validation: data to measure the INT8 graph on (same forms as ``calibration``);
             default: the calibration data.
-        target_agreement: if set, keep the most sensitive nodes in float32, one more at a
-            time, until the top-1 agreement with the float32 graph reaches this fraction.
+        target_agreement: a fraction: keep the most sensitive nodes in float32, one more
+            at a time, until the top-1 agreement of the Q/DQ graph with the float32 graph
+            reaches it. ``"auto"`` (default): no search; a classifier evaluated on at
+            least 100 rows must reach 0.99. ``None``: no target.
         max_exclude: most nodes the search may exclude.
         allow_unfolded_bn: quantize even if a BN cannot fold (warns with the measured error).
         batch_size: calibration batch size when the batch dimension is dynamic.
+        keep_below_target: write (and return) a graph below its target agreement,
+            with a warning, instead of raising.
+        full_range_weights: ``target="cpu"`` with 8-bit weights (correct only on CPUs
+            with VNNI/AVX-VNNI/AMX).
 
     Returns:
         The :class:`~bnexport.quantize.report.QuantizeReport`.
@@ -369,7 +446,9 @@ def quantize(
         FileMissingError, ModelFileError: ``src`` is missing or not a readable ONNX file.
         QuantizeError: ``dst`` is unwritable, bad options, an unknown
             ``exclude`` name, an unfolded BN without ``allow_unfolded_bn``, a float16 or
-            already-quantized graph, an unmet ``target_agreement``. Nothing is written.
+            already-quantized graph, an unmet ``target_agreement``
+            (:class:`~bnexport.quantize.verdict.BelowTargetError`, with the report, unless
+            ``keep_below_target``). Nothing is written.
     """
     from bnexport.atomic_write import check_output_paths, check_writable, write_bytes_atomic
 
@@ -391,6 +470,8 @@ def quantize(
         max_exclude=max_exclude,
         allow_unfolded_bn=allow_unfolded_bn,
         batch_size=batch_size,
+        keep_below_target=keep_below_target,
+        full_range_weights=full_range_weights,
         source=source,
     )
     t = time.perf_counter()

@@ -8,7 +8,8 @@ take (what :func:`qdq_settings` asks ``quantize_static`` for):
   (``op_types_to_quantize``); everything else runs in float between them;
 - weights: int8, **symmetric** (zero point 0), per output channel by default
   (``Conv`` axis 0, ``ConvTranspose`` axis 1, ``Gemm`` axis 0 with ``transB`` else 1,
-  ``MatMul`` axis 1), scale ``s_c = max|W_c| / 127``, stored as int8 initializers;
+  ``MatMul`` axis 1), scale ``s_c = max|W_c| / 127``, stored as int8 initializers
+  (``target="cpu"``: ``s_c = max|W_c| / 64``, 7-bit weights, see :class:`QdqOptions`);
 - activations: int8, **symmetric** per-tensor (``ActivationSymmetric``: zero point 0,
   ``s = max(|rmin|, |rmax|) / 127`` over the calibrated range) — TensorRT accepts only
   zero point 0;
@@ -66,11 +67,16 @@ class QdqOptions:
         op_types: op types whose inputs get Q/DQ.
         percentile: the percentile of ``|x|`` kept by ``method="percentile"``.
         target: ``"tensorrt"`` (default): symmetric int8 activations, zero point 0 — what
-            TensorRT's explicit quantization needs, and what onnxruntime runs anywhere;
-            ``"cpu"``: asymmetric uint8 activations (onnxruntime's own recommendation for
-            x86 with VNNI): a ``Relu``/``Clip`` before a ``QuantizeLinear`` whose zero point
-            is the range minimum is dropped, so more of the graph stays in int8. TensorRT
-            refuses uint8 Q/DQ, and the report says so.
+            TensorRT's explicit quantization needs; onnxruntime runs it too, but its x86
+            int8 kernels saturate on it on CPUs without VNNI (see
+            :mod:`bnexport.runtime.int8_kernels`). ``"cpu"``: asymmetric uint8 activations
+            and 7-bit weights (``reduce_range``: int8 in ``[−64, 64]``), so that no
+            ``vpmaddubsw`` pair sum can leave int16 on any x86 CPU (``255·64·2 ≤ 32767``);
+            a ``Relu``/``Clip`` before a ``QuantizeLinear`` whose zero point is the range
+            minimum is dropped, so more of the graph stays in int8. TensorRT refuses
+            uint8 Q/DQ, and the report says so.
+        full_range_weights: ``target="cpu"`` only: 8-bit weights (``[−127, 127]``): one
+            more bit of weight precision, correct only on CPUs with VNNI/AVX-VNNI/AMX.
     """
 
     method: str = "minmax"
@@ -78,6 +84,12 @@ class QdqOptions:
     op_types: tuple[str, ...] = DEFAULT_OP_TYPES
     percentile: float = 99.999
     target: str = "tensorrt"
+    full_range_weights: bool = False
+
+    @property
+    def reduce_range(self) -> bool:
+        """7-bit weights: ``target="cpu"`` unless ``full_range_weights``."""
+        return self.target == "cpu" and not self.full_range_weights
 
     def check(self) -> None:
         """Raise :class:`QuantizeError` naming every invalid field."""
@@ -90,6 +102,15 @@ class QdqOptions:
             problems.append(f"op_types must be op type names. Received: {self.op_types!r}")
         if self.target not in TARGETS:
             problems.append(f"target must be one of {TARGETS}. Received: target={self.target!r}")
+        if not isinstance(self.full_range_weights, bool):
+            problems.append(
+                f"full_range_weights must be a bool. Received: {self.full_range_weights!r}"
+            )
+        elif self.full_range_weights and self.target != "cpu":
+            problems.append(
+                "full_range_weights applies to target='cpu' (target='tensorrt' weights are "
+                f"always 8-bit). Received: target={self.target!r}"
+            )
         if not 50.0 < float(self.percentile) <= 100.0:
             problems.append(f"percentile must be in (50, 100]. Received: {self.percentile!r}")
         if problems:
@@ -192,7 +213,7 @@ def run_quantize_static(
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(options.op_types),
             per_channel=options.per_channel,
-            reduce_range=False,
+            reduce_range=options.reduce_range,
             activation_type=QuantType.QInt8 if options.target == "tensorrt" else QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             nodes_to_quantize=list(only) if only is not None else None,

@@ -47,7 +47,19 @@ class QuantizeReport:
             most sensitive first.
         search: the auto-exclude tries, in order.
         target_agreement: the search's target (``None``: no search).
-        outputs: per-output error of the INT8 graph against the float32 graph.
+        outputs: per-output error of the INT8 graph's Q/DQ semantics (evaluated as float,
+            host-independent) against the float32 graph: the quantization error, which
+            decides (:mod:`bnexport.quantize.verdict`).
+        kernel_outputs: the same for the int8 kernels of this host (``kernel_source``).
+        kernel_source: what computed ``kernel_outputs`` (onnxruntime here, or the
+            emulation of non-VNNI kernels under ``BNEXPORT_CPU_INT8=novnni``).
+        kernel_emulated: ``kernel_outputs`` are predicted, not measured.
+        cpu: this CPU's int8 features
+            (:class:`~bnexport.runtime.cpu_features.Int8Features`).
+        reduce_range: 7-bit weights (``target="cpu"`` without ``full_range_weights``).
+        verdict_target: the top-1 agreement the graph had to reach (``None``: none).
+        verdict_target_origin: ``explicit``, ``default`` or why there was none.
+        below_target: the graph missed ``verdict_target`` (kept by ``keep_below_target``).
         weights: ``{weight tensor: {dtype, axis, channels, zero_points_zero}}``.
         tensorrt_ready: symmetric int8 (zero point 0) everywhere, int8 weights, no int32
             bias — what TensorRT's explicit quantization needs.
@@ -81,6 +93,14 @@ class QuantizeReport:
     search: list[SearchStep] = dataclasses.field(default_factory=list)
     target_agreement: float | None = None
     outputs: list[OutputMetrics] = dataclasses.field(default_factory=list)
+    kernel_outputs: list[OutputMetrics] = dataclasses.field(default_factory=list)
+    kernel_source: str = ""
+    kernel_emulated: bool = False
+    cpu: dict[str, Any] = dataclasses.field(default_factory=dict)
+    reduce_range: bool = False
+    verdict_target: float | None = None
+    verdict_target_origin: str = ""
+    below_target: bool = False
     weights: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     tensorrt_ready: bool = False
     tensorrt_problems: list[str] = dataclasses.field(default_factory=list)
@@ -101,14 +121,38 @@ class QuantizeReport:
         """Top-1 agreement of the first class-score output with the float32 graph."""
         return next((m.top1_agreement for m in self.outputs if m.top1_agreement is not None), None)
 
+    @property
+    def kernel_top1_agreement(self) -> float | None:
+        """Top-1 agreement of the first class-score output on this host's int8 kernels."""
+        return next(
+            (m.top1_agreement for m in self.kernel_outputs if m.top1_agreement is not None), None
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
         data = dataclasses.asdict(self)
         data["fold_records"] = [r.to_dict() for r in self.fold_records]
         data["outputs"] = [m.to_dict() for m in self.outputs]
+        data["kernel_outputs"] = [m.to_dict() for m in self.kernel_outputs]
         data["bn_folded"] = self.bn_folded
         data["top1_agreement"] = self.top1_agreement
+        data["kernel_top1_agreement"] = self.kernel_top1_agreement
         return data
+
+    def verdict_line(self) -> str:
+        """The headline: did the graph reach its target, by the quantization error."""
+        agreement = self.top1_agreement
+        measured = (
+            f"top-1 agreement {agreement:.2%}" if agreement is not None else "no class output"
+        )
+        if self.verdict_target is None:
+            return f"verdict: {measured} (no target: {self.verdict_target_origin or 'none'})"
+        if self.below_target:
+            return (
+                f"verdict: BELOW TARGET {self.verdict_target:.2%}: {measured} "
+                "(kept by keep_below_target; do not deploy without checking)"
+            )
+        return f"verdict: ok, {measured} >= target {self.verdict_target:.2%}"
 
     def fold_summary(self) -> str:
         """What the fold pass before quantization did, in one phrase."""
@@ -126,12 +170,14 @@ class QuantizeReport:
         """A few lines: folding, quantized nodes, agreement, TensorRT check."""
         agreement = self.top1_agreement
         lines = [
+            self.verdict_line(),
             self.fold_summary(),
             f"{len(self.quantized_nodes)} node(s) int8 ({_counts(self.quantized_nodes)}), "
             f"{len(self.float_nodes)} left float32"
             + (f" ({len(self.excluded)} excluded)" if self.excluded else ""),
             f"calibration: {self.method}, {self.calibration_samples} samples; "
-            f"weights {'per-channel' if self.per_channel else 'per-tensor'} symmetric int8; "
+            f"weights {'per-channel' if self.per_channel else 'per-tensor'} symmetric "
+            f"{'7-bit' if self.reduce_range else 'int8'}; "
             + (
                 "activations symmetric int8"
                 if self.target == "tensorrt"
@@ -140,18 +186,32 @@ class QuantizeReport:
         ]
         if agreement is not None:
             lines.append(
-                f"top-1 agreement with float32: {agreement:.2%} on {self.eval_samples} "
-                f"{self.eval_data} samples"
+                f"quantization error (Q/DQ graph as float): top-1 agreement with float32 "
+                f"{agreement:.2%} on {self.eval_samples} {self.eval_data} samples"
             )
+        kernel = self.kernel_top1_agreement
+        if self.kernel_source:
+            lines.append(
+                f"kernel error ({self.kernel_source}"
+                + (", predicted" if self.kernel_emulated else "")
+                + "): "
+                + (
+                    f"top-1 agreement {kernel:.2%}"
+                    if kernel is not None
+                    else ", ".join(f"SQNR {m.sqnr_db:.1f} dB" for m in self.kernel_outputs)
+                )
+            )
+        if self.cpu:
+            lines.append(f"cpu: {self.cpu.get('machine')} int8 flags {self.cpu.get('flags')}")
         for m in self.outputs:
             lines.append(
                 f"output {m.name!r}: max abs error {m.max_abs_error:.3g} "
                 f"(max |ref| {m.max_abs_ref:.3g}), SQNR {m.sqnr_db:.1f} dB"
             )
-        lines.append(
-            "TensorRT explicit quantization: "
-            + ("ready" if self.tensorrt_ready else "; ".join(self.tensorrt_problems[:3]))
-        )
+        trt = "; ".join(self.tensorrt_problems[:3])
+        if self.tensorrt_ready:
+            trt = "not ready (below target)" if self.below_target else "ready"
+        lines.append("TensorRT explicit quantization: " + trt)
         if self.path:
             sizes = self.sizes
             lines.append(
@@ -169,21 +229,38 @@ class QuantizeReport:
             caption="\n".join(self.summary_lines()),
             caption_justify="left",
         )
-        for column in ("output", "top-1 agreement", "max abs error", "max |ref|", "SQNR dB"):
-            table.add_column(column)
+        # numbers never wrap (two-line headers keep the table within 80 columns);
+        # only the output name folds
+        table.add_column("output", overflow="fold")
+        for column in (
+            "top-1\nagreement",
+            "max abs\nerror",
+            "max\n|ref|",
+            "SQNR\ndB",
+            "kernels\ntop-1",
+            "kernels\nSQNR dB",
+        ):
+            table.add_column(column, no_wrap=True, justify="right")
+        kernels = {m.name: m for m in self.kernel_outputs}
         for m in self.outputs:
-            agreement = "-" if m.top1_agreement is None else f"{m.top1_agreement:.2%}"
+            k = kernels.get(m.name)
             table.add_row(
                 m.name,
-                agreement,
+                _pct(m.top1_agreement),
                 f"{m.max_abs_error:.3g}",
                 f"{m.max_abs_ref:.3g}",
                 f"{m.sqnr_db:.1f}",
+                _pct(k.top1_agreement) if k else "-",
+                f"{k.sqnr_db:.1f}" if k else "-",
             )
         return table
 
     def __str__(self) -> str:
         return "\n".join([f"bnexport quantize: {self.source}", *self.summary_lines()])
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2%}"
 
 
 def _counts(nodes: dict[str, str]) -> str:

@@ -44,11 +44,13 @@ def search_exclusions(
     base_exclude: Sequence[str],
     target: float,
     max_exclude: int,
+    keep_best: bool = False,
 ) -> tuple[Any, list[OutputMetrics], list[str], list[SearchStep]]:
     """Exclude the most sensitive nodes one by one until the agreement reaches ``target``.
 
     Returns:
-        ``(model, metrics, auto_excluded, steps)`` of the first try that meets ``target``.
+        ``(model, metrics, auto_excluded, steps)`` of the first try that meets ``target``;
+        with ``keep_best``, of the best try when none does (the caller reports it).
 
     Raises:
         QuantizeError: the graph has no class-score output (no top-1 agreement to
@@ -56,6 +58,7 @@ def search_exclusions(
             lists the agreement of every try).
     """
     steps: list[SearchStep] = []
+    best: tuple[Any, list[OutputMetrics], list[str]] | None = None
     for k in range(0, min(max_exclude, len(ranking)) + 1):
         chosen = list(ranking[:k])
         model, metrics = quantize_excluding([*base_exclude, *chosen])
@@ -68,6 +71,10 @@ def search_exclusions(
         steps.append(SearchStep(k, chosen, agreement, mean_nmse(metrics)))
         if agreement >= target:
             return model, metrics, chosen, steps
+        if best is None or agreement > max(s.top1_agreement or 0.0 for s in steps[:-1]):
+            best = (model, metrics, chosen)
+    if keep_best and best is not None:
+        return (*best, steps)
     tries = ", ".join(f"k={s.k}: {s.top1_agreement:.2%}" for s in steps)
     raise QuantizeError(
         f"top-1 agreement {target:.2%} not reached with up to {steps[-1].k} node(s) kept in "

@@ -9,6 +9,7 @@ from qmodels import images, small_cnn
 
 import bnexport
 from bnexport.errors import QuantizeError
+from bnexport.quantize import BelowTargetError
 
 
 def _fragile_cnn() -> onnx.ModelProto:
@@ -31,8 +32,15 @@ def _fragile_cnn() -> onnx.ModelProto:
 def test_search_excludes_most_sensitive_until_target(tmp_path):
     onnx.save(_fragile_cnn(), tmp_path / "m.onnx")
     calib, val = images(64), images(200, seed=9)
-    plain = bnexport.quantize(tmp_path / "m.onnx", tmp_path / "p.onnx", calib, validation=val)
+    with pytest.raises(BelowTargetError, match="below the target 99.00%"):
+        bnexport.quantize(tmp_path / "m.onnx", tmp_path / "p.onnx", calib, validation=val)
+    assert not (tmp_path / "p.onnx").exists()  # refused: nothing written
+    plain = bnexport.quantize(
+        tmp_path / "m.onnx", tmp_path / "p.onnx", calib, validation=val, keep_below_target=True
+    )
     assert plain.top1_agreement < 0.9  # the fragile layer really hurts
+    assert plain.below_target and plain.verdict_line().startswith("verdict: BELOW TARGET")
+    assert (tmp_path / "p.onnx").is_file()
     report = bnexport.quantize(
         tmp_path / "m.onnx", tmp_path / "q.onnx", calib, validation=val, target_agreement=0.97
     )

@@ -44,7 +44,7 @@ def test_quantize_cli_errors_are_one_line_and_write_nothing(tmp_path, cnn_path, 
     rc = main(["quantize", str(cnn_path), "-o", str(tmp_path / "q.onnx"),
                "--calibration", str(tmp_path / "bad.npz")])  # fmt: skip
     err = capsys.readouterr().err
-    assert rc == 1 and "'image'" in err and len(err.strip().splitlines()) == 1
+    assert rc == 2 and "'image'" in err and len(err.strip().splitlines()) == 1  # unusable data
     np.save(tmp_path / "evil.npy", np.array([object()], dtype=object), allow_pickle=True)
     rc = main(["quantize", str(cnn_path), "-o", str(tmp_path / "q.onnx"),
                "--calibration", str(tmp_path / "evil.npy")])  # fmt: skip

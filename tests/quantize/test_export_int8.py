@@ -53,7 +53,11 @@ def test_export_int8_writes_quantized_graph_close_to_keras(tmp_path, model):
     assert "QuantizeLinear" in ops and "BatchNormalization" not in ops
     assert report.op_counts.get("DequantizeLinear", 0) > 0  # the report describes the int8 file
     x = _images(32, 2)
-    got = ort.InferenceSession(str(tmp_path / "m.int8.onnx")).run(None, {"image": x})[0]
+    # the graph's own numbers (Q/DQ as float): the TensorRT form is exact on onnxruntime's
+    # kernels only where they cannot saturate (tests/quantize/test_verdict.py)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    got = ort.InferenceSession(str(tmp_path / "m.int8.onnx"), options).run(None, {"image": x})[0]
     ref = model(x, training=False).numpy()
     # int8 vs Keras float32: NMSE <= 1 % (SQNR >= 20 dB) and >= 90 % same top-1 class
     nmse = float(np.sum((got - ref) ** 2) / np.sum(ref**2))
