@@ -17,7 +17,13 @@ Hierarchy::
     └── UsageError
         ├── OutputPathError            an output would overwrite an input / another output
         ├── FileMissingError (FileNotFoundError)
-        └── FileFormatError (ValueError) ── ModelFileError, ArrayFileError
+        ├── FileFormatError (ValueError) ── ModelFileError, ArrayFileError
+        └── SignatureMismatchError (ValueError)  two models' inputs do not match
+
+Exit codes: :data:`EXIT_CODES` is the one table that maps an error type to the
+command line's exit code (:func:`exit_code`): 2 for a request that cannot be carried
+out as given (bad arguments, unusable input files, a missing output folder, a missing
+optional dependency or backend), 1 when the work itself failed.
 
 Third-party failures (protobuf ``DecodeError``, onnx ``ValidationError``,
 onnxruntime load errors, ``np.load``'s ``ValueError``, ``zipfile.BadZipFile``) are
@@ -76,6 +82,10 @@ class OutputPathError(UsageError):
     """An output path resolves to an input, or to another output of the same command."""
 
 
+class SignatureMismatchError(UsageError, ValueError):
+    """Two models given together do not take the same inputs (names both signatures)."""
+
+
 class FileMissingError(UsageError, FileNotFoundError):
     """A file or folder given by the user does not exist (names the path)."""
 
@@ -102,3 +112,38 @@ class QuantizeError(BnexportError):
 
 class CalibrationError(QuantizeError, ValueError):
     """Calibration data is empty or has the wrong input name, shape or dtype (names the input)."""
+
+
+#: OSErrors that concern a path the user gave (their message names it): unusable input
+PATH_ERRORS: tuple[type[BaseException], ...] = (
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
+
+#: error type -> exit code of the command line; the first row that matches wins, so a
+#: subclass is listed before its base. 2: the request cannot be carried out as given
+#: (usage, unusable input or output path, a missing extra or backend); 1: the work
+#: failed (an export that does not verify, a graph that cannot fold, a disk error).
+EXIT_CODES: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], int], ...] = (
+    (KeyboardInterrupt, 130),
+    (UsageError, 2),
+    (BackendUnavailableError, 2),  # MissingExtraError included
+    (UnsafeModelError, 2),  # refused until the user opts in (--unsafe-load)
+    (InputError, 2),  # inputs of the wrong name, shape or dtype
+    (CalibrationError, 2),  # calibration data of the wrong name, shape or dtype
+    (ModuleNotFoundError, 2),  # a missing optional dependency (see bnexport.extras)
+    (BnexportError, 1),
+    (PATH_ERRORS, 2),
+    (OSError, 1),
+)
+
+
+def exit_code(exc: BaseException) -> int | None:
+    """The exit code :data:`EXIT_CODES` gives ``exc``; ``None`` for an unexpected error (a bug)."""
+    for kinds, code in EXIT_CODES:
+        if isinstance(exc, kinds):
+            return code
+    return None

@@ -8,17 +8,23 @@ against the Keras model, per output and per layer (terminal table + HTML report)
 Between training and saving, :func:`bnexport.recalibrate` replaces the moving
 statistics that the short training left behind with exact population statistics.
 Last, ``digits.onnx`` is quantized to ``digits.int8.onnx`` (:func:`bnexport.quantize`,
-calibrated on training images) and both graphs' test accuracy and latency are printed.
+calibrated on training images, with the target picked for this CPU: see
+:func:`bnexport.quantize.quickstart_step.choose_target`) and both graphs' test accuracy
+and latency are printed, with the INT8 graph's quantization and kernel errors.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from bnexport.data.digits import DigitsSplit, load_digits
+
+#: ``progress(step, done, total)``: ``step`` runs now, ``done`` of ``total`` are finished
+ProgressFn = Callable[[str, int, "int | None"], None]
 
 
 @dataclasses.dataclass
@@ -64,13 +70,33 @@ def build_digits_model(seed: int = 0) -> Any:
     return keras.Model(inputs, outputs, name="digits_cnn")
 
 
-def train_digits(
-    data: DigitsSplit, *, epochs: int = 10, batch_size: int = 64, seed: int = 0
-) -> tuple[Any, float]:
-    """Train :func:`build_digits_model` with Adam; return ``(model, test_accuracy)``."""
+def _epoch_callback(progress: ProgressFn, epochs: int) -> Any:
+    """A Keras callback that reports each finished epoch to ``progress``."""
     import keras
 
-    from bnexport.cli.progress import KerasProgress
+    class _EpochProgress(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+            logs = logs or {}
+            metrics = "  ".join(f"{k}={v:.4f}" for k, v in logs.items())
+            progress(f"training digits CNN  {metrics}", epoch + 1, epochs)
+
+    return _EpochProgress()
+
+
+def train_digits(
+    data: DigitsSplit,
+    *,
+    epochs: int = 10,
+    batch_size: int = 64,
+    seed: int = 0,
+    progress: ProgressFn | None = None,
+) -> tuple[Any, float]:
+    """Train :func:`build_digits_model` with Adam; return ``(model, test_accuracy)``.
+
+    ``progress(step, done, total)`` is called after each epoch (``done`` epochs of
+    ``total``), with the epoch's loss and accuracy in ``step``.
+    """
+    import keras
 
     model = build_digits_model(seed)
     model.compile(
@@ -85,7 +111,7 @@ def train_digits(
         batch_size=batch_size,
         shuffle=True,
         verbose=0,
-        callbacks=[KerasProgress(epochs, "training digits CNN")],
+        callbacks=[] if progress is None else [_epoch_callback(progress, epochs)],
     )
     _, accuracy = model.evaluate(data.x_test, data.y_test, verbose=0)
     return model, float(accuracy)
@@ -99,8 +125,19 @@ def run_quickstart(
     export: bool = True,
     html: bool = True,
     console: Any = None,
+    progress: ProgressFn | None = None,
 ) -> QuickstartResult:
     """Train, save, export and verify the digits model under ``out_dir``.
+
+    Args:
+        out_dir: folder for ``digits.keras``, ``digits.onnx``, the reports.
+        epochs: training epochs.
+        seed: seed of the data split and the weights.
+        export: export and check parity after training (else stop after saving).
+        html: write the parity HTML report.
+        console: a ``rich`` console for the results (default: a new one).
+        progress: ``progress(step, done, total)``, called after each training epoch and
+            each export stage (the command line draws it as a bar on a terminal).
 
     Returns:
         A :class:`QuickstartResult`; every file is written atomically.
@@ -114,7 +151,7 @@ def run_quickstart(
     console.print(
         f"[bold]digits[/bold]: {len(data.y_train)} train / {len(data.y_test)} test images, 8×8"
     )
-    model, ema_accuracy = train_digits(data, epochs=epochs, seed=seed)
+    model, ema_accuracy = train_digits(data, epochs=epochs, seed=seed, progress=progress)
     console.print(f"test accuracy with the EMA statistics of training: {ema_accuracy:.2%}")
     # A short training leaves the moving averages (momentum 0.99) far from the population
     # statistics; precise-BN recalibration replaces them with exact averages.
@@ -140,7 +177,7 @@ def run_quickstart(
     from bnexport.export.keras_export import export as export_model
 
     onnx_path = out / "digits.onnx"
-    report = export_model(model, onnx_path)
+    report = export_model(model, onnx_path, progress=progress)
     console.print(report.table())
     console.print(f"exported {onnx_path}")
     result.onnx_path, result.export_report = onnx_path, report

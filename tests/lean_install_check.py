@@ -191,7 +191,7 @@ def main() -> int:
         _serve(bindir, work)
 
         _step("the training side names its extra")
-        proc = _run([bnexport, "quickstart", "--out-dir", "qs"], work, expect=1)
+        proc = _run([bnexport, "quickstart", "--out-dir", "qs"], work, expect=2)
         lines = proc.stderr.strip().splitlines()
         if len(lines) != 1 or "bnexport[keras]" not in lines[0]:
             sys.exit(f"FAILED: quickstart without keras said: {proc.stderr}")

@@ -266,6 +266,12 @@ def test_quantize_output_is_the_calibration(files, capfd, tmp_path):
     refused(capfd, argv, data, keep=[data, files["good"]], code=2)
 
 
+def test_quantize_missing_output_folder_is_exit_2(files, capfd, tmp_path):
+    out = tmp_path / "absent" / "q.onnx"
+    argv = ["quantize", files["good"], "-o", out, "--calibration", files["x.npy"]]
+    refused(capfd, argv, out.parent, keep=[files["good"]], absent=[out], code=2)
+
+
 # --------------------------------------------------------------------------- triton-repo
 
 
@@ -317,6 +323,20 @@ def test_export_bad_model(keras_files, capfd, tmp_path, bad):
     refused(
         capfd, ["export", keras_files[bad], "-o", out], keras_files[bad], keep=keep, absent=[out]
     )
+
+
+@pytest.mark.parametrize("bad", ["good", "random"])
+def test_export_given_an_onnx_file_is_exit_2(files, capfd, tmp_path, bad):
+    """``export m.onnx``: an ONNX file is already exported (exit 2, like a missing file)."""
+    out = tmp_path / "out.onnx"
+    line = refused(capfd, ["export", files[bad], "-o", out], files[bad], keep=[files[bad]], code=2)
+    assert "bnexport fold" in line
+
+
+def test_export_missing_output_folder_is_exit_2(keras_files, capfd, tmp_path):
+    out = tmp_path / "absent" / "out.onnx"
+    argv = ["export", keras_files["m.keras"], "-o", out]
+    refused(capfd, argv, out.parent, keep=[keras_files["m.keras"]], absent=[out], code=2)
 
 
 def test_export_output_is_the_model(keras_files, capfd, tmp_path):

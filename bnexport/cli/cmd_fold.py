@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from bnexport.cli.options import add_fold_options, add_json, add_model, console, verbosity
+
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register the ``fold`` subcommand."""
@@ -17,34 +19,21 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description=(
             "Fold inference BatchNormalization nodes and per-channel constant Mul/Add chains "
             "into neighbouring Conv/ConvTranspose/Gemm/MatMul weights; whatever cannot fold "
-            "becomes one node. Prints what became of each BN. OUT.onnx may be IN.onnx "
+            "becomes one node. Prints what became of each BN. OUT.onnx may be MODEL "
             "(folded in place: the input is read first and replaced atomically); any other "
             "output that resolves to an input or to another output is refused."
         ),
     )
-    parser.add_argument("input", metavar="IN.onnx", help="ONNX model to fold")
+    add_model(parser, "the ONNX model to fold", dest="input")
     parser.add_argument(
         "-o",
         "--output",
         required=True,
         metavar="OUT.onnx",
-        help="folded model (may be IN.onnx: folds in place, atomically)",
+        help="folded model (may be MODEL: folds in place, atomically)",
     )
-    parser.add_argument(
-        "--fused-norm",
-        choices=("onnx", "plugin"),
-        default="onnx",
-        help="an unfoldable BN becomes one standard ONNX node (onnx, default) or one "
-        "bnexport::FusedNorm node for the TensorRT plugin (plugin)",
-    )
-    parser.add_argument(
-        "--keep-float16-overflow",
-        choices=("float32", "error"),
-        default="float32",
-        help="float16 graphs: run an op whose folded weights overflow float16 in float32 "
-        "(default) or fail",
-    )
-    parser.add_argument("--json", metavar="REPORT.json", help="also write the report as JSON")
+    add_fold_options(parser)
+    add_json(parser)
     return parser
 
 
@@ -70,25 +59,31 @@ def _check(model: Any, fused_norm: str) -> None:
     check_graph_valid(model, "folded graph", FoldError)
 
 
-def _print_report(records: list, before: int, after: int, out: Path) -> dict[str, int]:
-    from rich.console import Console
+def _print_report(
+    records: list, before: int, after: int, out: Path, args: argparse.Namespace
+) -> dict[str, int]:
+    """One row per BN with ``-v`` (else only those not folded), then the summary line."""
     from rich.table import Table
 
     counts = collections.Counter(r.action for r in records)
-    console = Console()
-    if records:
-        table = Table(title="batch normalizations")
-        for column in ("BN", "action", "target", "reason"):
-            table.add_column(column, overflow="fold")
-        for r in records:
+    shown = [r for r in records if verbosity(args) > 0 or r.action in ("fused", "kept")]
+    out_console = console(args)
+    if shown:
+        title = "batch normalizations" if verbosity(args) > 0 else "not folded"
+        table = Table(title=title)
+        table.add_column("BN", overflow="fold", ratio=3)
+        table.add_column("action", no_wrap=True)
+        table.add_column("target", overflow="fold", ratio=3)
+        table.add_column("reason", overflow="fold", ratio=4)
+        for r in shown:
             table.add_row(r.name, r.action, r.target or "-", r.reason)
-        console.print(table)
+        out_console.print(table)
     summary = ", ".join(
         f"{counts.get(a, 0)} {a.replace('_', ' ')}"
         for a in ("folded_forward", "folded_backward", "fused", "kept")
     )
     head = f"{len(records)} BN: {summary}" if records else "no batch normalization found"
-    console.print(
+    out_console.print(
         f"{head}; nodes {before} -> {after}; wrote {out}",
         highlight=False,
         soft_wrap=True,
@@ -99,18 +94,19 @@ def _print_report(records: list, before: int, after: int, out: Path) -> dict[str
 def run(args: argparse.Namespace) -> int:
     """Load, fold, check and write the model (and the JSON report); return 0."""
     from bnexport.atomic_write import check_output_paths, check_writable, write_bytes_atomic
+    from bnexport.errors import UsageError
     from bnexport.export.passes.fold_batchnorm import fold_batchnorm_with_report
 
     src, dst = Path(args.input), Path(args.output)
     check_output_paths(
         {"-o/--output": dst, "--json": args.json},
-        {"IN.onnx": src},
-        in_place=[("-o/--output", "IN.onnx")],
+        {"MODEL": src},
+        in_place=[("-o/--output", "MODEL")],
     )
     model = _load(src)
-    check_writable(dst)  # fail before the work, creating nothing
+    check_writable(dst, error=UsageError)  # fail before the work, creating nothing
     if args.json:
-        check_writable(args.json)
+        check_writable(args.json, error=UsageError)
     folded, records = fold_batchnorm_with_report(
         model, fused_norm=args.fused_norm, keep_float16_overflow=args.keep_float16_overflow
     )
@@ -124,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         "records": [r.to_dict() for r in records],
     }
     write_bytes_atomic(dst, folded.SerializeToString())
-    counts = _print_report(records, report["nodes_before"], report["nodes_after"], dst)
+    counts = _print_report(records, report["nodes_before"], report["nodes_after"], dst, args)
     if args.json:
         report["summary"] = counts
         write_bytes_atomic(args.json, (json.dumps(report, indent=2) + "\n").encode())

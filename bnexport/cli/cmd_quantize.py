@@ -1,8 +1,15 @@
-"""``bnexport quantize IN.onnx -o OUT.onnx --calibration DATA``: an INT8 QDQ graph."""
+"""``bnexport quantize MODEL -o OUT.onnx --calibration DATA``: an INT8 QDQ graph.
+
+``--calibration`` is not spelled ``--inputs`` (as in ``run``/``parity``) on purpose: it
+is the data the activation ranges are computed from, many batches, not the inputs of
+one run; held-out data to measure the result on is ``--validation``.
+"""
 
 from __future__ import annotations
 
 import argparse
+
+from bnexport.cli.options import add_json, add_model, cli_spelling, console, wants_progress
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -18,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "output error against the float32 graph."
         ),
     )
-    parser.add_argument("input", metavar="IN.onnx", help="float32 ONNX model")
+    add_model(parser, "the float32 ONNX model", dest="input")
     parser.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="INT8 model")
     parser.add_argument(
         "--calibration",
@@ -45,9 +52,18 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--target",
         choices=("tensorrt", "cpu"),
         default="tensorrt",
-        help="tensorrt (default): symmetric int8 activations, TensorRT-ready, runs on "
-        "onnxruntime too; cpu: uint8 asymmetric activations, faster on onnxruntime x86 CPU, "
-        "refused by TensorRT",
+        help="tensorrt (default): symmetric int8 activations and 8-bit weights, "
+        "TensorRT-ready; onnxruntime runs it exactly only on CPUs with VNNI/AVX-VNNI/AMX "
+        "(elsewhere its int8 kernels saturate: int16 pair sums). cpu: uint8 asymmetric "
+        "activations and 7-bit weights (reduce_range, |w| <= 64: no pair sum can leave "
+        "int16), correct on every x86 CPU, refused by TensorRT. The CPU's int8 features "
+        "are read from /proc/cpuinfo; BNEXPORT_CPU_INT8=vnni|novnni|auto overrides",
+    )
+    parser.add_argument(
+        "--full-range-weights",
+        action="store_true",
+        help="with --target cpu: 8-bit weights (one more bit; saturates on CPUs without "
+        "VNNI/AVX-VNNI/AMX)",
     )
     parser.add_argument(
         "--per-tensor", action="store_true", help="one weight scale per tensor (not per channel)"
@@ -61,10 +77,19 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--target-agreement",
-        type=float,
+        type=_agreement,
+        default="auto",
         metavar="FRACTION",
         help="keep the most sensitive nodes in float32, one at a time, until the top-1 "
-        "agreement with float32 reaches FRACTION (e.g. 0.99)",
+        "agreement of the Q/DQ graph with float32 reaches FRACTION (e.g. 0.99); 'none': no "
+        "target. Default: no search, and a classifier measured on >= 100 rows must reach "
+        "0.99 (the verdict uses the quantization error; the host's kernel error is reported "
+        "beside it)",
+    )
+    parser.add_argument(
+        "--keep-below-target",
+        action="store_true",
+        help="write the graph even if it misses its target agreement (exit 0, with a warning)",
     )
     parser.add_argument(
         "--max-exclude", type=int, default=8, help="most nodes --target-agreement may exclude"
@@ -77,8 +102,29 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument(
         "--batch-size", type=int, default=16, help="calibration batch size (dynamic batch)"
     )
-    parser.add_argument("--json", metavar="REPORT.json", help="also write the report as JSON")
+    add_json(parser)
     return parser
+
+
+def _agreement(text: str) -> float | str | None:
+    """``--target-agreement`` value: a fraction, ``none`` or ``auto``."""
+    if text.strip().lower() in ("none", "auto"):
+        return None if text.strip().lower() == "none" else "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"a fraction, 'none' or 'auto'. Received: {text!r}"
+        ) from None
+
+
+def _in_cli_spelling(report: object) -> object:
+    """The report with its notes and warnings in option spelling (``--validation``)."""
+    for field in ("notes", "warnings"):
+        lines = getattr(report, field, None)
+        if isinstance(lines, list):
+            setattr(report, field, [cli_spelling(line) for line in lines])
+    return report
 
 
 def run(args: argparse.Namespace) -> int:
@@ -86,40 +132,55 @@ def run(args: argparse.Namespace) -> int:
     import warnings
     from pathlib import Path
 
-    from rich.console import Console
-
     from bnexport.atomic_write import check_output_paths, check_writable, write_text_atomic
     from bnexport.errors import UsageError
     from bnexport.quantize.calibration import load_calibration_files
     from bnexport.quantize.pipeline import quantize
+    from bnexport.quantize.verdict import BelowTargetError
 
     src = Path(args.input)
-    inputs = {"IN.onnx": src}
+    inputs = {"MODEL": src}
     for i, path in enumerate([*args.calibration, *(args.validation or [])]):
         inputs[f"data file {i + 1}"] = path
     check_output_paths({"-o/--output": args.output, "--json": args.json}, inputs)
+    check_writable(args.output, error=UsageError)  # a missing folder: before the work
     if args.json:
         check_writable(args.json, error=UsageError)
     calibration = load_calibration_files(args.calibration)
     validation = load_calibration_files(args.validation) if args.validation else None
-    with warnings.catch_warnings():
+    from bnexport.cli.progress import StageProgress
+
+    out = console(args)
+    with (
+        warnings.catch_warnings(),
+        StageProgress("quantize", enabled=wants_progress(args)) as progress,
+    ):
         warnings.simplefilter("ignore", UserWarning)  # the report prints them
-        report = quantize(
-            src,
-            args.output,
-            calibration,
-            method=args.method,
-            per_channel=not args.per_tensor,
-            exclude=args.exclude,
-            percentile=args.percentile,
-            target=args.target,
-            validation=validation,
-            target_agreement=args.target_agreement,
-            max_exclude=args.max_exclude,
-            allow_unfolded_bn=args.allow_unfolded_bn,
-            batch_size=args.batch_size,
-        )
-    Console().print(report.table())
+        if progress is not None:  # calibration and measuring have no steps to report
+            progress("folding, calibrating and measuring", 0, None)
+        try:
+            report = quantize(
+                src,
+                args.output,
+                calibration,
+                method=args.method,
+                per_channel=not args.per_tensor,
+                exclude=args.exclude,
+                percentile=args.percentile,
+                target=args.target,
+                validation=validation,
+                target_agreement=args.target_agreement,
+                max_exclude=args.max_exclude,
+                allow_unfolded_bn=args.allow_unfolded_bn,
+                batch_size=args.batch_size,
+                keep_below_target=args.keep_below_target,
+                full_range_weights=args.full_range_weights,
+            )
+        except BelowTargetError as exc:  # show what was measured, then the one-line error
+            if exc.report is not None:
+                out.print(_in_cli_spelling(exc.report).table())
+            raise
+    out.print(_in_cli_spelling(report).table())
     if args.json:
         write_text_atomic(args.json, report.to_json() + "\n")
     return 0

@@ -32,6 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run the quickstart; return 0 when the exported model passes parity."""
+    from bnexport.cli.options import console, wants_progress
+    from bnexport.cli.progress import StageProgress
     from bnexport.errors import UsageError
     from bnexport.quickstart import run_quickstart
 
@@ -39,9 +41,15 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--epochs must be >= 1. Received: --epochs={args.epochs}")
     if args.serve and args.no_export:
         raise UsageError("--serve needs the exported model; drop --no-export")
-    result = run_quickstart(
-        args.out_dir, epochs=args.epochs, seed=args.seed, export=not args.no_export
-    )
+    with StageProgress("quickstart", enabled=wants_progress(args)) as progress:
+        result = run_quickstart(
+            args.out_dir,
+            epochs=args.epochs,
+            seed=args.seed,
+            export=not args.no_export,
+            console=console(args),
+            progress=progress,
+        )
     passed = result.parity_report is None or bool(result.parity_report)
     if args.serve and result.onnx_path is not None:
         from bnexport.serve import serve_model

@@ -1,37 +1,66 @@
-"""Progress display for long jobs (rich), usable as a Keras callback."""
+"""Progress display for long jobs (rich), on a terminal only.
+
+The library reports progress through a plain callback, ``progress(step, done, total)``
+(``step`` names what runs now, ``done`` of ``total`` steps are finished), and never
+imports this module. The command line turns that callback into one rich progress bar
+on stderr, shown only when stderr is a terminal and ``-q`` was not given
+(:func:`bnexport.cli.options.wants_progress`), and removed when the job ends, so piped
+output and logs stay clean.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 
-def KerasProgress(epochs: int, description: str) -> Any:  # noqa: N802 - behaves like a class
-    """A Keras callback showing one rich progress bar over ``epochs`` with loss/accuracy.
+class StageProgress:
+    """A context manager whose value is the library's ``progress`` callback (or ``None``).
 
-    Built by a factory so that importing this module does not import Keras.
+    Args:
+        description: what the bar is for (``"export"``, ``"parity"``, ...).
+        enabled: show a bar; ``False`` makes the context's value ``None`` (no callback,
+            nothing imported, nothing printed).
     """
-    import keras
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    class _KerasProgress(keras.callbacks.Callback):
-        def on_train_begin(self, logs: dict[str, float] | None = None) -> None:
-            self._progress = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[metrics]}"),
-                TimeElapsedColumn(),
-                transient=False,
-            )
-            self._progress.start()
-            self._task = self._progress.add_task(description, total=epochs, metrics="")
+    def __init__(self, description: str, *, enabled: bool) -> None:
+        self.description = description
+        self.enabled = enabled
+        self._progress: Any = None
+        self._task: Any = None
 
-        def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
-            logs = logs or {}
-            metrics = "  ".join(f"{k}={v:.4f}" for k, v in logs.items())
-            self._progress.update(self._task, advance=1, metrics=metrics)
+    def __enter__(self) -> Any:
+        if not self.enabled:
+            return None
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
-        def on_train_end(self, logs: dict[str, float] | None = None) -> None:
+        self._progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(bar_width=20),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[step]}"),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task(self.description, total=None, step="")
+        return self.update
+
+    def update(self, step: str, done: int, total: int | None) -> None:
+        """The callback: ``step`` runs now, ``done`` of ``total`` steps are finished."""
+        if self._progress is not None:
+            self._progress.update(self._task, completed=done, total=total, step=step)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
             self._progress.stop()
-
-    return _KerasProgress()
+            self._progress = None

@@ -52,8 +52,8 @@ def _run(path, feeds):
 def test_fold_writes_model_table_and_json(model_path, tmp_path, capsys):
     out, report = tmp_path / "out.onnx", tmp_path / "report.json"
     assert main(["fold", str(model_path), "-o", str(out), "--json", str(report)]) == 0
-    text = capsys.readouterr().out
-    assert "bn1" in text and "folded_forward" in text and "bn2" in text
+    text = capsys.readouterr().out  # default: the BN that did not fold, and the summary
+    assert "bn2" in text and "fused" in text and "bn1" not in text
     assert "2 BN: 1 folded forward, 0 folded backward, 1 fused, 0 kept; nodes 4 -> 3" in text
     data = json.loads(report.read_text())
     assert [(r["name"], r["action"]) for r in data["records"]] == [
@@ -67,6 +67,14 @@ def test_fold_writes_model_table_and_json(model_path, tmp_path, capsys):
     for a, e in zip(_run(out, {"x": x}), _run(model_path, {"x": x}), strict=True):
         np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-5 * np.abs(e).max())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx", "out.onnx", "report.json"]
+
+
+def test_fold_verbose_lists_every_bn(model_path, tmp_path, capsys):
+    assert main(["fold", str(model_path), "-o", str(tmp_path / "out.onnx"), "-v"]) == 0
+    text = capsys.readouterr().out
+    assert "bn1" in text and "folded_forward" in text and "bn2" in text
+    assert main(["fold", str(model_path), "-o", str(tmp_path / "out2.onnx"), "-q"]) == 0
+    assert capsys.readouterr().out == ""
 
 
 def test_fold_plugin_mode(model_path, tmp_path, capsys):
@@ -95,7 +103,7 @@ def test_bad_input_is_one_line_error(tmp_path, capsys, case, message):
 
 def test_unwritable_output_folder_leaves_nothing(model_path, tmp_path, capsys):
     out = tmp_path / "nope" / "out.onnx"
-    assert main(["fold", str(model_path), "-o", str(out)]) == 1
+    assert main(["fold", str(model_path), "-o", str(out)]) == 2  # an unusable argument
     assert "does not exist" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx"]
 

@@ -81,12 +81,53 @@ def test_run_usage_errors_exit_2(model_path, tmp_path, capsys, setup, message):
     assert err.startswith("bnexport run: error:") and message in err
 
 
-def test_tensorrt_backend_unavailable_exits_1(model_path, tmp_path, capsys):
+def test_tensorrt_backend_unavailable_exits_2_with_the_extra(model_path, tmp_path, capsys):
     import importlib.util
 
     if importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("tensorrt installed")
     np.save(tmp_path / "x.npy", np.ones((1, 4), np.float32))
     argv = ["run", str(model_path), "-i", str(tmp_path / "x.npy"), "--backend", "tensorrt"]
-    assert main(argv + ["--device", "cuda"]) == 1
-    assert "tensorrt" in capsys.readouterr().err
+    assert main(argv + ["--device", "cuda"]) == 2  # a missing extra: an unusable request
+    assert 'pip install "bnexport[tensorrt]"' in capsys.readouterr().err
+
+
+def test_run_prints_latency_over_timed_runs(model_path, tmp_path, capsys):
+    x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    argv = ["run", str(model_path), "--inputs", str(tmp_path / "x.npy")]
+    assert main(argv + ["--runs", "4", "--warmup", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    # outputs summarized against NumPy (fp32 MatMul of 4 terms: atol 1e-5 on 4 significant digits)
+    ref = x.astype(np.float64) @ W.astype(np.float64)
+    assert out[0].startswith("y: float32[3, 2] ")
+    assert float(out[0].split("max ")[1].split()[0]) == pytest.approx(ref.max(), abs=1e-3)
+    assert out[1].startswith("latency: median ") and " p90 " in out[1]
+    assert out[2].strip() == "(4 timed run(s); 2 warmup run(s) excluded)"
+    assert main(argv + ["-q"]) == 0  # -q: the outputs only
+    assert "latency" not in capsys.readouterr().out
+    for bad in (["--runs", "0"], ["--warmup", "-1"]):
+        assert main(argv + bad) == 2
+
+
+def test_latency_excludes_the_warmup_runs():
+    """A slow first run (allocation, engine setup) must not enter median or p90."""
+    from bnexport.cli.cmd_run import _timed_runs, latency_line
+
+    now = [0.0]
+    durations = iter([5.0, 5.0] + [0.001 * (i + 1) for i in range(10)])  # 2 slow warmups
+
+    class FakeSession:
+        calls = 0
+
+        def run(self, feed):
+            FakeSession.calls += 1
+            now[0] += next(durations)
+            return {"y": feed["x"]}
+
+    outputs, seconds = _timed_runs(FakeSession(), {"x": 1}, runs=10, warmup=2, clock=lambda: now[0])
+    assert FakeSession.calls == 12 and outputs == {"y": 1}
+    np.testing.assert_allclose(seconds, [0.001 * (i + 1) for i in range(10)], rtol=1e-9)
+    line = latency_line(seconds, 2)
+    # NumPy reference: median 5.5 ms, p90 (linear) 9.1 ms, min 1 ms, mean 5.5 ms
+    assert "median 5.500 ms, p90 9.100 ms, min 1.000 ms, mean 5.500 ms" in line
