@@ -152,6 +152,7 @@ class _Criterion:
     default: tolerance.Tolerance
     check: Check
     min_top1: float
+    range_rtol: float | Mapping[str, float] | None = None
 
     def compare(self, name: str, ref: np.ndarray, got: np.ndarray) -> Comparison:
         return compare_arrays(
@@ -163,6 +164,7 @@ class _Criterion:
             check=self.check,
             min_top1=self.min_top1,
             min_cosine=self.default.min_cosine or tolerance.INT8_MIN_COSINE,
+            range_rtol=resolve_tolerance(self.range_rtol, name, self.default.range_rtol),
         )
 
 
@@ -173,11 +175,12 @@ def _criterion(
     atol: Any,
     check: Check | None,
     min_top1: float | None,
+    range_rtol: Any = None,
 ) -> _Criterion:
     default = tolerance.default_tolerance("int8" if quantized else precision)
     chosen = check or ("agreement" if quantized else "elementwise")
     top1 = min_top1 if min_top1 is not None else (default.min_top1 or tolerance.INT8_MIN_TOP1)
-    return _Criterion(rtol, atol, default, chosen, top1)
+    return _Criterion(rtol, atol, default, chosen, top1, range_rtol)
 
 
 def _run_backend(
@@ -228,6 +231,12 @@ def _run_backend(
         result.layers.append(LayerResult(name, tensor, layout, comparison))
     for name, reason in plan.skipped.items():
         result.layers.append(LayerResult(name, plan.mapping.get(name, ""), "?", skipped=reason))
+    if quantized and backend == "onnxruntime":  # the quantization error beside the kernels'
+        from bnexport.parity.quantized import quantization_check
+
+        result.quantization_outputs, result.int8_note = quantization_check(
+            probe, feed, reference, pairs, criterion.compare, result.top1
+        )
     if quantized and result.layers:
         from bnexport.parity.quantized import rank_layer_losses
 
@@ -252,6 +261,7 @@ def check_parity(
     session_options: Mapping[str, Any] | None = None,
     safe_mode: bool = True,
     min_top1: float | None = None,
+    range_rtol: float | Mapping[str, float] | None = None,
 ) -> ParityReport:
     """Compare the Keras model with its ONNX export on every requested backend.
 
@@ -285,13 +295,19 @@ def check_parity(
             Python code stored in it (a ``Lambda``); ``False`` only for trusted files.
         min_top1: top-1 agreement an INT8 graph's class-score outputs must reach
             (default :data:`bnexport.tolerance.INT8_MIN_TOP1`, 0.99).
+        range_rtol: tolerance relative to each output channel's ``max|ref|`` (the range
+            term of :mod:`bnexport.tolerance`), same forms as ``rtol``.
 
     Returns:
         A :class:`ParityReport` (truthy when parity holds).
 
     Raises:
-        UsageError: unusable model, inputs or arguments.
+        UsageError: unusable model, inputs or arguments;
+            :class:`~bnexport.errors.SignatureMismatchError` (a ``UsageError``) when
+            the two models do not take the same inputs (:mod:`.signature`).
     """
+    from bnexport.parity.signature import check_signatures
+
     start = time.perf_counter()
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown or not backends:
@@ -309,6 +325,7 @@ def check_parity(
     quantized = tolerance.is_quantized(onnx_model)
     inits = {i.name for i in onnx_model.graph.initializer}
     onnx_inputs = tensor_infos_from_onnx([i for i in onnx_model.graph.input if i.name not in inits])
+    check_signatures(keras_model, onnx_inputs, model_desc, onnx_desc)
     feed = prepare_feed(inputs, onnx_inputs, keras_model, samples=samples, seed=seed)
     from bnexport.runtime.io_check import batch_size
 
@@ -333,7 +350,7 @@ def check_parity(
                 reference,
                 pairs,
                 plan,
-                _criterion(prec, quantized, rtol, atol, check, min_top1),
+                _criterion(prec, quantized, rtol, atol, check, min_top1, range_rtol),
                 precision=prec,
                 quantized=quantized,
                 runner_options={"model_name": onnx_desc} | dict(session_options or {}),

@@ -1,11 +1,12 @@
 """Compare a candidate array (onnxruntime, TensorRT) with a reference (Keras).
 
-Pass criterion (``check="elementwise"``, the default, as ``np.allclose``)::
+Pass criterion (``check="elementwise"``, the default, ``np.allclose`` plus the range term
+of :mod:`bnexport.tolerance`, ``max|ref|`` per output channel)::
 
-    |out - ref| <= atol + rtol * |ref|      for every element
+    |out - ref| <= atol + rtol * |ref| + range_rtol * max|ref|      for every element
 
 Other criteria apply the same inequality to one statistic of the error
-(``"max"``: max abs error <= atol + rtol * max |ref|; ``"mean"``; ``"quantile"``:
+(``"max"``: max abs error <= atol + (rtol + range_rtol) * max |ref|; ``"mean"``; ``"quantile"``:
 the ``quantile``-th abs error; ``"agreement"``, for quantized graphs: top-1 agreement
 >= ``min_top1`` on a class-score output whose reference predicts more than one class,
 cosine >= ``min_cosine`` otherwise).
@@ -76,11 +77,14 @@ class Comparison:
         percentiles: ``{"p50": ..., "p90": ..., "p99": ..., "p99.9": ...}`` of abs error.
         top1, top5: classifier agreements or ``None``.
         nonfinite_ref, nonfinite_out: ``{"nan": n, "inf": n}`` per side.
-        rtol, atol, check: the criterion applied.
+        rtol, atol, check: the criterion applied (``range_rtol``: the range term).
         violations: number of elements violating the elementwise inequality.
         reason: one line saying why it failed ("" when it passed).
         nmse: ``Σ(out − ref)² / Σ ref²`` over finite elements (0 when both are 0).
         min_top1, min_cosine: the thresholds of ``check="agreement"`` (else ``None``).
+        ref_absmax: ``max|ref|`` over finite elements (the report's tolerance line).
+        criterion: what decided: ``check``, or for ``"agreement"`` either
+            ``"top-1 agreement"`` or ``"cosine similarity"``.
     """
 
     name: str
@@ -103,6 +107,9 @@ class Comparison:
     nmse: float = 0.0
     min_top1: float | None = None
     min_cosine: float | None = None
+    range_rtol: float = 0.0
+    ref_absmax: float = 0.0
+    criterion: str = ""
 
     def __bool__(self) -> bool:
         return self.passed
@@ -159,6 +166,13 @@ def _informative_top1(ref: np.ndarray, out: np.ndarray) -> float | None:
     return top1
 
 
+def _decided_by(check: str, ref: np.ndarray, out: np.ndarray) -> str:
+    """The criterion that decides: ``check``, or which of top-1 / cosine for agreement."""
+    if check != "agreement":
+        return check
+    return "cosine similarity" if _informative_top1(ref, out) is None else "top-1 agreement"
+
+
 def compare_arrays(
     name: str,
     ref: Any,
@@ -170,6 +184,7 @@ def compare_arrays(
     quantile: float = 0.99,
     min_top1: float = _tolerance.INT8_MIN_TOP1,
     min_cosine: float = _tolerance.INT8_MIN_COSINE,
+    range_rtol: float = 0.0,
 ) -> Comparison:
     """Compare ``out`` against the reference ``ref``.
 
@@ -183,6 +198,8 @@ def compare_arrays(
         quantile: quantile used by ``check="quantile"``.
         min_top1: top-1 agreement needed by ``check="agreement"`` (class scores).
         min_cosine: cosine similarity needed by ``check="agreement"`` (other outputs).
+        range_rtol: tolerance relative to ``max|ref|`` of each element's output channel
+            (:func:`bnexport.tolerance.channel_range`); 0: plain ``allclose``.
 
     Returns:
         A :class:`Comparison`; a shape mismatch fails with the reason stated.
@@ -192,7 +209,9 @@ def compare_arrays(
     ref = np.asarray(ref)
     out = np.asarray(out)
     nan_ref, nan_out = _nonfinite(ref), _nonfinite(out)
-    base = dict(name=name, rtol=float(rtol), atol=float(atol), check=check)
+    base = dict(
+        name=name, rtol=float(rtol), atol=float(atol), check=check, range_rtol=float(range_rtol)
+    )
     if check == "agreement":
         base.update(min_top1=float(min_top1), min_cosine=float(min_cosine))
     if ref.shape != out.shape:
@@ -218,9 +237,13 @@ def compare_arrays(
     )
     r = np.asarray(ref, dtype=work).ravel()
     o = np.asarray(out, dtype=work).ravel()
+    # max|ref| of each element's channel (the range term), flattened like r
+    span = np.broadcast_to(_tolerance.channel_range(ref), ref.shape).ravel() if range_rtol else 0.0
     if nan_ref["nan"] + nan_ref["inf"] + nan_out["nan"] + nan_out["inf"]:
         finite = np.isfinite(r) & np.isfinite(o)
         rf, of = r[finite], o[finite]
+        if range_rtol:
+            span = span[finite]
     else:
         rf, of = r, o
     absdiff = np.abs(of - rf)
@@ -247,19 +270,24 @@ def compare_arrays(
         max_abs = mean_abs = max_rel = 0.0
         pct, cosine, nmse = {f"p{p:g}": 0.0 for p in PERCENTILES}, 1.0, 0.0
     # rf/of are finite here (non-finite elements are counted apart and fail below)
-    violations = int(np.count_nonzero(_tolerance.exceeds(absdiff, absref, rtol, atol)))
+    violations = int(
+        np.count_nonzero(_tolerance.exceeds(absdiff, absref, rtol, atol, range_rtol, span))
+    )
+    top = float(absref.max()) if absref.size else 0.0
     if check == "elementwise":
         ok = violations == 0
     elif check == "max":
-        ok = max_abs <= atol + rtol * (float(absref.max()) if absref.size else 0.0)
+        ok = max_abs <= atol + (rtol + range_rtol) * top
     elif check == "agreement":
         top1_now = _informative_top1(ref, out)
         ok = (top1_now >= min_top1) if top1_now is not None else cosine >= min_cosine
     elif check == "mean":
-        ok = mean_abs <= atol + rtol * (float(absref.mean()) if absref.size else 0.0)
+        ref_mean = float(absref.mean()) if absref.size else 0.0
+        ok = mean_abs <= atol + rtol * ref_mean + range_rtol * top
     else:
         q = float(np.quantile(absdiff, quantile)) if absdiff.size else 0.0
-        ok = q <= atol + rtol * (float(np.quantile(absref, quantile)) if absref.size else 0.0)
+        ref_q = float(np.quantile(absref, quantile)) if absref.size else 0.0
+        ok = q <= atol + rtol * ref_q + range_rtol * top
     reason = ""
     n_bad = sum(nan_ref.values()) + sum(nan_out.values())
     if n_bad:
@@ -278,7 +306,8 @@ def compare_arrays(
         )
     elif not ok:
         reason = (
-            f"{violations} of {absdiff.size} elements exceed atol + rtol*|ref| "
+            f"{violations} of {absdiff.size} elements exceed atol + rtol*|ref| + "
+            "range_rtol*max|ref| "
             f"(max abs {max_abs:.3g}, max rel {max_rel:.3g}; check={check})"
         )
     top1, top5 = _topk_agreement(ref, out) if not n_bad else (None, None)
@@ -298,4 +327,6 @@ def compare_arrays(
         violations=violations,
         reason=reason,
         nmse=nmse,
+        ref_absmax=float(absref.max()) if absref.size else 0.0,
+        criterion=_decided_by(check, ref, out),
     )

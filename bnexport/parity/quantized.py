@@ -128,3 +128,51 @@ def exclude_candidates(losses: Sequence[LayerLoss], k: int = 3) -> list[str]:
     for loss in [x for x in losses if x.added_nmse > 0][:k]:
         names.extend(n for n in loss.nodes if n not in names)
     return names
+
+
+def quantization_check(
+    model: Any,
+    feed: Mapping[str, Any],
+    reference: Mapping[str, Any],
+    pairs: Sequence[tuple[str, str]],
+    compare: Any,
+    kernel_top1: float | None,
+) -> tuple[list[Any], str]:
+    """The Q/DQ graph's own error (run as float), and a note when the kernels lose more.
+
+    ``model`` runs on onnxruntime with graph optimizations off, so ``QuantizeLinear``/
+    ``DequantizeLinear`` and float ops compute exactly what the graph states (what
+    TensorRT computes); ``compare(name, ref, got)`` judges each output as the backend's
+    outputs were judged. The note names the cause when the backend's (int8 kernels')
+    top-1 agreement ``kernel_top1`` is more than a point below this one.
+
+    Returns:
+        ``(comparisons, note)``.
+    """
+    import numpy as np
+
+    from bnexport.quantize.compare import make_session
+    from bnexport.runtime.int8_kernels import load_time_warning
+
+    session = make_session(model, optimize=False)
+    wanted = {i.name: i.type for i in session.get_inputs()}
+    dtypes = {"tensor(float)": np.float32, "tensor(double)": np.float64}
+    inputs = {
+        k: np.asarray(v, dtypes.get(wanted[k])) if wanted[k] in dtypes else np.asarray(v)
+        for k, v in feed.items()
+        if k in wanted
+    }
+    names = [onnx_name for _, onnx_name in pairs]
+    got = dict(zip(names, session.run(names, inputs), strict=True))
+    comparisons = [compare(o, reference[k], got[o]) for k, o in pairs]
+    top1 = [c.top1 for c in comparisons if c.top1 is not None]
+    quant_top1 = min(top1) if top1 else None
+    note = ""
+    if kernel_top1 is not None and quant_top1 is not None and kernel_top1 < quant_top1 - 0.01:
+        cause = load_time_warning(model)
+        note = (
+            f"onnxruntime's int8 kernels agree {kernel_top1:.1%} against {quant_top1:.1%} for "
+            "the Q/DQ graph itself; "
+            + (cause or "no int16 saturation is expected on this CPU: report it")
+        )
+    return comparisons, note

@@ -67,6 +67,10 @@ class BackendResult:
             cosine, layers are reported and ranked but do not fail the run.
         layer_losses: INT8 per-layer only: :class:`bnexport.parity.quantized.LayerLoss`
             entries, the layer adding most error first.
+        quantization_outputs: INT8 on onnxruntime only: the same comparisons for the
+            graph's Q/DQ semantics evaluated as float (graph optimizations off): the
+            quantization error alone, without this CPU's int8 kernels.
+        int8_note: why the kernels lose more than the quantization ("" when they do not).
     """
 
     backend: str
@@ -78,6 +82,14 @@ class BackendResult:
     seconds: float | None = None
     quantized: bool = False
     layer_losses: list[Any] = dataclasses.field(default_factory=list)
+    quantization_outputs: list[Comparison] = dataclasses.field(default_factory=list)
+    int8_note: str = ""
+
+    @property
+    def quantization_top1(self) -> float | None:
+        """Lowest top-1 agreement of the Q/DQ graph as float (``None``: not measured)."""
+        values = [c.top1 for c in self.quantization_outputs if c.top1 is not None]
+        return min(values) if values else None
 
     @property
     def passed(self) -> bool:
@@ -120,6 +132,9 @@ class BackendResult:
             "top1": self.top1,
             "layer_losses": [loss.to_dict() for loss in self.layer_losses],
             "exclude_candidates": self.exclude_candidates,
+            "quantization_outputs": [c.to_dict() for c in self.quantization_outputs],
+            "quantization_top1": self.quantization_top1,
+            "int8_note": self.int8_note,
         }
 
 

@@ -68,6 +68,7 @@ def _new_table(title: str, names: list[str]) -> Any:
 def _int8_lines(b: BackendResult) -> list[Any]:
     """INT8 graph: the primary metric, and the layers that add most error."""
     from rich import box
+    from rich.markup import escape
     from rich.table import Table
 
     judged = next((c for c in b.outputs if c.min_top1 is not None), None)
@@ -80,6 +81,14 @@ def _int8_lines(b: BackendResult) -> list[Any]:
     top1 = b.top1
     metric = "no class-score output" if top1 is None else f"top-1 agreement {top1:.2%}"
     lines: list[Any] = [f"INT8 (QDQ) graph, pass = {rule}: [bold]{metric}[/bold]"]
+    if b.quantization_outputs:
+        q = b.quantization_top1
+        lines.append(
+            "quantization error alone (Q/DQ as float, no int8 kernels): "
+            + ("no class-score output" if q is None else f"top-1 agreement {q:.2%}")
+        )
+    if b.int8_note:
+        lines.append(f"[yellow]warning[/yellow]: {escape(b.int8_note)}")
     if not b.layer_losses:
         return lines
     table = Table(
@@ -113,13 +122,15 @@ def render(report: ParityReport) -> Any:
     """Build the rich renderable of ``report``."""
     from rich import box
     from rich.console import Group
+    from rich.markup import escape
     from rich.table import Table
 
     parts: list[Any] = []
     for b in report.backends:
         title = f"Keras vs {b.backend} ({b.precision}, {report.samples} samples)"
         if b.error:
-            parts.append(f"[bold red]{title}: could not run[/bold red]: {b.error}")
+            # escaped: rich would read "[tensorrt]" in an install hint as a style tag
+            parts.append(f"[bold red]{title}: could not run[/bold red]: {escape(b.error)}")
             continue
         table = _new_table(title, [c.name for c in b.outputs])
         for c in b.outputs:
