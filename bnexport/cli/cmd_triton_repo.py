@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from bnexport.cli.options import add_model
+
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register the ``triton-repo`` subcommand."""
@@ -17,7 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "KServe InferenceService example."
         ),
     )
-    parser.add_argument("model", metavar="MODEL.onnx", help="exported ONNX model")
+    add_model(parser, "the exported .onnx file")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="model repository folder")
     parser.add_argument(
         "--name",
@@ -46,7 +48,16 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--kserve",
         metavar="STORAGE_URI",
         default=None,
-        help="also write OUT_DIR/kserve-inferenceservice.yaml for this storage URI (s3://...)",
+        help="also write KServe manifests for OUT_DIR uploaded to this storage URI (s3://...): "
+        "OUT_DIR/kserve-inferenceservice.yaml (Triton) and, for --backend onnxruntime, "
+        "OUT_DIR/kserve-bnexport.yaml (the bnexport ClusterServingRuntime + an "
+        "InferenceService on it); a GPU is requested only for TensorRT or --instance-kind gpu",
+    )
+    parser.add_argument(
+        "--kserve-name",
+        default=None,
+        help="InferenceService name, a DNS-1035 label (default: the model name lower-cased, "
+        "'_' and '.' as '-')",
     )
     return parser
 
@@ -55,11 +66,15 @@ def run(args: argparse.Namespace) -> int:
     """Write the repository; print what was written and what is left to do."""
     from pathlib import Path
 
-    from bnexport.atomic_write import check_output_paths, write_text_atomic
-    from bnexport.serve.triton_repo import kserve_inferenceservice_yaml, write_triton_repo
+    from bnexport.atomic_write import check_output_paths
+    from bnexport.serve.triton_repo import write_triton_repo
 
     model_dir = Path(args.out_dir) / (args.name or Path(args.model).stem)
-    check_output_paths({"OUT_DIR/<model>": model_dir}, {"MODEL.onnx": args.model})
+    if args.kserve:  # a name KServe would refuse fails before anything is written
+        from bnexport.serve.kserve import resolve_name
+
+        resolve_name(args.kserve_name, model_dir.name)
+    check_output_paths({"OUT_DIR/<model>": model_dir}, {"MODEL": args.model})
     result = write_triton_repo(
         args.model,
         args.out_dir,
@@ -75,10 +90,21 @@ def run(args: argparse.Namespace) -> int:
     if result.plan_written:
         print(f"wrote {result.model_file}")
     if args.kserve:
-        name = result.model_dir.name.lower().replace("_", "-").replace(".", "-")
-        yaml_path = Path(args.out_dir) / "kserve-inferenceservice.yaml"
-        write_text_atomic(yaml_path, kserve_inferenceservice_yaml(name, args.kserve))
-        print(f"wrote {yaml_path}")
+        from bnexport.serve.kserve import write_manifests
+
+        paths, kserve_notes = write_manifests(
+            args.out_dir,
+            args.kserve,
+            model_name=result.model_dir.name,
+            backend=args.backend,
+            instance_kind=args.instance_kind,
+            max_batch=args.max_batch,
+            batch_timeout_ms=args.batch_timeout_ms,
+            name=args.kserve_name,
+        )
+        for path in paths:
+            print(f"wrote {path}")
+        result.notes.extend(kserve_notes)
     for note in result.notes:
         print(f"note: {note}")
     return 0

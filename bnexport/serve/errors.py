@@ -7,7 +7,7 @@ caller embedding the server can catch them like any other bnexport error.
 
 from __future__ import annotations
 
-from bnexport.errors import BnexportError
+from bnexport.errors import BnexportError, UsageError
 
 
 class ServeError(BnexportError):
@@ -84,5 +84,9 @@ class ModelRunError(ServeError, RuntimeError):
     status_code = 500
 
 
-class ListenError(BnexportError, OSError):
-    """The server cannot listen on the address it was given (names host and port)."""
+class ListenError(UsageError, OSError):
+    """The server cannot listen on the address it was given (names host and port).
+
+    A :class:`~bnexport.errors.UsageError`: ``--host``/``--port``/``--grpc-port`` cannot
+    be used as given (exit 2, like any other unusable argument).
+    """

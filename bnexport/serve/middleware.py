@@ -10,6 +10,9 @@ a task per request. In order, for every HTTP request:
    ``Authorization: Bearer <token>``: the scheme is case-insensitive (RFC 9110
    §11.1), the token is compared in constant time; else 401 with a KServe error
    body and ``WWW-Authenticate: Bearer``. Health stays open for Kubernetes probes.
+   With ``open_metrics``, ``GET /metrics`` (that exact path) stays open too: a
+   Prometheus that scrapes pods by annotation (KServe's ``prometheus.kserve.io/*``)
+   sends no credentials, and the page holds counters and latencies, no tensors.
 3. Body limit: a ``Content-Length`` above the limit is answered 413 before the
    body is read; a body without one (chunked) is counted while it streams, and
    :class:`~bnexport.serve.errors.PayloadTooLargeError` is raised from ``receive``.
@@ -69,6 +72,8 @@ class GuardMiddleware:
         logger: access logger (``INFO`` records).
         admission: in-flight bound for requests with a body (``None``: unbounded).
         body_timeout_s: time allowed to receive a whole request body (``None``: no limit).
+        open_metrics: serve ``GET /metrics`` without the token (for annotation-based
+            Prometheus scraping, which cannot send one); every other path still needs it.
     """
 
     def __init__(
@@ -80,8 +85,10 @@ class GuardMiddleware:
         logger: logging.Logger,
         admission: Admission | None = None,
         body_timeout_s: float | None = None,
+        open_metrics: bool = False,
     ):
         self.app = app
+        self.open_metrics = bool(open_metrics)
         self._token = token.encode() if token else None
         self.max_body_bytes = int(max_body_bytes)
         self.admission = admission
@@ -143,7 +150,7 @@ class GuardMiddleware:
                     [_CLOSE],
                 )
                 return
-        if self._token is not None and not scope["path"].startswith("/v2/health/"):
+        if self._token is not None and not self._open_path(scope):
             if not self._authorized(headers):
                 await send_error(
                     send,
@@ -178,6 +185,13 @@ class GuardMiddleware:
             await self.app(scope, body_receive, send)
         finally:
             self.admission.release(cost)
+
+    def _open_path(self, scope: Scope) -> bool:
+        """Paths served without the token: health (probes) and, if asked, ``GET /metrics``."""
+        path = scope["path"]
+        if path.startswith("/v2/health/"):
+            return True
+        return self.open_metrics and path == "/metrics" and scope.get("method") in ("GET", "HEAD")
 
     def _authorized(self, headers: list) -> bool:
         given = next((v for k, v in headers if k == b"authorization"), b"")

@@ -8,9 +8,9 @@ Layout written (``--backend onnxruntime``)::
 and for ``--backend tensorrt``::
 
     OUT_DIR/<model>/config.pbtxt
-    OUT_DIR/<model>/1/model.plan      # only where TensorRT is installed (see below)
+    OUT_DIR/<model>/1/model.plan      # built here: TensorRT must be installed (see below)
     OUT_DIR/<model>/model.onnx        # the source, outside the version folder
-    OUT_DIR/<model>/README.md         # how to build the plan and load the plugin
+    OUT_DIR/<model>/README.md         # how to rebuild the plan and load the plugin
 
 ``config.pbtxt`` lists every input and output with its ``data_type`` and
 ``dims``. With ``max_batch_size > 0`` (the default, 32) the first dimension of
@@ -26,11 +26,13 @@ TensorRT and the FusedNorm plugin
 ---------------------------------
 A TensorRT plan is specific to the TensorRT version and GPU it was built on, so
 it must be built with the TensorRT of the Triton release that serves it (for
-example inside the ``tritonserver`` container). Where ``tensorrt`` imports, this
-module builds ``model.plan`` through :class:`bnexport.runtime.trt_backend.TrtBackend`
-(optimization profile batch ``1..max_batch_size``, the FusedNorm plugin
-registered). Elsewhere it writes the config, the source ONNX and a README with
-the commands, and reports the plan as missing.
+example inside the ``tritonserver`` container). This module builds ``model.plan``
+through :class:`bnexport.runtime.trt_backend.TrtBackend` (optimization profile batch
+``1..max_batch_size``, the FusedNorm plugin registered for graphs that have
+``bnexport::FusedNorm`` nodes, as :class:`bnexport.Session` does). Without
+``tensorrt`` the request is refused before anything is written
+(:class:`~bnexport.errors.MissingExtraError`, the CLI's exit 2): a repository whose
+config names a plan that is not there would fail only when Triton loads it.
 
 A graph that contains ``bnexport::FusedNorm`` needs the plugin at build *and*
 at run time:
@@ -48,8 +50,8 @@ With ``--backend onnxruntime``, Triton's onnxruntime backend cannot run a
 Python custom op, so FusedNorm nodes are lowered to standard ONNX ops first
 (``bnexport_plugins.fused_norm.lowering.lower_fused_norm``).
 
-Not possible on this machine (no TensorRT): building or loading the plan; the
-tests check the layout and the config only.
+Not possible on a machine without TensorRT: building or loading the plan; the
+tests check the layout, the config and the refusal.
 """
 
 from __future__ import annotations
@@ -104,7 +106,8 @@ class TritonRepoResult:
         model_dir: ``OUT_DIR/<model>``.
         config_path: the validated ``config.pbtxt``.
         model_file: ``model.onnx`` or ``model.plan`` in the version folder.
-        plan_written: ``False`` when the TensorRT plan could not be built here.
+        plan_written: always ``True`` (a TensorRT plan that cannot be built is refused);
+            kept for callers.
         config: the parsed ``ModelConfig`` message.
         notes: what the user still has to do.
     """
@@ -176,6 +179,8 @@ def write_triton_repo(
     Raises:
         UsageError: bad argument, unbatchable model with ``max_batch > 0``, an op
             the chosen backend cannot run.
+        MissingExtraError: ``backend="tensorrt"`` without the ``tensorrt`` package
+            (checked before anything is written).
     """
     import onnx
 
@@ -195,12 +200,23 @@ def write_triton_repo(
         )
     if bad:
         raise UsageError("triton-repo: invalid argument(s). Received: " + ", ".join(bad))
+    if backend == "tensorrt" and importlib.util.find_spec("tensorrt") is None:
+        from bnexport.errors import MissingExtraError
+        from bnexport.extras import install_hint
+
+        raise MissingExtraError(
+            "triton-repo --backend tensorrt builds 1/model.plan with TensorRT, which is not "
+            f"installed ({install_hint('tensorrt')}); run it where Triton runs (same TensorRT "
+            "and GPU), or use --backend onnxruntime",
+            name="tensorrt",
+        )
     if model_name is None:
         model_name = re.sub(r"[^A-Za-z0-9_.\-]", "_", src.stem)
     name = validate_model_name(model_name)
     from bnexport.io.onnx_file import load_onnx
 
     model = load_onnx(src, load_external_data=False)  # ModelFileError names the file
+    check_known_ops(model, src)
     if any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer):
         raise UsageError(f"{src} keeps weights in external data files; save it as one file first")
     initializers = {init.name for init in model.graph.initializer}
@@ -238,23 +254,70 @@ def write_triton_repo(
         readme = _tensorrt_readme(name, src.name, max_batch, precision)
         write_bytes_atomic(model_dir / "README.md", readme.encode(), make_parents=True)
         plan = _build_plan(model, max_batch, precision)
-        if plan is None:
-            plan_written = False
-            notes.append(
-                f"TensorRT is not installed here: {model_file} was NOT written. Build it where "
-                f"Triton runs (same TensorRT version and GPU), see {model_dir / 'README.md'}"
-            )
-        else:
-            write_bytes_atomic(model_file, plan, make_parents=True)
+        write_bytes_atomic(model_file, plan, make_parents=True)
     config_path = model_dir / "config.pbtxt"
     write_bytes_atomic(config_path, text.encode("utf-8"), make_parents=True)
     return TritonRepoResult(model_dir, config_path, model_file, plan_written, cfg, notes)
 
 
-def _build_plan(model: Any, max_batch: int, precision: str) -> bytes | None:
-    """Serialized TensorRT engine with a batch profile ``1..max_batch``, or ``None``."""
-    if importlib.util.find_spec("tensorrt") is None:
-        return None
+#: domains whose ops onnx's schema registry lists (onnxruntime implements them)
+_SCHEMA_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
+#: onnxruntime's contrib-op domain: implemented by onnxruntime, not listed by onnx
+_ORT_CONTRIB_DOMAIN = "com.microsoft"
+
+
+def check_known_ops(model: Any, source: str | os.PathLike) -> None:
+    """Refuse a graph with an op neither Triton backend can run, naming the op.
+
+    Known: ONNX ops (default and ``ai.onnx.ml`` domains, checked against onnx's schema
+    registry at the model's opset), onnxruntime's ``com.microsoft`` contrib ops,
+    bnexport's ``FusedNorm`` (lowered or built into the plan here), and functions the
+    model defines itself. Anything else would make Triton fail to load the model when
+    the server starts, far from this command: refusing here, with the op's name, is the
+    earlier and clearer failure (a warning would still write a repository that cannot
+    load).
+
+    Raises:
+        UsageError: one line naming the first unknown op, its domain and node, and how
+            many more there are.
+    """
+    import onnx
+    from bnexport_plugins.fused_norm.spec import is_fused_norm
+
+    opsets = {o.domain or "": o.version for o in model.opset_import}
+    functions = {(f.domain, f.name) for f in model.functions}
+    unknown: dict[tuple[str, str], str] = {}
+    for node in model.graph.node:
+        domain = node.domain or ""
+        key = (domain, node.op_type)
+        if key in unknown or key in functions or domain == _ORT_CONTRIB_DOMAIN:
+            continue
+        if is_fused_norm(node):
+            continue
+        if domain in _SCHEMA_DOMAINS:
+            version = opsets.get(domain, opsets.get("", 1))
+            try:
+                onnx.defs.get_schema(node.op_type, version, "" if domain == "ai.onnx" else domain)
+                continue
+            except onnx.defs.SchemaError:
+                pass
+        unknown[key] = node.name or "<unnamed>"
+    if unknown:
+        (domain, op), node = next(iter(unknown.items()))
+        more = f" (and {len(unknown) - 1} more unknown op(s))" if len(unknown) > 1 else ""
+        raise UsageError(
+            f"{os.fspath(source)}: op {op!r} (domain {domain or 'ai.onnx'!r}, node {node!r}) "
+            f"is not an ONNX op, an onnxruntime contrib op or bnexport's FusedNorm; no Triton "
+            f"backend could load this model{more}"
+        )
+
+
+def _build_plan(model: Any, max_batch: int, precision: str) -> bytes:
+    """Serialized TensorRT engine with a batch profile ``1..max_batch``.
+
+    The FusedNorm plugin is registered when the graph has FusedNorm nodes (without it
+    TensorRT's parser reports "plugin not found").
+    """
     from bnexport.runtime.io_check import tensor_infos_from_onnx
     from bnexport.runtime.trt_backend import TrtBackend
 
@@ -262,7 +325,12 @@ def _build_plan(model: Any, max_batch: int, precision: str) -> bytes | None:
     ins = tensor_infos_from_onnx([v for v in model.graph.input if v.name not in initializers])
     outs = tensor_infos_from_onnx(model.graph.output)
     backend = TrtBackend(
-        model.SerializeToString(), ins, outs, precision=precision, max_batch=max(1, max_batch)
+        model.SerializeToString(),
+        ins,
+        outs,
+        precision=precision,
+        max_batch=max(1, max_batch),
+        needs_fused_norm=has_fused_norm(model),
     )
     try:
         return bytes(backend.engine.serialize())
@@ -302,37 +370,14 @@ batch 1..{max_batch} and writes `1/model.plan`.
 
 
 def kserve_inferenceservice_yaml(
-    name: str, storage_uri: str, *, gpu: bool = True, runtime_version: str = "24.08-py3"
+    name: str, storage_uri: str, *, gpu: bool = False, runtime_version: str = "24.08-py3"
 ) -> str:
     """A KServe ``InferenceService`` serving a Triton repository written by this module.
 
-    Args:
-        name: InferenceService (and model) name; lower-case DNS label.
-        storage_uri: where the repository folder is uploaded (``s3://``, ``gs://``, ``pvc://``).
-        gpu: request one ``nvidia.com/gpu``.
-        runtime_version: tag of the ``tritonserver`` image.
+    Kept for callers of this module; the manifests live in :mod:`bnexport.serve.kserve`
+    (:func:`~bnexport.serve.kserve.triton_isvc_yaml`). ``gpu`` defaults to ``False``:
+    only TensorRT plans and ``KIND_GPU`` instances need one.
     """
-    limits = '          nvidia.com/gpu: "1"\n' if gpu else ""
-    return f"""# KServe InferenceService for a Triton model repository written by
-#   bnexport triton-repo MODEL.onnx OUT_DIR
-# Upload OUT_DIR to {storage_uri} first (the folder that holds <model>/config.pbtxt).
-apiVersion: serving.kserve.io/v1beta1
-kind: InferenceService
-metadata:
-  name: {name}
-spec:
-  predictor:
-    model:
-      modelFormat:
-        name: triton
-      protocolVersion: v2
-      runtimeVersion: {runtime_version}
-      storageUri: {storage_uri}
-      resources:
-        requests:
-          cpu: "2"
-          memory: 4Gi
-        limits:
-          cpu: "4"
-          memory: 8Gi
-{limits}"""
+    from bnexport.serve.kserve import triton_isvc_yaml
+
+    return triton_isvc_yaml(name, storage_uri, gpu=gpu, runtime_version=runtime_version)

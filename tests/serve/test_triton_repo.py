@@ -88,15 +88,17 @@ def test_bad_arguments(digits_onnx, tmp_path):
 
 
 @pytest.mark.skipif(HAS_TRT, reason="checks the no-TensorRT path")
-def test_tensorrt_without_tensorrt_writes_config_and_instructions(digits_onnx, tmp_path):
-    res = write_triton_repo(digits_onnx, tmp_path / "t", backend="tensorrt", max_batch=32)
-    assert not res.plan_written and not res.model_file.exists()
-    assert res.notes and "NOT written" in res.notes[0]
-    _, cfg = _parse(res.config_path)
-    assert cfg.backend == "tensorrt" and cfg.max_batch_size == 32
-    readme = (res.model_dir / "README.md").read_text()
-    assert "aot_impl" in readme and "--backend-config=tensorrt,plugins=" in readme
-    assert (res.model_dir / "model.onnx").read_bytes() == digits_onnx.read_bytes()
+def test_tensorrt_without_tensorrt_is_refused_before_writing(digits_onnx, tmp_path, capsys):
+    """No plan can be built: refuse (exit 2, the [tensorrt] hint), write nothing."""
+    from bnexport.errors import MissingExtraError
+
+    with pytest.raises(MissingExtraError, match=r'pip install "bnexport\[tensorrt\]"'):
+        write_triton_repo(digits_onnx, tmp_path / "t", backend="tensorrt", max_batch=32)
+    assert not (tmp_path / "t").exists()
+    code = main(["triton-repo", str(digits_onnx), str(tmp_path / "c"), "--backend", "tensorrt"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "bnexport[tensorrt]" in err
+    assert not (tmp_path / "c").exists()
 
 
 @pytest.mark.skipif(not HAS_TRT, reason="needs tensorrt: building model.plan is not verified")
@@ -117,8 +119,8 @@ def test_cli_triton_repo_and_kserve(digits_onnx, tmp_path, capsys):
     _, cfg = _parse(out / "digits" / "config.pbtxt")
     assert cfg.max_batch_size == 4 and cfg.instance_group[0].count == 3
     yaml_text = (out / "kserve-inferenceservice.yaml").read_text()
-    assert "kind: InferenceService" in yaml_text and "storageUri: s3://bucket/models" in yaml_text
-    assert main(["triton-repo", str(tmp_path / "missing.onnx"), str(out)]) == 1
+    assert "kind: InferenceService" in yaml_text and 'storageUri: "s3://bucket/models"' in yaml_text
+    assert main(["triton-repo", str(tmp_path / "missing.onnx"), str(out)]) == 2  # unusable input
 
 
 def _fused_norm_onnx(tmp_path):
