@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -36,6 +35,7 @@ from pydantic import ValidationError
 from bnexport.serve import binary
 from bnexport.serve.errors import BadRequestError
 from bnexport.serve.protocol import InferenceRequest, RequestOutput
+from bnexport.serve.tensor_limits import check_shape
 
 #: KServe datatype -> NumPy dtype
 DATATYPE_TO_NUMPY: dict[str, np.dtype] = {
@@ -54,9 +54,6 @@ DATATYPE_TO_NUMPY: dict[str, np.dtype] = {
     "BYTES": np.dtype(np.object_),
 }
 _NUMPY_TO_DATATYPE = {v: k for k, v in DATATYPE_TO_NUMPY.items()}
-#: largest rank and dimension of a request tensor (NumPy's limits are 32/64 and 2**63 - 1)
-_MAX_RANK = 32
-_MAX_DIM = 2**62
 #: elements serialized per ``json.dumps`` call in a JSON response
 JSON_CHUNK = 16384
 #: output parameters this server implements (Triton's ``classification`` is not one)
@@ -167,14 +164,7 @@ def _decode_input(inp, reader: binary.BinaryReader) -> np.ndarray:
     """One ``$request_input`` -> array of its datatype and shape."""
     name = inp.name
     dtype = numpy_dtype(inp.datatype, name)
-    if any(d < 0 for d in inp.shape):
-        raise BadRequestError(f"input '{name}': shape {inp.shape} has a negative dimension")
-    if len(inp.shape) > _MAX_RANK or any(d > _MAX_DIM for d in inp.shape):
-        raise BadRequestError(
-            f"input '{name}': shape {inp.shape} has more than {_MAX_RANK} dimensions or a "
-            f"dimension above {_MAX_DIM}"
-        )
-    count = math.prod(inp.shape)
+    count = check_shape(name, inp.shape, dtype)
     params = inp.parameters or {}
     size = params.get("binary_data_size")
     if size is not None:

@@ -25,6 +25,14 @@ live, briefly, in the helper (measured: 388 MB peak for a 16 MiB body, 1.4 GB
 for 64 MiB; its RSS falls back to ~70 MB afterwards).
 One body is parsed at a time. If the helper dies (killed for memory, say) the
 request gets 503 and the next large body starts a new helper.
+
+Memory bound: since a JSON body costs ~15-20x its size while it is parsed, JSON
+bodies have their own size limit, ``max_bytes`` (:data:`DEFAULT_MAX_BYTES`: 64 MiB, the
+default body limit): a larger JSON body is answered 413 before it is handed to the
+helper or a thread (:meth:`DecodeProcess.check_size`), whatever ``--max-body-mb``
+allows for binary tensors, so the helper's peak stays near ``20 x max_bytes``. A
+limit on the helper's address space (``RLIMIT_AS``) would not do: NumPy's import
+alone reserves more virtual memory than any useful limit.
 """
 
 from __future__ import annotations
@@ -41,11 +49,13 @@ from typing import IO, Any
 import numpy as np
 
 from bnexport.serve import codec
-from bnexport.serve.errors import ServeError
+from bnexport.serve.errors import PayloadTooLargeError, ServeError
 from bnexport.serve.logs import get_logger
 
 #: JSON bodies at least this large are decoded in the helper process
 DEFAULT_MIN_BYTES = 4 << 20
+#: largest JSON body decoded at all (a parse peaks near 20x the body)
+DEFAULT_MAX_BYTES = 64 << 20
 _REQUEST = struct.Struct("<Qi")
 _ANSWER = struct.Struct("<Q")
 
@@ -55,10 +65,12 @@ class DecodeProcess:
 
     Args:
         min_bytes: smallest JSON body sent to the helper (smaller ones parse in a thread).
+        max_bytes: largest JSON body decoded at all, else 413 (:meth:`check_size`).
     """
 
-    def __init__(self, min_bytes: int = DEFAULT_MIN_BYTES) -> None:
+    def __init__(self, min_bytes: int = DEFAULT_MIN_BYTES, max_bytes: int = DEFAULT_MAX_BYTES):
         self.min_bytes = int(min_bytes)
+        self.max_bytes = int(max_bytes)
         self._proc: subprocess.Popen | None = None
         self._lock = threading.Lock()  # one exchange at a time; held by worker threads
 
@@ -78,10 +90,32 @@ class DecodeProcess:
         with self._lock:
             self._process()
 
+    def check_size(self, json_bytes: int) -> None:
+        """Refuse a JSON text of ``json_bytes`` above :attr:`max_bytes` with a 413.
+
+        Raises:
+            PayloadTooLargeError: the JSON is over the limit (the message names it and
+                the way out: binary tensors).
+        """
+        if json_bytes > self.max_bytes:
+            raise PayloadTooLargeError(
+                f"JSON request body of {json_bytes} bytes is over the limit of "
+                f"{self.max_bytes} bytes for JSON (a JSON parse takes ~20x its size in "
+                "memory); send the tensors as binary data (binary_data_size; tritonclient: "
+                "binary_data=True), which --max-body-mb bounds"
+            )
+
     def decode_blocking(
         self, body: bytes | bytearray, header_length: str | None
     ) -> codec.DecodedRequest:
-        """``codec.decode_request(body, header_length)`` in the helper; blocks (run in a thread)."""
+        """``codec.decode_request(body, header_length)`` in the helper; blocks (run in a thread).
+
+        Raises:
+            PayloadTooLargeError: a JSON-only body over :attr:`max_bytes` (not handed over).
+            ServeError: the helper died (503), or what decoding raised.
+        """
+        if header_length is None:
+            self.check_size(len(body))
         with self._lock:
             header = b"" if header_length is None else header_length.encode("utf-8", "replace")
             try:

@@ -33,6 +33,7 @@ from bnexport.serve import binary
 from bnexport.serve.codec import DecodedRequest, datatype_of, numpy_dtype
 from bnexport.serve.errors import BadRequestError
 from bnexport.serve.protocol import RequestOutput
+from bnexport.serve.tensor_limits import check_shape
 
 #: KServe datatype -> the ``InferTensorContents`` field holding its values
 CONTENTS_FIELD = {
@@ -75,7 +76,8 @@ def decode_request(request: Any) -> DecodedRequest:
     """``ModelInferRequest`` -> arrays of their datatype and shape.
 
     Raises:
-        BadRequestError: unknown datatype, a negative dimension, a count or byte
+        BadRequestError: unknown datatype, a shape outside the limits of
+            :mod:`bnexport.serve.tensor_limits`, a count or byte
             size that does not match the shape, values out of range, mixed typed
             and raw contents, an input given twice.
     """
@@ -92,9 +94,7 @@ def decode_request(request: Any) -> DecodedRequest:
             raise BadRequestError(f"input '{name}' appears twice in the request")
         dtype = numpy_dtype(tensor.datatype, name)
         shape = list(tensor.shape)
-        if any(d < 0 for d in shape):
-            raise BadRequestError(f"input '{name}': shape {shape} has a negative dimension")
-        count = math.prod(shape)
+        count = check_shape(name, shape, dtype)
         if raw:
             if tensor.HasField("contents"):
                 raise BadRequestError(

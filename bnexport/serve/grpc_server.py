@@ -12,15 +12,23 @@ stopped from inside uvicorn's loop by :class:`bnexport.serve.server.DrainingServ
 
 Limits: a message larger than the body limit (``--max-body-mb``) is refused by
 grpc itself with RESOURCE_EXHAUSTED; responses are not limited (the client sets
-its own receive limit; ``tritonclient.grpc`` allows 2 GiB).
+its own receive limit; ``tritonclient.grpc`` allows 2 GiB). grpc parses a whole
+message before the handler runs, so the in-flight bound (``--max-inflight-requests``)
+would see a burst of large messages only once they all sit in memory; the same
+number is therefore also grpc's ``maximum_concurrent_rpcs``: an RPC beyond it (a
+stream counts as one, health checks count too) is refused at once with
+RESOURCE_EXHAUSTED, before its message is read. Parsed messages waiting for
+admission hold at most ``max_inflight_requests x max_message_bytes``. An infer
+request whose call has no deadline gets ``request_timeout_s`` (see
+:mod:`bnexport.serve.grpc_service`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
 from typing import TYPE_CHECKING, Any
 
-from bnexport.errors import UsageError
 from bnexport.serve.logs import get_logger
 
 if TYPE_CHECKING:
@@ -38,6 +46,10 @@ class GrpcFrontend:
         max_message_bytes: largest request message.
         admission: the HTTP app's in-flight bound (``app.admission``), shared so that
             both protocols together stay under it; ``None``: no bound.
+        max_concurrent_rpcs: RPCs served at once, more get RESOURCE_EXHAUSTED; ``None``:
+            the admission's request bound (unbounded without admission).
+        request_timeout_s: deadline of an infer request whose call carries none
+            (``bnexport serve`` passes ``--body-timeout-s``); ``None``: none.
     """
 
     def __init__(
@@ -49,6 +61,8 @@ class GrpcFrontend:
         token: str | None = None,
         max_message_bytes: int = 64 << 20,
         admission: Any = None,
+        max_concurrent_rpcs: int | None = None,
+        request_timeout_s: float | None = None,
     ) -> None:
         self.state = state
         self.host = host
@@ -56,6 +70,10 @@ class GrpcFrontend:
         self.token = token
         self.max_message_bytes = int(max_message_bytes)
         self.admission = admission
+        if max_concurrent_rpcs is None and admission is not None:
+            max_concurrent_rpcs = admission.max_requests
+        self.max_concurrent_rpcs = max_concurrent_rpcs
+        self.request_timeout_s = request_timeout_s
         self._server: Any = None
         self._stopping: asyncio.Future | None = None
 
@@ -69,7 +87,8 @@ class GrpcFrontend:
         """Bind and start serving (on the running loop).
 
         Raises:
-            UsageError: the address cannot be bound (port in use, bad host).
+            ListenError: the address cannot be bound (port in use, bad host); a
+                :class:`~bnexport.errors.UsageError`.
         """
         import grpc
         from tritonclient.grpc import service_pb2_grpc
@@ -81,22 +100,50 @@ class GrpcFrontend:
                 ("grpc.max_receive_message_length", self.max_message_bytes),
                 ("grpc.max_send_message_length", -1),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
+            maximum_concurrent_rpcs=self.max_concurrent_rpcs,
         )
-        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.state, self.token, self.admission), server
+        servicer = InferenceServicer(
+            self.state, self.token, self.admission, request_timeout_s=self.request_timeout_s
         )
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
         target = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-        try:
-            bound = server.add_insecure_port(target)
-        except RuntimeError as exc:
-            raise UsageError(f"cannot serve gRPC on {target}: {exc}") from None
-        if not bound:
-            raise UsageError(f"cannot serve gRPC on {target}: address in use or not available")
+        bound = self._bind(server, target)
         self.port = bound
         await server.start()
         self._server = server
         get_logger().info("grpc listening", extra={"fields": {"address": self.address}})
+
+    @staticmethod
+    def _bind(server: Any, target: str) -> int:
+        """``server.add_insecure_port(target)``; one :class:`ListenError` line on failure.
+
+        gRPC core reports a failed bind on descriptor 2 itself (``E... add_port.cc:83]
+        Failed to add port ...``) before Python sees it; that line is caught here and its
+        reason (``Address already in use``) goes into the one-line error instead.
+        """
+        from bnexport.serve.errors import ListenError
+        from bnexport.stderr_capture import captured_fd2, read_captured
+
+        bound, caught = 0, ""
+        with captured_fd2() as sink:
+            try:
+                bound = server.add_insecure_port(target)
+            except RuntimeError:
+                bound = 0
+            caught = read_captured(sink)
+        if bound:
+            if caught:  # not ours to drop
+                sys.stderr.write(caught)
+            return bound
+        known = ("Address already in use", "Permission denied", "Cannot assign")
+        reason = next((r for r in known if r in caught), "address in use or not available")
+        hint = {
+            "Address already in use": "the port is in use by another process; "
+            "choose another --grpc-port",
+            "Permission denied": "ports below 1024 need privileges; choose another --grpc-port",
+        }.get(reason, "check --host and --grpc-port")
+        raise ListenError(f"cannot serve gRPC on {target}: {reason} ({hint})")
 
     def begin_stop(self, grace_s: float) -> None:
         """Refuse new RPCs now; let those in flight finish within ``grace_s`` (non-blocking)."""

@@ -17,11 +17,20 @@ Errors end the RPC with a status code and a one-line message, as Triton does::
     400 malformed / wrong input         -> INVALID_ARGUMENT
     401 missing or wrong token          -> UNAUTHENTICATED
     404 unknown model or version        -> NOT_FOUND
+    408 no answer within the deadline   -> DEADLINE_EXCEEDED
     413 message over --max-body-mb      -> RESOURCE_EXHAUSTED (grpc's own check)
     503 in-flight bound reached         -> RESOURCE_EXHAUSTED
+    more RPCs than the in-flight bound  -> RESOURCE_EXHAUSTED (grpc's own check, see
+                                           :mod:`bnexport.serve.grpc_server`)
     503 shutting down                   -> UNAVAILABLE
     500 the model failed on the request -> INTERNAL
     model control not enabled           -> FAILED_PRECONDITION
+
+Deadline: an infer request whose call carries no deadline gets the server's
+(``request_timeout_s``; ``bnexport serve`` passes ``--body-timeout-s``, the time an
+HTTP request may take to arrive), so a request stuck in a model that never returns
+gives its slot back with DEADLINE_EXCEEDED instead of holding it forever. A call
+with its own deadline keeps it (grpc cancels the handler when it passes).
 
 Auth: with a token, every RPC but ServerLive and ServerReady (the health
 checks, open like ``/v2/health/*``) needs the metadata ``authorization: Bearer
@@ -46,6 +55,7 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from bnexport import __version__
 from bnexport.serve import grpc_codec
 from bnexport.serve.errors import (
+    RequestTimeoutError,
     ServeError,
     UnauthorizedError,
     UnavailableError,
@@ -128,11 +138,20 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         token: bearer token required on every RPC but ServerLive/ServerReady.
         admission: the HTTP app's :class:`~bnexport.serve.admission.Admission` (in-flight
             bound, shared by both protocols); a request over it gets RESOURCE_EXHAUSTED.
+        request_timeout_s: deadline of an infer request whose call has none
+            (DEADLINE_EXCEEDED after it); ``None``: no server deadline.
     """
 
-    def __init__(self, state: ServerState, token: str | None = None, admission: Any = None) -> None:
+    def __init__(
+        self,
+        state: ServerState,
+        token: str | None = None,
+        admission: Any = None,
+        request_timeout_s: float | None = None,
+    ) -> None:
         self.state = state
         self.admission = admission
+        self.request_timeout_s = request_timeout_s
         self._token = token.encode() if token else None
         self._log = get_logger()
         self._rpc_counter = state.metrics.grpc_requests
@@ -237,7 +256,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     # -- inference --------------------------------------------------------------------------------
     @_rpc
     async def ModelInfer(self, request: Any, context: Any) -> Any:  # noqa: N802, D102
-        return await self.infer(request)
+        return await self.infer(request, self._deadline(context))
 
     async def ModelStreamInfer(  # noqa: N802
         self, request_iterator: Any, context: Any
@@ -256,10 +275,12 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             await context.abort(status_code(exc), str(exc))
         answers: asyncio.Queue = asyncio.Queue()
         pending: set[asyncio.Task] = set()
+        deadline = self._deadline(context)  # per request of the stream
 
         async def answer(req: Any) -> None:
             try:
-                msg = service_pb2.ModelStreamInferResponse(infer_response=await self.infer(req))
+                reply = await self.infer(req, deadline)
+                msg = service_pb2.ModelStreamInferResponse(infer_response=reply)
             except ServeError as exc:
                 msg = service_pb2.ModelStreamInferResponse(error_message=str(exc))
             except Exception as exc:  # noqa: BLE001 - answered, never left pending
@@ -291,12 +312,27 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 task.cancel()
             self.record("ModelStreamInfer", code, start, context)
 
-    async def infer(self, request: Any) -> Any:
+    def _deadline(self, context: Any) -> float | None:
+        """The server's deadline for the call's requests: none when the call has its own."""
+        if self.request_timeout_s is None:
+            return None
+        remaining = getattr(context, "time_remaining", None)  # absent on Ray's context
+        if remaining is not None and remaining() is not None:
+            return None
+        return self.request_timeout_s
+
+    async def infer(self, request: Any, deadline_s: float | None = None) -> Any:
         """Answer one ``ModelInferRequest`` through the model's batcher.
 
         Mirrors the HTTP endpoint: look the model up, announce the request to the
         batcher, decode and validate, submit, encode. Counted in the Prometheus
         request metrics with the HTTP status it maps to.
+
+        Args:
+            request: the ``ModelInferRequest``.
+            deadline_s: time from admission to the answer, else
+                :class:`~bnexport.serve.errors.RequestTimeoutError` (DEADLINE_EXCEEDED);
+                ``None``: no limit.
 
         Raises:
             ServeError: whatever ends the request (mapped to a status by the caller).
@@ -304,23 +340,41 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         with InferScope(self.state) as scope:
             async with _admitted(self.admission, request):
                 model = scope.open(request.model_name, request.model_version or None)
-                if grpc_codec.typed_elements(request) > grpc_codec.OFFLOAD_ELEMENTS:
-                    req = await asyncio.to_thread(grpc_codec.decode_request, request)
+                if deadline_s is None:
+                    response = await self._answer(scope, model, request)
                 else:
-                    req = grpc_codec.decode_request(request)
-                rows = model.check_inputs(req.inputs)
-                model.check_outputs(req.outputs)
-                results = await scope.run(req.inputs, rows)
-                response = grpc_codec.encode_response(
-                    service_pb2.ModelInferResponse,
-                    model.name,
-                    model.version,
-                    req.id,
-                    results,
-                    req.outputs,
-                )
+                    try:
+                        response = await asyncio.wait_for(
+                            self._answer(scope, model, request), deadline_s
+                        )
+                    except asyncio.TimeoutError:
+                        raise RequestTimeoutError(
+                            f"model '{model.name}' version {model.version}: no answer within "
+                            f"{deadline_s:g} s, the server's deadline for calls without one "
+                            "(bnexport serve --body-timeout-s); set a deadline on the call "
+                            "to choose another"
+                        ) from None
             scope.succeeded()
             return response
+
+    @staticmethod
+    async def _answer(scope: InferScope, model: Any, request: Any) -> Any:
+        """Decode and check ``request``, run it through ``scope``, encode the response."""
+        if grpc_codec.typed_elements(request) > grpc_codec.OFFLOAD_ELEMENTS:
+            req = await asyncio.to_thread(grpc_codec.decode_request, request)
+        else:
+            req = grpc_codec.decode_request(request)
+        rows = model.check_inputs(req.inputs)
+        model.check_outputs(req.outputs)
+        results = await scope.run(req.inputs, rows)
+        return grpc_codec.encode_response(
+            service_pb2.ModelInferResponse,
+            model.name,
+            model.version,
+            req.id,
+            results,
+            req.outputs,
+        )
 
 
 def _admitted(admission: Any, request: Any) -> Any:

@@ -107,9 +107,14 @@ async def decode_body(
     Small bodies (up to :data:`OFFLOAD_BYTES`) decode on the loop; larger ones in a
     worker thread; JSON bodies of ``state.decoder.min_bytes`` or more in the helper
     process (:mod:`bnexport.serve.decode_process`), since a JSON parse holds the GIL.
+    JSON (the whole body, or the header part of a binary one) above
+    ``state.decoder.max_bytes`` is refused first with 413.
     """
     body = await read_body(request, max_body_bytes)
     header = request.headers.get(HEADER_LENGTH)
+    # JSON costs ~20x its size to parse: it has a limit of its own (413 above it)
+    json_len = len(body) if header is None or not header.isdigit() else int(header)
+    state.decoder.check_size(min(json_len, len(body)))
     if len(body) <= OFFLOAD_BYTES:
         return codec.decode_request(body, header)
     if header is None and len(body) >= state.decoder.min_bytes:

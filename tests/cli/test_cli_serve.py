@@ -129,3 +129,40 @@ def test_curl_example_and_sigterm_drain(mlp_onnx):
     logs = [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
     assert any(r["event"] == "draining" for r in logs)
     assert any(r["event"] == "request" and r["status"] == 200 for r in logs)
+
+
+def test_busy_grpc_port_is_one_line_before_any_banner(mlp_onnx):
+    """Both ports are bound before anything is printed; gRPC core's own E-line is caught."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+        cmd = [sys.executable, "-m", "bnexport", "serve", str(mlp_onnx), "--port", "0"]
+        proc = subprocess.run(
+            cmd + ["--grpc-port", str(port)], capture_output=True, text=True, env=env, timeout=120
+        )
+    assert proc.returncode == 2  # an unusable --grpc-port, like a busy --port
+    assert proc.stdout == ""  # no banner, no curl example
+    plain = [line for line in proc.stderr.splitlines() if not line.startswith("{")]
+    assert plain == [
+        f"bnexport serve: error: cannot serve gRPC on 127.0.0.1:{port}: Address already in use "
+        "(the port is in use by another process; choose another --grpc-port)"
+    ], proc.stderr
+    assert "add_port.cc" not in proc.stderr
+
+
+def test_quiet_serve_logs_warnings_only(mlp_onnx):
+    proc, port, stdout = _start(mlp_onnx, "-q", "--no-warmup")
+    try:
+        deadline = time.monotonic() + 10  # the reader thread may lag the health check
+        while not any(line.startswith("Serving mlp on http://") for line in stdout):
+            assert time.monotonic() < deadline, stdout
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    logs = [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
+    assert logs == [] or all(r["level"] in ("warning", "error") for r in logs), logs

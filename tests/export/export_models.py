@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
+from support import op_counts  # noqa: F401 - re-exported for the export tests
 
 TOL = {"float32": (1e-4, 1e-5), "float16": (2e-2, 1e-3)}
 
@@ -99,16 +100,6 @@ def assert_matches_keras(path, keras_model, feeds: dict[str, np.ndarray], dtype=
 def image_feed(name: str, shape, seed: int = 3, batch: int = 3) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {name: rng.uniform(-1, 1, (batch, *shape)).astype(np.float32)}
-
-
-def op_counts(path_or_model) -> dict[str, int]:
-    model = (
-        path_or_model if isinstance(path_or_model, onnx.ModelProto) else onnx.load(path_or_model)
-    )
-    counts: dict[str, int] = {}
-    for node in model.graph.node:
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return counts
 
 
 def bn_derived_nodes(path_or_model) -> list[str]:

@@ -9,14 +9,12 @@ optimizations disabled, or by NumPy for FusedNorm):
 
 from __future__ import annotations
 
-import collections
-
 import numpy as np
 import onnx
 import onnx.parser
 import onnx.reference
-import onnxruntime as ort
 from onnx.reference.op_run import OpRun
+from support import op_counts, run_ort  # noqa: F401 - re-exported for the fold tests
 
 TOL = {np.float32: 1e-5, np.float16: 1e-2}
 
@@ -47,17 +45,6 @@ def bn_params(rng: np.random.Generator, c: int, prefix: str = "") -> dict[str, n
     }
 
 
-def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """Run ``model`` on onnxruntime CPU with every graph optimization disabled."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
-    return session.run(None, feeds)
-
-
 class FusedNorm(OpRun):
     """``bnexport::FusedNorm`` for ONNX's NumPy evaluator (the plugin's NumPy reference)."""
 
@@ -80,11 +67,6 @@ def run_numpy(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.n
     """Evaluate ``model`` with ONNX's NumPy evaluator; FusedNorm via the plugin reference."""
     evaluator = onnx.reference.ReferenceEvaluator(model, new_ops=[FusedNorm])
     return evaluator.run(None, feeds)
-
-
-def op_counts(model: onnx.ModelProto) -> collections.Counter:
-    """Count of each ``op_type`` in the main graph."""
-    return collections.Counter(n.op_type for n in model.graph.node)
 
 
 def check_valid(model: onnx.ModelProto) -> None:

@@ -11,11 +11,11 @@ import contextlib
 import dataclasses
 import signal
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
+from support import wait_until
 
 from bnexport.serve.grpc_server import GrpcFrontend
 from bnexport.serve.server import DrainingServer
@@ -37,9 +37,17 @@ class Servers:
 
 @contextlib.contextmanager
 def running_servers(
-    app: Any, *, token: str | None = None, grace_s: float = 10.0
+    app: Any,
+    *,
+    token: str | None = None,
+    grace_s: float = 10.0,
+    request_timeout_s: float | None = None,
 ) -> Iterator[Servers]:
-    """Serve ``app`` over HTTP and gRPC on 127.0.0.1; yield their addresses."""
+    """Serve ``app`` over HTTP and gRPC on 127.0.0.1; yield their addresses.
+
+    ``request_timeout_s``: the gRPC deadline of infer calls that carry none
+    (``bnexport serve`` passes ``--body-timeout-s``).
+    """
     config = uvicorn.Config(
         app,
         host="127.0.0.1",
@@ -55,15 +63,14 @@ def running_servers(
         token=token,
         max_message_bytes=app.max_body_bytes if hasattr(app, "max_body_bytes") else 64 << 20,
         admission=getattr(app, "admission", None),
+        request_timeout_s=request_timeout_s,
     )
     server = DrainingServer(config, app.state, grpc=grpc)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("server did not start")
-        time.sleep(0.01)
+    wait_until(lambda: server.started or not thread.is_alive(), 20, message="no server")
+    if not server.started:
+        raise RuntimeError("server stopped before it started serving")
     port = server.servers[0].sockets[0].getsockname()[1]
     try:
         yield Servers(f"127.0.0.1:{port}", grpc.address, server, thread)

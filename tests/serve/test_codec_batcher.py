@@ -9,6 +9,7 @@ import threading
 
 import numpy as np
 import pytest
+from support import async_wait_until
 
 from bnexport.serve import binary, codec
 from bnexport.serve.batcher import DynamicBatcher
@@ -267,7 +268,7 @@ def test_batcher_close_drains_queue_then_refuses():
         tasks = [
             asyncio.create_task(b.submit({"x": np.ones((1, 4), np.float32)}, 1)) for _ in range(5)
         ]
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # one loop turn: every task has queued its request
         await asyncio.wait_for(b.close(), 5)
         outs = await asyncio.gather(*tasks)
         with pytest.raises(UnavailableError):
@@ -278,13 +279,18 @@ def test_batcher_close_drains_queue_then_refuses():
     assert len(outs) == 5 and sum(model.calls) == 5
 
 
+async def _collecting(batcher: DynamicBatcher) -> None:
+    """Until a worker of ``batcher`` has taken a request and waits for more to merge."""
+    await async_wait_until(lambda: batcher._collecting > 0, 5, message="no worker collecting")
+
+
 def test_batcher_flush_ends_the_batching_window():
     model = _CountingModel()
 
     async def main():
         b = DynamicBatcher(model, max_batch=8, timeout_s=30.0)
         task = asyncio.create_task(b.submit({"x": np.ones((1, 4), np.float32)}, 1))
-        await asyncio.sleep(0.01)  # the worker now waits up to 30 s for more requests
+        await _collecting(b)  # the worker now waits up to 30 s for more requests
         assert not task.done()
         b.flush()
         out = await asyncio.wait_for(task, 5)  # answered without waiting the window out
@@ -320,7 +326,7 @@ def test_adaptive_policy_waits_only_for_expected_requests():
         b.expect()
         b.expect()
         first = asyncio.create_task(b.submit({"x": np.ones((1, 4), np.float32)}, 1, expected=True))
-        await asyncio.sleep(0.02)
+        await _collecting(b)
         assert not first.done()  # still waiting for the second expected request
         second = b.submit({"x": np.zeros((1, 4), np.float32)}, 1, expected=True)
         await asyncio.wait_for(asyncio.gather(first, second), 5)
@@ -328,7 +334,7 @@ def test_adaptive_policy_waits_only_for_expected_requests():
         b.expect()
         b.expect()
         third = asyncio.create_task(b.submit({"x": np.ones((1, 4), np.float32)}, 1, expected=True))
-        await asyncio.sleep(0.02)
+        await _collecting(b)
         assert not third.done()
         b.unexpect()
         await asyncio.wait_for(third, 5)

@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import numpy as np
@@ -16,6 +15,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from serve_helpers import make_app, metric
 from serve_models import digits_reference, images
+from support import async_wait_until, wait_until
 
 from bnexport.errors import UsageError
 from bnexport.serve.grpc_server import GrpcFrontend
@@ -27,8 +27,9 @@ def _received(text: str) -> float:
     """digits requests answered (any version) or being handled, from Prometheus text."""
     total = 0.0
     for version in ("1", "2"):
-        total += metric(text, "bnexport_requests_total", model="digits", version=version)
-        total += metric(text, "bnexport_inflight_requests", model="digits", version=version)
+        labels = {"model": "digits", "version": version}
+        total += metric(text, "bnexport_requests_total", labels, default=0.0)
+        total += metric(text, "bnexport_inflight_requests", labels, default=0.0)
     return total
 
 
@@ -49,16 +50,15 @@ def test_cli_serves_grpc_and_drains_on_sigterm(repo_dir):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     try:
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if client.is_server_ready():
-                    break
-            except Exception:  # noqa: BLE001 - not listening yet
-                pass
+
+        def ready() -> bool:
             assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.2)
+            try:
+                return client.is_server_ready()
+            except Exception:  # noqa: BLE001 - not listening yet
+                return False
+
+        wait_until(ready, 60, interval=0.2, message="server did not start")
         auth = {"authorization": "Bearer tok"}
         x = images(2, seed=8)
         inp = grpcclient.InferInput("image", list(x.shape), "FP32")
@@ -78,14 +78,15 @@ def test_cli_serves_grpc_and_drains_on_sigterm(repo_dir):
                 calls = [
                     asyncio.ensure_future(c.infer("digits", [i], headers=auth)) for _ in range(4)
                 ]
-                deadline = time.monotonic() + 30
                 async with httpx.AsyncClient(headers=auth) as web:  # until all 4 are received
-                    while True:
+
+                    async def received() -> bool:
                         text = (await web.get(f"http://127.0.0.1:{http_port}/metrics")).text
-                        if _received(text) >= 4 + 1:  # + the request above
-                            break
-                        assert time.monotonic() < deadline, "requests never reached the server"
-                        await asyncio.sleep(0.01)
+                        return _received(text) >= 4 + 1  # + the request above
+
+                    await async_wait_until(
+                        received, 30, message="requests never reached the server"
+                    )
                 proc.send_signal(signal.SIGTERM)
                 return await asyncio.gather(*calls)
             finally:

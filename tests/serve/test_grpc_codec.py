@@ -103,6 +103,43 @@ def test_count_shape_and_duplicates_are_refused():
         grpc_codec.decode_request(request)
 
 
+@pytest.mark.parametrize("raw", [False, True], ids=["typed", "raw"])
+@pytest.mark.parametrize(
+    ("shape", "words"),
+    [
+        ([1] * 40, "40 dimensions; at most 32"),  # NumPy would build it (its limit is 64)
+        ([1] * 70, "70 dimensions; at most 32"),  # NumPy would raise ValueError
+        ([2**40, 2**40, 0], "describes more than"),  # empty, yet too big for NumPy
+        ([2**40], None),  # a dimension no data can fill: a count mismatch, no allocation
+    ],
+    ids=["rank40", "rank70", "empty-too-big", "dim2**40"],
+)
+def test_shape_limits_as_over_http(shape, words, raw):
+    """The shape check of :mod:`bnexport.serve.tensor_limits`, the same text as the JSON codec's."""
+    from bnexport.serve import codec
+
+    request = _request("FP32", np.zeros(1 if 0 not in shape else 0, np.float32), raw=raw)
+    request.inputs[0].shape[:] = shape
+    with pytest.raises(BadRequestError) as grpc_error:
+        grpc_codec.decode_request(request)
+    message = str(grpc_error.value)
+    assert message.startswith("input 'x': "), message
+    if words is None:
+        assert "needs" in message
+        return
+    assert words in message
+    body = b'{"inputs":[{"name":"x","datatype":"FP32","shape":%s,"data":[]}]}' % str(shape).encode()
+    with pytest.raises(BadRequestError) as http_error:
+        codec.decode_request(body, None)
+    assert str(http_error.value) == message
+
+
+def test_largest_rank_is_accepted():
+    request = _request("FP32", np.zeros(1, np.float32), raw=True)
+    request.inputs[0].shape[:] = [1] * 32
+    assert grpc_codec.decode_request(request).inputs["x"].shape == (1,) * 32
+
+
 def test_encode_response_is_raw_and_in_requested_order():
     results = {
         "a": np.arange(6, dtype=np.float32).reshape(2, 3),

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import time
 
 import grpc
 import httpx
@@ -22,6 +21,7 @@ import tritonclient.grpc.aio as aioclient
 from grpc_helpers import running_servers
 from serve_helpers import make_app, metric
 from serve_models import digits_reference, images
+from support import wait_until
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
@@ -329,34 +329,44 @@ def test_stream_infer_answers_every_request(client, repo_dir):
 
 def test_grpc_requests_in_http_metrics(servers, client):
     http = httpx.Client(base_url=f"http://{servers.http}", headers=AUTH)
-    before = metric(
-        http.get("/metrics").text,
-        "bnexport_requests_total",
-        model="digits",
-        version="2",
-        status="200",
-    )
-    client.infer("digits", [_input(images(1, 0))], headers=AUTH)
+    ok = {"model": "digits", "version": "2", "status": "200"}
+    rpc_ok = {"rpc": "ModelInfer", "code": "OK"}
+    rpc_missing = {"rpc": "ModelInfer", "code": "NOT_FOUND"}
     text = http.get("/metrics").text
-    assert (
-        metric(text, "bnexport_requests_total", model="digits", version="2", status="200")
-        == before + 1
-    )
-    assert metric(text, "bnexport_grpc_requests_total", rpc="ModelInfer", code="OK") >= 1
-    assert metric(text, "bnexport_grpc_requests_total", rpc="ModelInfer", code="NOT_FOUND") >= 0
+    before = metric(text, "bnexport_requests_total", ok, default=0.0)
+    rpc_ok_before = metric(text, "bnexport_grpc_requests_total", rpc_ok, default=0.0)
+    missing_before = metric(text, "bnexport_grpc_requests_total", rpc_missing, default=0.0)
+    client.infer("digits", [_input(images(1, 0))], headers=AUTH)
+    with pytest.raises(InferenceServerException):
+        client.infer("no_such_model", [_input(images(1, 0))], headers=AUTH)
+    text = http.get("/metrics").text
+    assert metric(text, "bnexport_requests_total", ok) == before + 1
+    assert metric(text, "bnexport_grpc_requests_total", rpc_ok) == rpc_ok_before + 1
+
+    # an aborted RPC is counted just after its status went out: wait for the count
+    def missing_counted() -> bool:
+        text = http.get("/metrics").text
+        count = metric(text, "bnexport_grpc_requests_total", rpc_missing, default=0.0)
+        return count == missing_before + 1
+
+    wait_until(missing_counted, 10, message="the NOT_FOUND call was never counted")
+    labels = {"model": "unknown", "version": "", "status": "404"}
+    assert metric(text, "bnexport_requests_total", labels) >= 1  # counted as HTTP would
 
 
 def _received(text: str) -> float:
     """Requests for digits v2 being handled or answered (Prometheus text)."""
-    done = metric(text, "bnexport_requests_total", model="digits", version="2", status="200")
-    return done + metric(text, "bnexport_inflight_requests", model="digits", version="2")
+    labels = {"model": "digits", "version": "2"}
+    done = metric(text, "bnexport_requests_total", labels, status="200", default=0.0)
+    return done + metric(text, "bnexport_inflight_requests", labels, default=0.0)
 
 
 def _wait_received(metrics, n: int, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while _received(metrics.render().decode()) < n:
-        assert time.monotonic() < deadline, "the requests never reached the server"
-        time.sleep(0.01)
+    wait_until(
+        lambda: _received(metrics.render().decode()) >= n,
+        timeout_s,
+        message="the requests never reached the server",
+    )
 
 
 def test_shutdown_drains_grpc_requests_in_flight(repo_dir):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import threading
-import time
 
 import numpy as np
 import onnx
@@ -20,6 +19,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from grpc_helpers import running_servers
 from serve_models import digits_cnn, digits_reference, images
+from support import wait_until
 from tritonclient.utils import InferenceServerException
 
 from bnexport.errors import InputError, UsageError
@@ -223,10 +223,8 @@ def test_in_flight_requests_finish_on_the_old_version(tmp_path):
                 assert factory.running.wait(30)  # a batch is inside the old model
                 onnx.save(digits_cnn(3), root / "digits" / "1" / "model.onnx")
                 load = pool.submit(client.load_model, "digits")
-                deadline = time.monotonic() + 60
-                while repo.get("digits") is first:  # until the new version is swapped in
-                    assert time.monotonic() < deadline, "the load never swapped"
-                    time.sleep(0.005)
+                # until the new version is swapped in
+                wait_until(lambda: repo.get("digits") is not first, 60, interval=0.005)
                 new = _infer_http(s.http, xs[0])  # served at once by the new version
                 assert not any(f.done() for f in old) and not load.done()
             finally:

@@ -22,6 +22,7 @@ import onnx
 import pytest
 from serve_helpers import make_app, metric, running_server
 from serve_models import digits_reference, images, log_model
+from support import wait_until
 
 from bnexport.serve.logs import JsonLineFormatter, get_logger
 
@@ -102,16 +103,18 @@ def _assert_error(resp: httpx.Response, want: int, *fragments: str) -> str:
     return _assert_json_error(resp.status_code, resp.content, want, *fragments)
 
 
+def _log_lines(read, predicate) -> list[dict]:
+    return [r for r in read() if r["event"] == "request" and predicate(r)]
+
+
 def _wait_for_log(read, predicate, timeout: float = 5.0) -> dict:
     """The first access-log record matching ``predicate`` (written after the response)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = [r for r in read() if r["event"] == "request" and predicate(r)]
-        if found:
-            return found[0]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no matching access-log record in {read()}")
-        time.sleep(0.02)
+    found = wait_until(
+        lambda: _log_lines(read, predicate),
+        timeout,
+        message=lambda: f"no matching access-log record in {read()}",
+    )
+    return found[0]
 
 
 @pytest.fixture
@@ -145,6 +148,10 @@ def guarded(repo_dir):
     app = make_app(repo_dir, token=TOKEN, max_body_bytes=1 << 20, body_timeout_s=0.5)
     with running_server(app, header_timeout_s=0.5) as url:
         yield url
+
+
+def _metrics(url: str) -> str:
+    return httpx.get(f"http://{url}/metrics", headers=AUTH).text
 
 
 def _still_serving(url: str) -> None:
@@ -234,21 +241,23 @@ def test_client_disconnect_mid_body_is_one_499_line(guarded, captured_logs):
         f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
         "Content-Length: 100000\r\n\r\n"
     ).encode()
+    inflight = {"model": "digits", "version": "2"}
     with socket.create_connection((host, int(port))) as sock:
         sock.sendall(head + b"x" * 5000)
-        time.sleep(0.1)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        lines = [r for r in captured_logs() if r["event"] == "request" and r.get("path") == path]
-        if lines:
-            break
-        time.sleep(0.02)
+        # the request is being read (counted in flight) before the client goes away
+        wait_until(
+            lambda: metric(_metrics(guarded), "bnexport_inflight_requests", **inflight, default=0),
+            5,
+            message="the request never reached the endpoint",
+        )
+    _wait_for_log(captured_logs, lambda r: r.get("path") == path)
+    lines = _log_lines(captured_logs, lambda r: r.get("path") == path)
     assert len(lines) == 1 and lines[0]["status"] == 499, lines
     assert "disconnected" in lines[0]["error"]
-    after = httpx.get(f"http://{guarded}/metrics", headers=AUTH).text
+    after = _metrics(guarded)
     labels = {"model": "digits", "version": "2", "status": "499"}
     assert metric(after, "bnexport_requests_total", **labels) == (
-        metric(before, "bnexport_requests_total", **labels) + 1
+        metric(before, "bnexport_requests_total", **labels, default=0.0) + 1
     )
     _still_serving(guarded)
 
@@ -316,8 +325,7 @@ def test_inflight_bound_queues_then_503(repo_dir):
         head = f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
         with socket.create_connection((host, int(port))) as holder:
             holder.sendall(head.encode() + body[:10])  # admitted, body still arriving
-            time.sleep(0.1)
-            assert app.admission.requests == 1
+            wait_until(lambda: app.admission.requests == 1, 5, message="never admitted")
             resp = httpx.post(f"http://{url}{INFER}", json=_infer_json(images(1, 0)))
             _assert_error(resp, 503, "server busy", "--max-inflight")
             assert resp.headers["retry-after"] == "1"
@@ -327,10 +335,8 @@ def test_inflight_bound_queues_then_503(repo_dir):
             holder.sendall(body[10:])
             reply = holder.recv(65536)
             assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
-        deadline = time.monotonic() + 2
-        while app.admission.requests and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert app.admission.requests == 0 and app.admission.bytes == 0
+        wait_until(lambda: app.admission.requests == 0, 2, message="the slot was never freed")
+        assert app.admission.bytes == 0
         assert httpx.post(f"http://{url}{INFER}", json=_infer_json(images(1, 0))).is_success
 
 
@@ -448,6 +454,41 @@ def test_json_decoded_in_helper_process_matches(repo_dir):
         resp = httpx.post(f"http://{url}/v2/models/digits/versions/1/infer", json=_infer_json(x))
         assert resp.status_code == 200, resp.text
     assert app.state.decoder._proc is None  # stopped with the server
+
+
+def test_json_over_its_limit_is_413_before_any_parse(repo_dir):
+    """JSON has a size limit of its own (a parse peaks near 20x the body); binary does not."""
+    app = make_app(repo_dir, json_process_min_bytes=1024, json_max_bytes=8192)
+    x = images(16, 7)  # ~11 KB as JSON, 4 KiB of binary tensor data
+    with running_server(app) as url:
+        resp = httpx.post(f"http://{url}{INFER}", json=_infer_json(x))
+        _assert_error(resp, 413, "JSON request body", "8192 bytes", "binary")
+        assert app.state.decoder._proc is None  # never handed to the helper process
+        # the JSON header of a binary body counts too: all JSON, declared as a header
+        raw = json.dumps(_infer_json(x)).encode()
+        headers = {"Inference-Header-Content-Length": str(len(raw))}
+        resp = httpx.post(f"http://{url}{INFER}", content=raw, headers=headers)
+        _assert_error(resp, 413, "JSON request body")
+        body, headers = _binary_body(x)  # the same tensor as binary data: served
+        resp = httpx.post(f"http://{url}/v2/models/digits/versions/1/infer", content=body,
+                          headers=headers)  # fmt: skip
+        assert resp.status_code == 200, resp.text
+        out = {o["name"]: o for o in resp.json()["outputs"]}
+        got = np.array(out["probs"]["data"], np.float32).reshape(out["probs"]["shape"])
+        np.testing.assert_allclose(got, digits_reference(x, 0)["probs"], rtol=RTOL, atol=ATOL)
+        small = httpx.post(f"http://{url}/v2/models/digits/versions/1/infer",
+                           json=_infer_json(x[:4]))  # fmt: skip
+        assert small.status_code == 200, small.text  # ~3 KB of JSON: under the limit
+
+
+def test_decode_process_refuses_json_over_its_limit_without_starting():
+    from bnexport.serve.decode_process import DecodeProcess
+    from bnexport.serve.errors import PayloadTooLargeError
+
+    decoder = DecodeProcess(min_bytes=16, max_bytes=100)
+    with pytest.raises(PayloadTooLargeError, match="101 bytes is over the limit of 100"):
+        decoder.decode_blocking(b" " * 101, None)
+    assert decoder._proc is None
 
 
 def test_large_response_sent_in_slices_matches(repo_dir):
@@ -663,6 +704,6 @@ def test_cli_busy_port_is_one_line_and_prints_nothing(repo_dir):
         )
     finally:
         taken.close()
-    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.returncode == 2 and proc.stdout == ""  # unusable --port
     assert proc.stderr.count("\n") == 1 and f"127.0.0.1:{port}" in proc.stderr, proc.stderr
     assert "in use" in proc.stderr and "Traceback" not in proc.stderr
