@@ -20,6 +20,10 @@ The digits model is also timed sequentially (one client) against an in-process
 ``Session.run`` of the same input: the difference of medians is the server's
 per-request overhead (HTTP, JSON header, binary tensors, batcher handoff).
 
+Section ``ray`` (see ``serve_ray.py``): the digits model served by one process, by
+``--replicas 1`` and by ``--replicas 2`` (Ray Serve), one after the other: time to
+ready, RSS of all processes, req/s, p50, p99 at 1 and ``--concurrency`` clients.
+
 Section ``peers`` (see ``serve_peer.py``): bnexport over HTTP (binary and JSON
 tensors) and gRPC against MLServer 1.7.1 (HTTP JSON and gRPC) serving the same
 ONNX through ``benchmarks/mlserver_runtime/`` with adaptive batching, at 1 and
@@ -466,7 +470,8 @@ def main() -> int:
         "--sections",
         default="overhead,batching,peers",
         help="comma-separated: overhead (digits, 1 client vs Session.run), batching "
-        "(max_batch 1 vs 32), peers (HTTP/gRPC vs MLServer)",
+        "(max_batch 1 vs 32), peers (HTTP/gRPC vs MLServer), ray (digits: one process vs "
+        "Ray Serve replicas, needs bnexport[ray]; not in the default)",
     )
     parser.add_argument(
         "--peer-venv",
@@ -486,6 +491,16 @@ def main() -> int:
     results: dict = {"runs": [], "cpu_count": os.cpu_count(), "args": results_args}
     if "peers" in sections:
         results["peers"] = peers(args, models)
+    if "ray" in sections:
+        import serve_ray
+        from export_bench import cpu_description, print_cpu
+
+        results["cpu"] = cpu_description()
+        print_cpu(results["cpu"])
+        path, source = digits_onnx(args.digits_onnx)
+        print(f"section ray: {source}, {args.digits_requests} requests at {args.concurrency} "
+              "clients per target")  # fmt: skip
+        results["ray"] = serve_ray.bench(path, args.digits_requests, args.concurrency, SERVER_ARGS)
     if "digits" in models and sections & {"overhead", "batching"}:
         path, source = digits_onnx(args.digits_onnx)
         results["digits_source"] = source

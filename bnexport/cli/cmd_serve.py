@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from bnexport.cli.options import add_backend, add_model, add_precision, verbosity
+
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register the ``serve`` subcommand."""
@@ -22,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "/metrics, JSON-lines logs on stderr. SIGTERM drains in-flight requests."
         ),
     )
-    parser.add_argument("model", metavar="MODEL.onnx|REPO_DIR", help="model file or repository")
+    add_model(parser, "an .onnx file, or a model repository folder REPO_DIR/<model>/<version>/")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     parser.add_argument(
@@ -42,14 +44,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "to (re)load a model from REPO_DIR or unload it without a restart; requests in "
         "flight finish on the old version",
     )
-    parser.add_argument(
-        "--backend",
-        choices=("auto", "onnxruntime", "tensorrt"),
-        default="auto",
-        help="runtime backend (default auto)",
-    )
+    add_backend(parser)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default cpu")
-    parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    add_precision(parser)
     parser.add_argument(
         "--max-batch",
         type=int,
@@ -89,6 +86,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="require 'Authorization: Bearer TOKEN' (default: $BNEXPORT_SERVE_TOKEN; none). "
         "Prefer the variable: a --token value is visible to other users in the process list; "
         "the printed example curl reads $BNEXPORT_SERVE_TOKEN, never shows the token",
+    )
+    parser.add_argument(
+        "--open-metrics",
+        action="store_true",
+        help="serve GET /metrics without the token, for Prometheus scraping by pod annotation "
+        "(KServe's prometheus.kserve.io/port|path), which sends no credentials; the page holds "
+        "counters and latencies, no tensors. Every other path keeps the token",
     )
     parser.add_argument(
         "--max-body-mb", type=float, default=64.0, help="request body limit in MiB (default 64)"
@@ -135,15 +139,69 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="skip the run on a zero batch of --max-batch rows before serving",
     )
     parser.add_argument(
-        "--log-level", choices=("debug", "info", "warning", "error"), default="info"
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default=None,
+        help="least severity of the JSON-lines server logs on stderr (one object per line: "
+        "model loads, requests with status and latency, drain); default info, "
+        "warning with -q, debug with -v",
     )
+    _add_ray_arguments(parser)
     return parser
+
+
+def _add_ray_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--replicas`` and the options that go with it (extra ``bnexport[ray]``)."""
+    group = parser.add_argument_group(
+        "Ray Serve replicas (extra bnexport[ray])",
+        "Run the same server as N Ray Serve replicas behind Ray's HTTP proxy on --port and "
+        "its gRPC proxy on --grpc-port; each replica loads the models and batches its own "
+        "requests. Without --ray-address a private Ray starts on this machine and stops "
+        "with the server (SIGTERM drains the replicas first).",
+    )
+    group.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        metavar="N",
+        help="serve with N Ray Serve replicas (with --autoscale: the initial count); "
+        "default: one process, no Ray",
+    )
+    group.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDR",
+        help="join this Ray cluster (auto, HOST:PORT or ray://HOST:PORT) instead of starting "
+        "a private local Ray; MODEL must exist at the same path on its nodes",
+    )
+    group.add_argument(
+        "--gpus-per-replica",
+        type=float,
+        default=0.0,
+        metavar="G",
+        help="GPUs Ray reserves for each replica (0.5: two replicas share a GPU; default 0)",
+    )
+    group.add_argument(
+        "--autoscale",
+        default=None,
+        metavar="MIN:MAX",
+        help="let Ray scale between MIN and MAX replicas on requests in flight per replica "
+        "(target: --max-batch)",
+    )
+
+
+def _log_level(args: argparse.Namespace) -> str:
+    if args.log_level is not None:
+        return args.log_level
+    level = verbosity(args)
+    return "warning" if level < 0 else "debug" if level > 0 else "info"
 
 
 def run(args: argparse.Namespace) -> int:
     """Validate the arguments and serve until SIGINT/SIGTERM."""
     from bnexport.errors import UsageError
     from bnexport.serve.server import serve_model
+    from bnexport.serve.settings import ServeSettings
 
     bad = []
     if not 0 <= args.port <= 65535:
@@ -172,10 +230,9 @@ def run(args: argparse.Namespace) -> int:
         bad.append(f"--header-timeout-s={args.header_timeout_s} (> 0)")
     if bad:
         raise UsageError("invalid argument(s): " + ", ".join(bad))
-    serve_model(
-        args.model,
-        args.host,
-        args.port,
+    settings = ServeSettings(
+        host=args.host,
+        port=args.port,
         backend=args.backend,
         device=args.device,
         precision=args.precision,
@@ -193,9 +250,27 @@ def run(args: argparse.Namespace) -> int:
         ort_spinning=args.ort_spinning,
         memory_arena=not args.no_memory_arena,
         arena_shrinkage=not args.no_arena_shrinkage,
-        log_level=args.log_level,
+        log_level=_log_level(args),
         warmup=not args.no_warmup,
         grpc_port=args.grpc_port,
         model_control=args.model_control,
+        open_metrics=args.open_metrics,
     )
+    ray_flags = (args.ray_address, args.autoscale, args.gpus_per_replica or None)
+    if args.replicas is None and any(flag is not None for flag in ray_flags):
+        raise UsageError(
+            "--ray-address, --gpus-per-replica and --autoscale need --replicas N (Ray Serve)"
+        )
+    if args.replicas is not None:
+        from bnexport.serve.ray import ReplicaOptions, parse_autoscale, serve_replicas
+
+        options = ReplicaOptions(
+            replicas=args.replicas,
+            ray_address=args.ray_address,
+            gpus_per_replica=args.gpus_per_replica,
+            autoscale=parse_autoscale(args.autoscale) if args.autoscale else None,
+        )
+        serve_replicas(args.model, settings, options)
+    else:
+        serve_model(args.model, **settings.serve_model_kwargs())
     return 0

@@ -41,7 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from bnexport import __version__
 from bnexport.serve.admission import Admission
 from bnexport.serve.batcher import DynamicBatcher
-from bnexport.serve.decode_process import DEFAULT_MIN_BYTES, DecodeProcess
+from bnexport.serve.decode_process import DEFAULT_MAX_BYTES, DEFAULT_MIN_BYTES, DecodeProcess
 from bnexport.serve.errors import ServeError
 from bnexport.serve.infer import _ERRORS, add_infer_routes, error_response, read_body
 from bnexport.serve.logs import get_logger
@@ -141,6 +141,8 @@ def create_app(
     admission_wait_s: float = 10.0,
     body_timeout_s: float | None = DEFAULT_BODY_TIMEOUT_S,
     json_process_min_bytes: int = DEFAULT_MIN_BYTES,
+    open_metrics: bool = False,
+    json_max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> Any:
     """Build the ASGI app serving ``repository``.
 
@@ -159,6 +161,10 @@ def create_app(
         body_timeout_s: time to receive a whole body, else 408 (``None``: no limit).
         json_process_min_bytes: JSON bodies this large are parsed in a helper process
             (see :mod:`bnexport.serve.decode_process`).
+        open_metrics: serve ``GET /metrics`` without the token (annotation-based
+            Prometheus scraping sends none; see :mod:`bnexport.serve.middleware`).
+        json_max_bytes: largest JSON text decoded (a parse peaks near 20x it), else 413;
+            binary tensors are bounded by ``max_body_bytes`` alone.
 
     Returns:
         The ASGI app (FastAPI wrapped in :class:`GuardMiddleware`); the FastAPI
@@ -171,7 +177,7 @@ def create_app(
         metrics or ServerMetrics(),
         instances,
         batch_policy,
-        decoder=DecodeProcess(json_process_min_bytes),
+        decoder=DecodeProcess(json_process_min_bytes, json_max_bytes),
     )
     admission = Admission(
         max_inflight_bytes or DEFAULT_INFLIGHT_BODIES * max_body_bytes,
@@ -198,6 +204,7 @@ def create_app(
         logger=get_logger(),
         admission=admission,
         body_timeout_s=body_timeout_s,
+        open_metrics=open_metrics,
     )
     app.fastapi = api  # type: ignore[attr-defined]
     app.state = state  # type: ignore[attr-defined]

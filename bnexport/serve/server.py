@@ -1,4 +1,8 @@
-"""Run the server: load the models, print a working ``curl`` example, serve with uvicorn.
+"""Run the server: load the models, bind, print a working ``curl`` example, serve with uvicorn.
+
+The HTTP socket is bound before the models load (a busy ``--port`` fails at once); the
+gRPC port is bound in :meth:`DrainingServer.startup`, and the banner (addresses and the
+``curl`` example) is printed only after both are bound, so a failure is one line.
 
 ``serve_model`` blocks until the process gets SIGINT/SIGTERM. uvicorn then
 stops accepting connections and waits (up to ``graceful_timeout_s``) for the
@@ -207,6 +211,7 @@ def serve_model(
     warmup: bool = True,
     grpc_port: int | None = None,
     model_control: str = "none",
+    open_metrics: bool = False,
     print_fn: Callable[[str], None] = print,
 ) -> None:
     """Serve ``MODEL.onnx`` or a model repository over KServe v2 HTTP; blocks.
@@ -244,7 +249,8 @@ def serve_model(
             ``max_body_mb``); requests beyond it wait up to 10 s, then get 503 with
             ``Retry-After`` (see :mod:`bnexport.serve.admission`).
         max_inflight_requests: requests with a body processed at once (same rule).
-        body_timeout_s: time to receive a whole request body, else 408.
+        body_timeout_s: time to receive a whole request body, else 408; also the
+            deadline of a gRPC infer call that carries none (DEADLINE_EXCEEDED).
         header_timeout_s: time to receive a request's line and headers, else 408
             (see :mod:`bnexport.serve.http11`).
         keep_alive_s: idle time before a keep-alive connection is closed.
@@ -255,6 +261,8 @@ def serve_model(
             ``None``: HTTP only.
         model_control: ``"none"`` or ``"explicit"`` (load/unload over HTTP and gRPC; see
             :mod:`bnexport.serve.model_control`).
+        open_metrics: serve ``GET /metrics`` without ``token`` (for Prometheus scraping by
+            pod annotation, e.g. KServe's ``prometheus.kserve.io/*``); other paths keep it.
         print_fn: where the ``curl`` example goes.
     """
     from bnexport.serve.app import create_app
@@ -299,6 +307,7 @@ def serve_model(
         max_inflight_bytes=int(max_inflight_mb * (1 << 20)) if max_inflight_mb else None,
         max_inflight_requests=max_inflight_requests,
         body_timeout_s=body_timeout_s,
+        open_metrics=open_metrics,
     )
     app.state.decoder.start()  # the JSON decode process imports while models warm up
     for model in repository.all():
@@ -328,11 +337,16 @@ def serve_model(
             },
         )
     first = repository.get(repository.names()[0])
-    print_fn(f"Serving {', '.join(repository.names())} on http://{host}:{port} (KServe v2)")
-    print_fn("Try:")
-    print_fn("  " + curl_example(first, host, port, token))
-    if token:
-        print_fn(f"  (the example reads the token from ${TOKEN_ENV})")
+
+    def banner(grpc_address: str | None) -> None:
+        print_fn(f"Serving {', '.join(repository.names())} on http://{host}:{port} (KServe v2)")
+        print_fn("Try:")
+        print_fn("  " + curl_example(first, host, port, token))
+        if token:
+            print_fn(f"  (the example reads the token from ${TOKEN_ENV})")
+        if grpc_address is not None:
+            print_fn(f"gRPC (KServe v2 / Triton GRPCInferenceService) on {grpc_address}")
+
     config = uvicorn.Config(
         app,
         host=host,
@@ -357,11 +371,11 @@ def serve_model(
             token=token,
             max_message_bytes=int(max_body_mb * (1 << 20)),
             admission=getattr(app, "admission", None),
+            request_timeout_s=body_timeout_s,  # the deadline of calls that carry none
         )
-        print_fn(f"gRPC (KServe v2 / Triton GRPCInferenceService) on {grpc.address}")
     previous = _quiet_sigterm()
     try:
-        DrainingServer(config, app.state, grpc=grpc).run(sockets=[sock])
+        DrainingServer(config, app.state, grpc=grpc, on_ready=banner).run(sockets=[sock])
     finally:
         sock.close()
         if previous is not None:
@@ -377,11 +391,16 @@ class DrainingServer(uvicorn.Server):
     """
 
     def __init__(
-        self, config: uvicorn.Config, state: ServerState, grpc: GrpcFrontend | None = None
+        self,
+        config: uvicorn.Config,
+        state: ServerState,
+        grpc: GrpcFrontend | None = None,
+        on_ready: Callable[[str | None], None] | None = None,
     ) -> None:
         super().__init__(config)
         self._state = state
         self._grpc = grpc
+        self._on_ready = on_ready
 
     def handle_exit(self, sig: int, frame: Any) -> None:  # noqa: D102 - signal handler
         loop = self._state.loop
@@ -395,10 +414,17 @@ class DrainingServer(uvicorn.Server):
     def _grace_s(self) -> float:
         return float(self.config.timeout_graceful_shutdown or 30.0)
 
-    async def startup(self, sockets: list | None = None) -> None:  # noqa: D102
+    async def startup(self, sockets: list | None = None) -> None:
+        """Bind gRPC, start the app on the bound HTTP socket, then announce both.
+
+        ``on_ready(grpc address or None)`` runs only once both listeners are bound, so
+        a busy ``--grpc-port`` fails with one line and no banner before it.
+        """
         if self._grpc is not None:  # same loop as the app: the batchers belong to it
             await self._grpc.start()
         await super().startup(sockets)
+        if self._on_ready is not None and self.started and not self.should_exit:
+            self._on_ready(None if self._grpc is None else self._grpc.address)
 
     async def shutdown(self, sockets: list | None = None) -> None:
         """Drain as uvicorn does; the batchers close only after the gRPC calls in flight end."""
