@@ -12,6 +12,7 @@ request already queued is answered before the process exits.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import ipaddress
 import json
@@ -29,7 +30,7 @@ import uvicorn
 
 from bnexport.serve.errors import ListenError
 from bnexport.serve.http11 import protocol_class
-from bnexport.serve.repository import ModelRepository, ServedModel
+from bnexport.serve.repository import ServedModel
 
 if TYPE_CHECKING:
     from bnexport.serve.app import ServerState
@@ -265,9 +266,10 @@ def serve_model(
             pod annotation, e.g. KServe's ``prometheus.kserve.io/*``); other paths keep it.
         print_fn: where the ``curl`` example goes.
     """
-    from bnexport.serve.app import create_app
     from bnexport.serve.logs import configure_logging, get_logger
+    from bnexport.serve.settings import ServeSettings, load_app
 
+    arguments = dict(locals())  # the keywords, before anything below rebinds one
     configure_logging(log_level)
     log = get_logger()
     # worker threads (decoding, encoding) hand the GIL back to the event loop after at most
@@ -276,66 +278,16 @@ def serve_model(
     # fail on a busy port or a bad host now, before loading models and printing "Serving on"
     sock = listen_socket(host, port)
     port = sock.getsockname()[1]
-    repository = ModelRepository.from_path(
-        path,
-        max_batch=max_batch,
-        batch_timeout_ms=batch_timeout_ms,
-        session_kwargs={
-            "backend": backend,
-            "device": device,
-            "precision": precision,
-            **ort_session_kwargs(backend, intra_op_threads, ort_spinning, memory_arena),
-        },
-    )
-    # only models whose requests are merged see varying batch sizes; one run at a fixed
-    # size keeps its arena (measured: shrinking it there raised the RSS of a ResNet50
-    # max_batch=1 server after warm-up from ~350 to ~440 MB, in serve_bench)
-    repository.set_run_options(ort_run_options(backend, device, memory_arena, arena_shrinkage))
-    repository.warmup = warmup  # models (re)loaded later through model control
-    repository.control_mode = model_control
     if not _is_loopback(host) and not token:
         log.warning(
             "serving on a non-loopback address without a token; pass --token to require one",
             extra={"fields": {"host": host}},
         )
-    app = create_app(
-        repository,
-        token=token,
-        max_body_bytes=int(max_body_mb * (1 << 20)),
-        instances=instances,
-        batch_policy=batch_policy,
-        max_inflight_bytes=int(max_inflight_mb * (1 << 20)) if max_inflight_mb else None,
-        max_inflight_requests=max_inflight_requests,
-        body_timeout_s=body_timeout_s,
-        open_metrics=open_metrics,
+    settings = ServeSettings(
+        **{f.name: arguments[f.name] for f in dataclasses.fields(ServeSettings)}
     )
-    app.state.decoder.start()  # the JSON decode process imports while models warm up
-    for model in repository.all():
-        warmed = False
-        if warmup:
-            try:
-                warmed = model.warmup()
-            except Exception as exc:  # noqa: BLE001 - a model may refuse zeros; still serve it
-                log.warning(
-                    "warm-up failed",
-                    extra={
-                        "fields": {"model": model.name, "version": model.version, "error": str(exc)}
-                    },
-                )
-        log.info(
-            "model loaded",
-            extra={
-                "fields": {
-                    "model": model.name,
-                    "version": model.version,
-                    "path": str(model.path),
-                    "platform": model.platform,
-                    "max_batch": model.max_batch,
-                    "batch_timeout_ms": model.batch_timeout_s * 1000,
-                    "warmed_up": warmed,
-                }
-            },
-        )
+    app = load_app(path, settings)
+    repository = app.state.repository
     first = repository.get(repository.names()[0])
 
     def banner(grpc_address: str | None) -> None:
