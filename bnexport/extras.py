@@ -33,6 +33,7 @@ EXTRA_OF_MODULE = {
     "pydantic": "serve",
     "grpc": "serve",
     "tritonclient": "serve",
+    "ray": "ray",
     "tensorrt": "tensorrt",
     "cuda": "gpu",
     "onnxruntime_extensions": "test",
