@@ -3,6 +3,20 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
+
+from bnexport.cli.options import (
+    add_fold_options,
+    add_json,
+    add_unsafe_load,
+    console,
+    parse_input_shapes,
+    verbosity,
+    wants_progress,
+)
+
+#: what ``export`` takes (an ONNX file is already exported: ``fold``/``quantize`` take it)
+KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -14,7 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "Export MODEL (.keras file, tf.keras .h5 file, or SavedModel directory) to ONNX. "
             "Every batch normalization is folded into a neighbouring Conv/Gemm/MatMul where "
             "exact, else becomes one node; the graph is checked and, unless --no-verify, "
-            "compared with the model on generated inputs. Prints what became of each BN."
+            "compared with the model on generated inputs. Prints a summary (BNs by outcome, "
+            "the ones that could not fold and why); -v prints one row per BN."
         ),
     )
     parser.add_argument("model", metavar="MODEL", help=".keras / .h5 file or SavedModel dir")
@@ -37,19 +52,29 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         action="store_true",
         help="fix the batch dimension (the model's, or 1) instead of a dynamic one",
     )
+    add_fold_options(parser)
     parser.add_argument(
-        "--fused-norm",
-        choices=("onnx", "plugin"),
-        default="onnx",
-        help="an unfoldable BN becomes one ONNX op (onnx, default) or one bnexport::FusedNorm "
-        "node for the TensorRT plugin (plugin)",
+        "--input-shape",
+        action="append",
+        metavar="NAME:DxDx...",
+        help="fix an input's shape, e.g. image:1x224x224x3 (repeat per input; -1 keeps a "
+        "dimension dynamic; NAME: may be left out for a single-input model). The batch "
+        "dimension given here replaces the dynamic 'batch' dimension",
     )
     parser.add_argument(
-        "--keep-float16-overflow",
-        choices=("float32", "error"),
-        default="float32",
-        help="float16: keep an op whose folded weights overflow float16 in float32 "
-        "(default) or fail naming the layer",
+        "--int8",
+        nargs="+",
+        metavar="CALIB",
+        help="calibration data (.npy for one input, .npz keyed by input name; each file one "
+        "or more batches): write the INT8 QDQ graph of the folded model instead "
+        "(see bnexport quantize for the options)",
+    )
+    parser.add_argument(
+        "--engine",
+        choices=("auto", "keras", "tf2onnx"),
+        default="auto",
+        help="exporter: the Keras-native emitter where it applies, else tf2onnx for the "
+        "whole model (auto, default); or force keras / tf2onnx. The report says which ran",
     )
     parser.add_argument("--no-verify", action="store_true", help="skip the comparison run")
     parser.add_argument(
@@ -65,52 +90,95 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="verification: absolute tolerance (default: the dtype's)",
     )
     parser.add_argument(
-        "--unsafe-load",
-        action="store_true",
-        help="load a model file even if that runs Python code stored in it (a Lambda "
-        "layer's lambda); refused by default. Only for files you trust",
+        "--range-rtol",
+        type=float,
+        default=None,
+        help="verification: tolerance relative to each output channel's max|ref| "
+        "(default: the dtype's, float32 1e-5; 0 turns the range term off)",
     )
-    parser.add_argument("--json", metavar="REPORT.json", help="also write the report as JSON")
+    add_unsafe_load(parser)
+    add_json(parser)
     return parser
 
 
-def run(args: argparse.Namespace) -> int:
-    """Export, print the report table; 0 on success."""
+def _check_model_path(model: str) -> None:
+    """Refuse, before TensorFlow loads, a MODEL that ``export`` cannot take (exit 2)."""
     from pathlib import Path
 
+    from bnexport.errors import FileMissingError, ModelFileError
+
+    path = Path(model)
+    if not path.exists():
+        raise FileMissingError(f"{model}: no such file or directory")
+    if path.is_dir() or path.suffix.lower() in KERAS_SUFFIXES:
+        return
+    if path.suffix.lower() == ".onnx":
+        raise ModelFileError(
+            f"{model} is an ONNX file, already exported; export takes a Keras model "
+            "(.keras, .h5 or a SavedModel folder). For an ONNX file use bnexport fold "
+            "(fold batch norms) or bnexport quantize"
+        )
+    raise ModelFileError(
+        f"{model}: not a Keras model; expected a .keras or .h5 file or a SavedModel folder"
+    )
+
+
+def _calibration(args: argparse.Namespace) -> Any:
+    if not args.int8:
+        return None
+    from bnexport.quantize.calibration import load_calibration_files
+
+    return load_calibration_files(args.int8)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Export, print the summary (``-v``: one row per BN); 0 on success."""
+    from bnexport.cli.progress import StageProgress
     from bnexport.errors import UsageError
 
     if not 13 <= args.opset <= 21:
         raise UsageError(f"--opset must be in [13, 21]. Received: --opset={args.opset}")
     if args.io_dtype == "float16" and args.dtype != "float16":
         raise UsageError("--io-dtype float16 needs --dtype float16")
+    if args.int8 and (args.dtype != "float32" or args.fused_norm != "onnx"):
+        raise UsageError("--int8 needs --dtype float32 and --fused-norm onnx (the default)")
+    input_shapes = parse_input_shapes(args.input_shape)
     from bnexport.atomic_write import check_output_paths, check_writable, write_text_atomic
 
-    check_output_paths({"-o/--output": args.output, "--json": args.json}, {"MODEL": args.model})
-    if not Path(args.model).exists():
-        raise UsageError(f"{args.model}: no such file or directory")
+    data = {f"--int8 file {i + 1}": p for i, p in enumerate(args.int8 or [])}
+    check_output_paths(
+        {"-o/--output": args.output, "--json": args.json}, {"MODEL": args.model, **data}
+    )
+    _check_model_path(args.model)
+    check_writable(args.output, error=UsageError)  # a missing folder: before the work
     if args.json:
-        check_writable(args.json)
-
-    from rich.console import Console
+        check_writable(args.json, error=UsageError)
+    calibration = _calibration(args)
 
     from bnexport.export.keras_export import export
 
-    report = export(
-        args.model,
-        args.output,
-        opset=args.opset,
-        dtype=args.dtype,
-        io_dtype=args.io_dtype,
-        dynamic_batch=not args.static_batch,
-        fused_norm=args.fused_norm,
-        verify=not args.no_verify,
-        verify_rtol=args.rtol,
-        verify_atol=args.atol,
-        keep_float16_overflow=args.keep_float16_overflow,
-        safe_mode=not args.unsafe_load,
-    )
-    Console(soft_wrap=False).print(report.table())
+    out = console(args)
+    with StageProgress("export", enabled=wants_progress(args)) as progress:
+        report = export(
+            args.model,
+            args.output,
+            opset=args.opset,
+            dtype=args.dtype,
+            io_dtype=args.io_dtype,
+            dynamic_batch=not args.static_batch,
+            fused_norm=args.fused_norm,
+            verify=not args.no_verify,
+            verify_rtol=args.rtol,
+            verify_atol=args.atol,
+            verify_range_rtol=args.range_rtol,
+            keep_float16_overflow=args.keep_float16_overflow,
+            safe_mode=not args.unsafe_load,
+            int8=calibration,
+            input_shapes=input_shapes,
+            progress=progress,
+            engine=args.engine,
+        )
+    out.print(report.table() if verbosity(args) > 0 else report.summary_view())
     if args.json:
         write_text_atomic(args.json, report.to_json() + "\n")
     return 0

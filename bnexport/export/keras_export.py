@@ -4,18 +4,21 @@ Pipeline (each step in its own module):
 
 1. :mod:`.loaders` — load the model (Keras 3, ``.keras``, tf.keras / ``.h5``, SavedModel);
 2. :mod:`.bn_layers` — find every BN layer and compute ``scale``/``shift`` in float64;
-3. :mod:`.trace` — trace a ``tf.function`` with BNs as named ``Mul``/``Add`` pairs and
-   convert it with tf2onnx (fixes for Keras 3 ``Sequential`` and grouped convolutions);
-   :mod:`.layout` moves tf2onnx's layout ``Transpose``/``Squeeze`` from between a BN and
-   its linear op;
+3. the engine (:mod:`.emitter.engine`, ``engine=``): the Keras-native emitter
+   (:mod:`.emitter`: Keras's functional graph straight to ONNX, NCHW inside, BNs folded as
+   they are written; any Keras 3 backend), or :mod:`.trace` — trace a ``tf.function`` with
+   BNs as named ``Mul``/``Add`` pairs and convert it with tf2onnx (fixes for Keras 3
+   ``Sequential`` and grouped convolutions; :mod:`.layout` moves tf2onnx's layout
+   ``Transpose``/``Squeeze`` from between a BN and its linear op). ``"auto"`` takes the
+   emitter wherever it applies, else the whole model through tf2onnx;
 4. :mod:`bnexport.export.passes` — fold every BN forward/backward, or fuse it into one node;
 5. :mod:`.layer_map` — map Keras layers to the tensors carrying their outputs;
 6. :mod:`.float16` — convert to float16 after folding (``dtype="float16"``);
 7. ``onnx.checker`` (full check) and shape inference; :mod:`.verify` — run both, compare;
 8. :mod:`bnexport.atomic_write` — write the file atomically (nothing left behind on failure).
 
-Every stage is timed into ``ExportReport.timings`` (``load``, ``trace``, ``freeze``,
-``convert``, ``fold``, ``layer_map``, ``check``, ``verify``, ``write``), printed by the
+Every stage is timed into ``ExportReport.timings`` (``load``, ``emit`` or ``trace``/
+``freeze``/``convert``, ``fold``, ``layer_map``, ``check``, ``verify``, ``write``), printed by the
 CLI. The graph is serialized once and those bytes are checked, run and written.
 """
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,6 +36,18 @@ from bnexport.export.report import ExportReport, FoldRecord
 
 Dtype = Literal["float32", "float16"]
 FusedNorm = Literal["onnx", "plugin"]
+Engine = Literal["auto", "keras", "tf2onnx"]
+
+#: what each stage does, as a progress callback reports it
+_STAGE_TEXT = {
+    "load": "loading the model",
+    "convert": "converting to ONNX, folding batch norms",
+    "float16": "converting to float16",
+    "check": "checking the graph",
+    "verify": "verifying against the model",
+    "int8": "quantizing to INT8",
+    "write": "writing",
+}
 
 
 def _check_options(
@@ -157,9 +173,13 @@ def export(
     verify_batch: int = 2,
     verify_rtol: float | None = None,
     verify_atol: float | None = None,
+    verify_range_rtol: float | None = None,
     seed: int = 0,
     safe_mode: bool = True,
     int8: Any = None,
+    input_shapes: dict[str, Sequence[int | None]] | None = None,
+    progress: Callable[[str, int, int | None], None] | None = None,
+    engine: Engine = "auto",
 ) -> ExportReport:
     """Export ``model`` to ONNX at ``path`` with batch normalization folded.
 
@@ -185,16 +205,30 @@ def export(
         verify_rtol: relative tolerance of the verification (default: the dtype's row of
             :mod:`bnexport.tolerance`).
         verify_atol: absolute tolerance of the verification (default: as ``verify_rtol``).
+        verify_range_rtol: tolerance relative to each output channel's ``max|ref|`` (the
+            range term of :mod:`bnexport.tolerance`; default: as ``verify_rtol``).
         seed: seed of the verification inputs.
         safe_mode: when ``model`` is a path, refuse a file that needs Python code to
             load (a ``Lambda`` layer) instead of running it; ``False`` only for files
             you trust (see :func:`bnexport.export.loaders.load_model`).
         int8: calibration data (see :func:`bnexport.quantize`): export, fold, then write
             the INT8 QDQ graph at ``path``; ``report.int8`` is its ``QuantizeReport``.
+        input_shapes: ``{input name: shape}`` replacing the model's input shapes (e.g.
+            ``{"image": (1, 224, 224, 3)}`` for a model built with ``(None, None, 3)``);
+            ``None`` in a shape keeps that dimension dynamic. A fixed first dimension on
+            every input gives a static batch; the key ``""`` names the only input. See
+            :func:`bnexport.export.trace.apply_input_shapes`.
+        progress: ``progress(step, done, total)`` before each stage (``step`` says what
+            runs now, ``done`` of ``total`` stages are finished); for a progress bar.
+        engine: ``"auto"`` (default: the Keras-native emitter wherever it applies, else
+            the whole model through tf2onnx), ``"keras"`` or ``"tf2onnx"`` to force one
+            (:mod:`bnexport.export.emitter.engine`); ``report.engine`` says which ran and
+            ``report.fallback_reason`` why ``"auto"`` fell back.
 
     Returns:
         The :class:`~bnexport.export.report.ExportReport`; ``report.timings`` has the
-        seconds of each stage: ``load``, ``trace``, ``freeze``, ``convert``, ``fold``,
+        seconds of each stage: ``load``, ``emit`` (Keras-native engine) or ``trace``,
+        ``freeze``, ``convert`` (tf2onnx), ``fold``,
         ``layer_map``, (``float16``), ``check``, ``verify``, ``write``, and ``total``.
 
     Raises:
@@ -206,6 +240,9 @@ def export(
     """
     io_dtype = io_dtype or dtype
     _check_options(opset, dtype, io_dtype, fused_norm, keep_float16_overflow)
+    from bnexport.export.emitter.engine import check_engine
+
+    check_engine(engine)
     if int8 is not None:
         from bnexport.quantize.export_hook import check_int8_options
 
@@ -217,58 +254,67 @@ def export(
     out = check_writable(path, error=ExportError)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
+    plan = [
+        "load",
+        "convert",  # convert_model: conversion, the fold passes and the layer map
+        *(["float16"] if dtype == "float16" else []),
+        "check",
+        *(["verify"] if verify else []),
+        *(["int8"] if int8 is not None else []),
+        "write",
+    ]
+
+    def announce(stage: str) -> None:
+        if progress is not None:
+            progress(_STAGE_TEXT.get(stage, stage), plan.index(stage), len(plan))
 
     def lap(name: str, since: float) -> float:
         now = time.perf_counter()
         timings[name] = round(now - since, 4)
+        if name in plan[:-1]:
+            announce(plan[plan.index(name) + 1])
         return now
 
     from bnexport.export import layer_map
     from bnexport.export.bn_layers import find_bn_layers
+    from bnexport.export.emitter.engine import convert_model
     from bnexport.export.loaders import load_model
-    from bnexport.export.passes.fold_batchnorm import fold_batchnorm_with_report
-    from bnexport.export.passes.layout import sink_layout_ops
-    from bnexport.export.trace import trace_and_convert
 
     t = time.perf_counter()
+    announce("load")
     loaded = load_model(model, safe_mode=safe_mode)
+    if input_shapes:
+        from bnexport.export.trace import apply_input_shapes
+
+        dynamic_batch = apply_input_shapes(loaded, input_shapes, dynamic_batch)
     bns = find_bn_layers(loaded.model) if loaded.is_keras else []
     t = lap("load", t)
 
-    stages: dict[str, float] = {}
-    traced = trace_and_convert(
-        loaded, bns, opset=opset, dynamic_batch=dynamic_batch, timings=stages
-    )
-    timings.update(stages)
-    t = time.perf_counter()
-    traced.model = sink_layout_ops(traced.model, traced.bn_nodes)
-
-    folded, records = fold_batchnorm_with_report(
-        traced.model,
+    # the engine: the Keras-native emitter, or trace + tf2onnx; then the fold passes and
+    # the layer map (bnexport/export/emitter/engine.py)
+    converted = convert_model(
+        loaded,
+        bns,
+        engine=engine,
+        opset=opset,
+        dynamic_batch=dynamic_batch,
         fused_norm=fused_norm,
-        names=traced.bn_nodes,
         keep_float16_overflow=keep_float16_overflow,
+        timings=timings,
     )
-    t = lap("fold", t)
-    records = _complete_records(records, [bn.name for bn in bns])
+    folded, mapping, perms = converted.model, converted.layer_outputs, converted.layer_output_perms
+    announce(plan[plan.index("convert") + 1])
+    t = time.perf_counter()
+    records = _complete_records(converted.records, [bn.name for bn in bns])
     notes = []
     if not records:
         notes.append("the model has no batch normalization: exported without folding")
-
-    input_layers, output_layers = {}, {}
-    if loaded.is_keras:
-        input_layers = {i.name: i.name for i in loaded.inputs}
-        output_layers = {o.name: o.name for o in loaded.outputs if o.name in traced.layer_tensors}
-    mapping, perms = layer_map.layer_outputs(
-        folded, traced.layer_tensors, traced.layer_shapes, records, input_layers, output_layers
-    )
-    t = lap("layer_map", t)
 
     float32_nodes: list[str] = []
     if dtype == "float16":
         from bnexport.export.float16 import convert_to_float16
 
-        labels = dict(traced.op_layers)
+        labels = dict(converted.op_layers)
         for record in records:
             if record.target:
                 labels[record.target] = f"{record.name} (folded into {record.target})"
@@ -285,7 +331,7 @@ def export(
     layer_map.write_metadata(folded, mapping, perms)
     folded.producer_name = "bnexport"
     serialized = folded.SerializeToString()  # once: checker, verification and file
-    check_graph(folded, serialized, labels=traced.op_layers)
+    check_graph(folded, serialized, labels=converted.op_layers)
     t = lap("check", t)
 
     result = None
@@ -302,6 +348,7 @@ def export(
             serialized=serialized,
             rtol=verify_rtol,
             atol=verify_atol,
+            range_rtol=verify_range_rtol,
         )
         t = lap("verify", t)
 
@@ -340,4 +387,6 @@ def export(
         timings=timings,
         notes=notes,
         int8=int8_report,
+        engine=converted.engine,
+        fallback_reason=converted.fallback_reason,
     )

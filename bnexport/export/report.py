@@ -93,13 +93,18 @@ class ExportReport:
         op_counts: ``{op_type: count}`` of the final graph.
         verify: the verification result, or ``None`` when ``verify=False``.
         timings: seconds per stage, in pipeline order: ``load`` (model and BN layers),
-            ``trace`` (the ``tf.function``), ``freeze`` (variables to constants, grappler),
-            ``convert`` (tf2onnx and its optimizers), ``fold``, ``layer_map``,
+            ``emit`` (the Keras-native engine) or ``trace`` (the ``tf.function``),
+            ``freeze`` (variables to constants, grappler), ``convert`` (tf2onnx and its
+            optimizers); ``fold``, ``layer_map``,
             ``float16``/``int8`` when asked for, ``check``, ``verify``, ``write``; and
             ``total``. The table's caption prints them.
         notes: remarks (e.g. that the model has no batch normalization).
         int8: the :class:`~bnexport.quantize.report.QuantizeReport` of an ``int8=`` export
             (the file at ``path`` is then the INT8 graph), else ``None``.
+        engine: the exporter that ran: ``"keras"`` (the Keras-native emitter) or
+            ``"tf2onnx"`` (trace + tf2onnx).
+        fallback_reason: when ``engine="auto"`` fell back to tf2onnx, the layer or op the
+            emitter could not express and why; ``""`` otherwise.
     """
 
     path: str
@@ -121,6 +126,8 @@ class ExportReport:
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
     int8: Any = None
+    engine: str = "tf2onnx"
+    fallback_reason: str = ""
 
     @property
     def summary(self) -> dict[str, int]:
@@ -149,17 +156,77 @@ class ExportReport:
         return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
 
     def table(self) -> Any:
-        """A ``rich.table.Table``: one row per BN, caption with the summary and verification."""
+        """A ``rich.table.Table``: one row per BN, caption with the summary and verification.
+
+        The action column never wraps; names, targets and reasons fold to the width; the
+        reason column is left out when no BN has one.
+        """
         from rich.table import Table
 
         table = Table(title=f"bnexport: {self.path}", caption=self._caption(), show_lines=False)
-        for column in ("batch norm", "action", "target", "reason"):
-            table.add_column(column, overflow="fold")
+        reasons = any(record.reason for record in self.records)  # else no empty column
+        table.add_column("batch norm", overflow="fold", ratio=3)
+        table.add_column("action", no_wrap=True)
+        table.add_column("target", overflow="fold", ratio=3)
+        if reasons:
+            table.add_column("reason", overflow="fold", ratio=4)
         for record in self.records:
-            table.add_row(record.name, record.action, record.target or "-", record.reason)
+            row = [record.name, record.action, record.target or "-"]
+            table.add_row(*row, *([record.reason] if reasons else []))
         return table
 
-    def _caption(self) -> str:
+    @property
+    def path_description(self) -> str:
+        """Which path ran: what was loaded, the converter, and the folding pass."""
+        source = {
+            "keras": "Keras 3 model",
+            "tf_keras": "tf.keras model",
+            "saved_model": "SavedModel signature",
+        }.get(self.source, self.source)
+        engine = getattr(self, "engine", None) or "tf2onnx"
+        steps = [source, {"keras": "Keras-native emitter"}.get(engine, engine), "fold"]
+        if self.dtype == "float16":
+            steps.append("float16")
+        if self.int8 is not None:
+            steps.append("int8 QDQ")
+        return " -> ".join(steps)
+
+    def summary_view(self) -> Any:
+        """The default console view: counts by outcome, the BNs that did not fold and why.
+
+        A ``rich`` renderable of a few lines whatever the model's size (the per-BN
+        :meth:`table` is for ``-v``); each line wraps as prose at the console width.
+        """
+        from rich.console import Group
+        from rich.table import Table
+        from rich.text import Text
+
+        parts: list[Any] = [
+            Text(f"bnexport: {self.path} ({self.path_description})"),
+            Text(self._caption(stages=False)),
+        ]
+        refused = [r for r in self.records if r.action in ("fused", "kept")]
+        if refused:
+            table = Table(title=f"{len(refused)} batch norm(s) not folded", title_justify="left")
+            table.add_column("batch norm", overflow="fold", ratio=1)
+            table.add_column("became", no_wrap=True)
+            table.add_column("why not folded", overflow="fold", ratio=2)
+            for record in refused:
+                became = "one node" if record.action == "fused" else "kept"
+                table.add_row(record.name, became, record.reason or "-")
+            parts.append(table)
+        if self.records:
+            parts.append(Text("-v lists every batch norm and the stage times", style="dim"))
+        return Group(*parts)
+
+    @property
+    def engine_description(self) -> str:
+        """``engine keras``, or ``engine tf2onnx`` with the fallback's reason when there was one."""
+        if self.fallback_reason:
+            return f"engine {self.engine} (fallback: {self.fallback_reason})"
+        return f"engine {self.engine}"
+
+    def _caption(self, *, stages: bool = True) -> str:
         s = self.summary
         parts = [
             f"{s['total']} BN: {s['folded_forward']} folded forward, "
@@ -167,9 +234,10 @@ class ExportReport:
             f"opset {self.opset}, {self.dtype} (io {self.io_dtype}), {self.node_count} nodes, "
             f"{self.export_time_s:.2f} s",
         ]
-        stages = [f"{k} {v:.2f}" for k, v in self.timings.items() if k != "total"]
-        if stages:
-            parts.append("stage times (s): " + ", ".join(stages))
+        parts.append(self.engine_description)
+        times = [f"{k} {v:.2f}" for k, v in self.timings.items() if k != "total"]
+        if stages and times:
+            parts.append("stage times (s): " + ", ".join(times))
         if self.verify is not None:
             v = self.verify
             verdict = "passed" if v.passed else "FAILED"

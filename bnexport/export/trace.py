@@ -76,6 +76,88 @@ class TraceResult:
     op_layers: dict[str, str]
 
 
+#: name of the dynamic batch dimension in the exported graph's inputs and outputs
+BATCH_DIM = "batch"
+
+
+def apply_input_shapes(
+    loaded: LoadedModel, input_shapes: dict[str, Any], dynamic_batch: bool
+) -> bool:
+    """Replace the shapes of ``loaded.inputs`` by ``input_shapes`` (in place).
+
+    Args:
+        loaded: the loaded model; its ``inputs[i].shape`` are overwritten.
+        input_shapes: ``{input name: shape}``; ``None`` (or ``-1``) in a shape keeps that
+            dimension dynamic; key ``""`` means the only input.
+        dynamic_batch: the caller's choice, returned unless the shapes fix the batch.
+
+    Returns:
+        The batch mode to export with: ``False`` when every input's first dimension is
+        fixed by ``input_shapes`` (a static batch of that size), else ``dynamic_batch``.
+
+    Raises:
+        InputError: an unknown input name (the known ones are listed), a rank that
+            differs from the model's, a fixed dimension the model fixes otherwise, or
+            first dimensions fixed on some inputs only.
+    """
+    from bnexport.errors import InputError
+
+    by_name = {info.name: info for info in loaded.inputs}
+    shapes = dict(input_shapes)
+    if "" in shapes:
+        if len(loaded.inputs) != 1:
+            raise InputError(
+                f"input shape without a name, but the model has {len(loaded.inputs)} inputs "
+                f"({', '.join(by_name)}); write NAME:shape"
+            )
+        shapes[loaded.inputs[0].name] = shapes.pop("")
+    unknown = sorted(set(shapes) - set(by_name))
+    if unknown:
+        raise InputError(
+            f"input shape for unknown input(s) {', '.join(map(repr, unknown))}; "
+            f"the model's inputs: {', '.join(f'{n}{list(i.shape)}' for n, i in by_name.items())}"
+        )
+    fixed_batch = []
+    for name, raw in shapes.items():
+        info = by_name[name]
+        shape = [None if d is None or int(d) < 0 else int(d) for d in raw]
+        if len(shape) != len(info.shape):
+            raise InputError(
+                f"input {name!r}: shape {list(raw)} has rank {len(shape)}, the model's "
+                f"{list(info.shape)} has rank {len(info.shape)}"
+            )
+        for axis, (new, old) in enumerate(zip(shape, info.shape, strict=True)):
+            if axis and new is not None and old is not None and new != old:
+                raise InputError(
+                    f"input {name!r}: dimension {axis} is {old} in the model, cannot be {new}"
+                )
+        info.shape = shape
+        fixed_batch.append(bool(shape) and shape[0] is not None)
+    if len(fixed_batch) != len(loaded.inputs):
+        fixed_batch += [False] * (len(loaded.inputs) - len(fixed_batch))
+    if all(fixed_batch):
+        return False
+    if any(fixed_batch):
+        raise InputError(
+            "input shapes fix the batch dimension of some inputs only; fix it on every "
+            "input (a static batch) or on none (a dynamic batch)"
+        )
+    return dynamic_batch
+
+
+def _name_batch_dims(model: Any) -> None:
+    """Name the dynamic first dimension of every graph input and output :data:`BATCH_DIM`.
+
+    tf2onnx names unknown dimensions ``unk__<n>`` (a different number on inputs and
+    outputs); one name says they are the same batch, and reads well in Triton configs
+    and ``onnxruntime``'s errors. Other dynamic dimensions keep their names.
+    """
+    for value in [*model.graph.input, *model.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            dims[0].dim_param = BATCH_DIM
+
+
 def _tf_dtype(tf: Any, name: str) -> Any:
     return tf.as_dtype(name if name != "float" else "float32")
 
@@ -288,6 +370,8 @@ def trace_and_convert(
         else:
             os.environ[_CATCH_ERRORS] = catch_env
 
+    if dynamic_batch:
+        _name_batch_dims(model)
     bad = _unsupported_nodes(model)
     if bad:
         layer_names = sorted(set(state.op_layers.values()))
