@@ -9,19 +9,31 @@ node that computes the integer kernel with int16 pair saturation
     y = s_x · s_w[m] · (Σ_j sat16(a_{2j}w_{2j} + a_{2j+1}w_{2j+1}) − z'·Σ_k w_k) + b
 
 with ``a = x_q`` for uint8 activations and ``a = x_q + 128``, ``z' = z + 128`` for int8
-ones (the +128 shift of the kernels). ``K`` is ordered as the kernels pack it: taps
-``(kh, kw)`` outer, input channels inner and padded to a multiple of 4 with zero weights
-(MLAS ``ConvSymKernelAvx2`` broadcasts 4 input channels of one tap against the filter),
-so a pair is two adjacent channels of one tap; padded positions hold the zero point.
-``Gemm``/``MatMul`` pair adjacent ``K`` (``QgemmU8X8KernelAvx2``). Depthwise
-convolutions (one channel per group) have no pairs and run exactly. Everything else
-(Q/DQ, activations, pooling) runs in ``onnx.reference`` as the graph states it (at
-opset 21 at least: ``onnx.reference`` implements Q/DQ from opset 19 on, and the ops a
-quantized CNN uses mean the same from 13 to 21).
+ones. That is what onnxruntime 1.32 runs on x86 for the Q/DQ graph (read from its
+source; :func:`conv_path` names the files):
 
-The result tracks the real kernels to within requantization rounding where nothing
-saturates, and shows the saturation where it happens; the exact pairing of a given
-onnxruntime build may differ (it is a prediction, reported as such).
+- on x86 ``QDQIsInt8Allowed()`` is false, so ``QDQS8ToU8Transformer`` rewrites every
+  int8 activation Q/DQ pair to uint8 with zero point ``z + 128`` before the fusion; the
+  weights stay int8 (unless ``session.x64quantprecision`` is set, which this module does
+  not model: see :func:`bnexport.runtime.int8_kernels.apply_precision_mode`);
+- ``QDQSelectorActionTransformer`` fuses ``DQ → Conv → Q`` into ``QLinearConv`` and
+  ``DQ → Gemm`` into ``QGemm`` (``MatMul``: ``QLinearMatMul``/``MatMulIntegerToFloat``),
+  all u8 × s8 MLAS kernels that form the products with ``vpmaddubsw`` on AVX2;
+- a pair is two adjacent ``K`` of the order the kernel packs: for ``Conv`` the NHWC
+  im2col order ``(kh, kw, c)``, both on the indirect ``ConvSym`` path (4 channels of one
+  tap at a time) and on the im2col ``QGEMM`` path (``K`` packed 4 at a time); for a stem
+  with an odd channel count (a grayscale or RGB image) a pair therefore spans two taps,
+  e.g. two neighbouring pixels. ``Gemm``/``MatMul`` pair adjacent ``K``; depthwise
+  convolutions have no pairs and run exactly. The zero-point terms (``z'·Σw``, row and
+  column sums) are exact int32 arithmetic outside the pairs.
+
+Everything else (Q/DQ, activations, pooling) runs in ``onnx.reference`` as the graph
+states it (at opset 21 at least: ``onnx.reference`` implements Q/DQ from opset 19 on,
+and the ops a quantized CNN uses mean the same from 13 to 21). onnxruntime also fuses the
+requantization into its kernels and moves some Q/DQ around ``Relu``/``MaxPool``; that
+changes roundings (one output step), not the saturation, so the result tracks the real
+kernels to within requantization rounding where nothing saturates and shows the
+saturation where it happens. It is a prediction for a host without VNNI, reported as such.
 """
 
 from __future__ import annotations
@@ -32,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from bnexport.runtime.int8_kernels import LINEAR_OPS, saturating_dot
+from bnexport.runtime.int8_kernels import LINEAR_OPS, SaturationStats, saturating_dot
 
 DOMAIN = "bnexport.emulate"
 
@@ -57,33 +69,74 @@ def _nhwc_cols(x: np.ndarray, kernel: Sequence[int], attrs: dict[str, Any], pad:
     return cols, ho, wo
 
 
-def _conv(a: np.ndarray, zero: int, wq: np.ndarray, attrs: dict[str, Any]) -> np.ndarray:
-    """Integer ``Conv`` (2-D, NCHW) of shifted uint8 ``a``; returns int64 ``[N, M, Ho, Wo]``."""
+def conv_path(group: int, in_channels: int, out_channels: int) -> str:
+    """Which MLAS kernel onnxruntime's ``QLinearConv`` runs (u8 activations, s8 weights, x86).
+
+    ``in_channels``/``out_channels`` are per group. The rule is ``QLinearConv::PrePack``
+    → ``TryConvSymPrepack`` (weights symmetric, ``providers/cpu/quantization/
+    qlinearconv.cc``) and ``MlasConvSymPackWSize`` (``mlas/lib/convsym.cpp``) with
+    ``MlasConvSymDispatchAvx2`` (``KernelInputChannelAlignment`` 4,
+    ``KernelOutputChannelAlignment`` 8, ``FilterOutputChannelPackCount`` 16):
+
+    - ``"depthwise"``: one input and one output channel per group (16/32-bit products,
+      no pairs: exact);
+    - ``"convsym"``: group 1, input channels a multiple of 4, output channels a multiple
+      of 8 and at least 16: ``MlasConvSymKernelAvx2`` (``mlas/lib/x86_64/
+      ConvSymKernelAvx2.S``, ``MultiplyAccumulateRowAvx2``: ``vpbroadcastd`` of 4 input
+      channels of one tap, ``vpmaddubsw``, ``vpmaddwd`` by 1): a pair is two adjacent
+      channels of one tap;
+    - ``"qgemm"``: everything else, e.g. a 1- or 3-channel stem: NHWC im2col and
+      ``MlasGemm`` u8s8 (``QgemmU8X8KernelAvx2.S``, ``MultiplyAccumulateRowU8S8Avx2``,
+      same instruction pair) over ``K = kh·kw·C`` in ``(kh, kw, c)`` order packed 4 at a
+      time: a pair is two adjacent ``K``, across taps when ``C`` is odd.
+
+    Both non-depthwise paths therefore pair adjacent ``K`` of the flat ``(kh, kw, c)``
+    order; the path is named for reports and tests. (AVX-512BW without VNNI,
+    ``MlasConvSymDispatchAvx512Core``, relaxes the output-channel rule to multiples of 4
+    and pairs the same products.)
+    """
+    if in_channels == 1 and out_channels == 1 and group > 1:
+        return "depthwise"
+    if group == 1 and in_channels % 4 == 0 and out_channels % 8 == 0 and out_channels >= 16:
+        return "convsym"
+    return "qgemm"
+
+
+def _conv(
+    a: np.ndarray,
+    zero: int,
+    wq: np.ndarray,
+    attrs: dict[str, Any],
+    stats: SaturationStats | None = None,
+) -> np.ndarray:
+    """Integer ``Conv`` (2-D, NCHW) of shifted uint8 ``a``; returns int64 ``[N, M, Ho, Wo]``.
+
+    Pairs are adjacent ``K`` of the ``(kh, kw, c)`` im2col order (:func:`conv_path`);
+    padded positions hold the zero point, as the kernels' padding vectors do.
+    """
     group = int(attrs.get("group") or 1)
     m, cg, kh, kw = wq.shape
     n = a.shape[0]
+    path = conv_path(group, cg, m // group)
     outs = []
     for g in range(group):
         a_g = a[:, g * cg : (g + 1) * cg]
         w_g = wq[g * (m // group) : (g + 1) * (m // group)]  # [Mg, Cg, kh, kw]
         cols, ho, wo = _nhwc_cols(a_g, (kh, kw), attrs, zero)
         w_cols = w_g.transpose(2, 3, 1, 0).reshape(kh * kw * cg, -1)  # [(kh, kw, c), Mg]
-        if cg == 1:  # depthwise kernels multiply in 16/32 bits: no pairs
+        if path == "depthwise":  # 16/32-bit products: no pairs
             acc = np.rint(cols.astype(np.float64) @ w_cols.astype(np.float64)).astype(np.int64)
-        else:  # each tap's channels padded to a multiple of 4 (zero weights): pairs stay in a tap
-            extra = -cg % 4
-            taps = kh * kw
-            cols_p = np.pad(cols.reshape(-1, taps, cg), ((0, 0), (0, 0), (0, extra)))
-            w_p = np.pad(w_cols.reshape(taps, cg, -1), ((0, 0), (0, extra), (0, 0)))
-            acc = saturating_dot(
-                cols_p.reshape(len(cols), -1), w_p.reshape(taps * (cg + extra), -1)
-            )
+            if stats is not None:
+                stats.accumulators += acc.size
+        else:  # adjacent K of the (kh, kw, c) order; K padded at the end with zero weights
+            acc = saturating_dot(cols, w_cols, stats=stats)
         acc -= zero * w_cols.sum(axis=0, dtype=np.int64)[None, :]
         outs.append(acc.reshape(n, ho, wo, -1).transpose(0, 3, 1, 2))
     return np.concatenate(outs, axis=1)
 
 
-def _make_op() -> Any:
+def _make_op(stats: dict[str, SaturationStats]) -> Any:
+    """The ``onnx.reference`` op class; each node adds to ``stats[node name]``."""
     from onnx.reference.op_run import OpRun
 
     class SaturatingLinear(OpRun):
@@ -93,6 +146,9 @@ def _make_op() -> Any:
 
         def _run(self, xq, x_scale, x_zero, wq, w_scale, bias=None, **_: Any):  # noqa: ANN001
             kind = self.kind.decode() if isinstance(self.kind, bytes) else self.kind
+            layer = stats.setdefault(
+                self.onnx_node.name or self.onnx_node.output[0], SaturationStats()
+            )
             shift = 128 if xq.dtype == np.int8 else 0
             a = xq.astype(np.int64) + shift
             zero = int(np.asarray(x_zero).reshape(-1)[0]) + shift if x_zero is not None else shift
@@ -105,7 +161,7 @@ def _make_op() -> Any:
             attrs["group"] = getattr(self, "group", 1)
             w_axis = int(getattr(self, "w_axis", 0))
             if kind == "Conv":
-                acc = _conv(a, zero, w, attrs).astype(np.float64)
+                acc = _conv(a, zero, w, attrs, layer).astype(np.float64)
                 scale_shape = (1, -1, 1, 1)
             else:
                 if kind == "Gemm" and int(getattr(self, "transB", 0)):
@@ -113,7 +169,8 @@ def _make_op() -> Any:
                     w_axis = 1 - w_axis
                 lead = a.shape[:-1]
                 flat = a.reshape(-1, a.shape[-1])
-                acc = saturating_dot(flat, w) - zero * w.sum(axis=0, dtype=np.int64)[None, :]
+                acc = saturating_dot(flat, w, stats=layer)
+                acc -= zero * w.sum(axis=0, dtype=np.int64)[None, :]
                 acc = acc.reshape(*lead, -1).astype(np.float64)
                 scale_shape = (-1,)
             w_scale = np.asarray(w_scale, np.float64)
@@ -194,13 +251,19 @@ def emulated_model(model: Any) -> tuple[Any, list[str]]:
 
 
 class EmulatedSession:
-    """Runs :func:`emulated_model` of a Q/DQ graph with ``onnx.reference`` (``run`` like ORT)."""
+    """Runs :func:`emulated_model` of a Q/DQ graph with ``onnx.reference`` (``run`` like ORT).
+
+    ``layer_stats`` says, per replaced node, how many int32 accumulators saturation
+    changed and by how much (the per-layer view of the kernel error).
+    """
 
     def __init__(self, model: Any) -> None:
         from onnx.reference import ReferenceEvaluator
 
         emulated, self.replaced = emulated_model(model)
-        self._evaluator = ReferenceEvaluator(emulated, new_ops=[_make_op()])
+        #: ``{node name: SaturationStats}`` of the emulated layers, summed over runs
+        self.layer_stats: dict[str, SaturationStats] = {}
+        self._evaluator = ReferenceEvaluator(emulated, new_ops=[_make_op(self.layer_stats)])
         self._outputs = [o.name for o in model.graph.output]
 
     def run(self, outputs: Sequence[str] | None, feed: dict[str, np.ndarray]) -> list[np.ndarray]:

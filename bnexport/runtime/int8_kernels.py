@@ -13,14 +13,32 @@ pair reaches ``255·(|w_{2j}| + |w_{2j+1}|)``, so it cannot saturate when every
 ``|w| ≤ 64`` (``255·64·2 = 32,640 ≤ 32,767``): :data:`SAFE_WEIGHT_MAX`. onnxruntime's
 ``reduce_range`` weights (int8 in ``[−64, 64]``) meet it; full-range weights (up to ±127)
 do not. The zero-point term ``z·Σw`` is computed exactly (column sums), so padding and
-zero points add nothing to the saturation.
+zero points add nothing to the saturation. Which two products form a pair is the kernel's
+packing order: adjacent ``K`` of the NHWC im2col order ``(kh, kw, c)`` for ``Conv`` (so
+in a 1- or 3-channel stem a pair spans two neighbouring pixels), adjacent ``K`` for
+``Gemm``/``MatMul`` (:mod:`bnexport.quantize.kernel_emulation` names the kernels).
+
+onnxruntime has the way out built in: the session option :data:`PRECISION_MODE_KEY`
+(``session.x64quantprecision``, ``kOrtSessionOptionsAvx2PrecisionMode``: "x64
+SSE4.1/AVX2/AVX512 (with no VNNI) has overflow problem with quantized matrix
+multiplication with U8S8 ... use slower U8U8") makes ``QDQS8ToU8Transformer`` and
+``Avx2WeightS8ToU8Transformer`` (``core/optimizer/qdq_transformer/``) convert to uint8 the
+int8 weights of every ``QLinearConv``/``QGemm``/``MatMulInteger``/... layer with a weight
+outside ``[−64, 64]`` (``w ^ 0x80``, zero point + 128), so those layers run MLAS's u8u8
+kernels (``vpmaddwd`` on 16-bit operands: exact) and the others stay u8s8, which cannot
+saturate. It counts where ``MlasPlatformU8S8Overflow()`` (every x86 CPU with AVX2) and
+costs speed (no ``vpmaddubsw``, no ``ConvSym`` path for the converted layers).
 
 - :func:`saturating_dot` is that sum in NumPy (any host), for the kernel emulation of
   :mod:`bnexport.quantize.kernel_emulation` and its tests;
 - :func:`saturation_risk` reads a Q/DQ graph's int8 weights once (no inference);
+- :func:`apply_precision_mode`: sets :data:`PRECISION_MODE_KEY` in the onnxruntime
+  ``SessionOptions`` for such a graph on such an x86 CPU (unless the caller set it);
+  ``bnexport.Session`` does so on CPU;
 - :func:`load_time_warning` / :func:`warn_if_saturating`: the one warning line that
   ``Session``, ``run``, ``serve`` and ``parity`` log for such a graph on such a CPU
-  (:func:`bnexport.runtime.cpu_features.cpu_int8_features`).
+  (:func:`bnexport.runtime.cpu_features.cpu_int8_features`), saying which of the two
+  happens (saturating kernels, or the exact and slower u8u8 mode).
 """
 
 from __future__ import annotations
@@ -40,15 +58,48 @@ LINEAR_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 INT16_MIN, INT16_MAX = -32768, 32767
 #: the logger of the load-time warning
 LOGGER = logging.getLogger("bnexport.int8")
+#: onnxruntime session config entry that runs saturating int8 layers as u8u8 (x86 only)
+PRECISION_MODE_KEY = "session.x64quantprecision"
+#: ``platform.machine()`` values where onnxruntime compiles :data:`PRECISION_MODE_KEY` in
+X86_MACHINES = frozenset({"x86_64", "amd64", "i386", "i686", "x86"})
 
 
-def saturating_dot(a: np.ndarray, w: np.ndarray, *, max_elements: int = 1 << 24) -> np.ndarray:
+@dataclasses.dataclass
+class SaturationStats:
+    """What int16 saturation did to one layer's accumulators (summed over calls).
+
+    Attributes:
+        accumulators: int32 sums computed (``rows × columns``).
+        changed: how many of them saturation changed.
+        max_lost: the largest ``|exact − saturated|`` of one sum.
+        max_exact: the largest ``|exact|`` (the scale ``max_lost`` is judged against).
+    """
+
+    accumulators: int = 0
+    changed: int = 0
+    max_lost: int = 0
+    max_exact: int = 0
+
+    @property
+    def fraction(self) -> float:
+        """Share of the accumulators that saturation changed."""
+        return self.changed / self.accumulators if self.accumulators else 0.0
+
+
+def saturating_dot(
+    a: np.ndarray,
+    w: np.ndarray,
+    *,
+    max_elements: int = 1 << 24,
+    stats: SaturationStats | None = None,
+) -> np.ndarray:
     """``Σ_j sat16(a_{2j}·w_{2j} + a_{2j+1}·w_{2j+1})`` for every row of ``a`` and column of ``w``.
 
     Args:
         a: uint8 activations as integers in ``[0, 255]``, shape ``[R, K]``.
         w: int8 weights as integers in ``[−128, 127]``, shape ``[K, M]``.
         max_elements: bound on the temporary ``[rows, risky pairs]`` array.
+        stats: if given, what saturation changed is added to it.
 
     Returns:
         int64 ``[R, M]``: the exact product ``a @ w`` minus what int16 saturation removes.
@@ -62,6 +113,9 @@ def saturating_dot(a: np.ndarray, w: np.ndarray, *, max_elements: int = 1 << 24)
         a = np.concatenate([a, np.zeros((a.shape[0], 1), np.int64)], axis=1)
         w = np.concatenate([w, np.zeros((1, w.shape[1]), np.int64)], axis=0)
     exact = np.rint(a.astype(np.float64) @ w.astype(np.float64)).astype(np.int64)
+    if stats is not None:
+        stats.accumulators += exact.size
+        stats.max_exact = max(stats.max_exact, int(np.abs(exact).max(initial=0)))
     even, odd = w[0::2], w[1::2]  # [K/2, M]
     bound = 255 * (np.abs(even) + np.abs(odd))
     pair_j, col_m = np.nonzero(bound > INT16_MAX)
@@ -78,6 +132,9 @@ def saturating_dot(a: np.ndarray, w: np.ndarray, *, max_elements: int = 1 << 24)
             correction = np.zeros((lost.shape[0], w.shape[1]), np.int64)
             np.add.at(correction.T, col_m, lost.T)
             exact[rows] -= correction
+            if stats is not None:
+                stats.changed += int(np.count_nonzero(correction))
+                stats.max_lost = max(stats.max_lost, int(np.abs(correction).max()))
     return exact
 
 
@@ -142,37 +199,104 @@ def saturation_risk(model: Any) -> SaturationRisk:
 
 
 def saturation_message(
-    risk: SaturationRisk, features: Int8Features, what: str = "this graph"
+    risk: SaturationRisk,
+    features: Int8Features,
+    what: str = "this graph",
+    *,
+    precision_mode: bool = False,
 ) -> str:
-    """The one-line explanation of kernel saturation, naming the cause and the way out."""
+    """The one-line explanation of kernel saturation, naming the cause and the way out.
+
+    ``precision_mode``: the session runs with :data:`PRECISION_MODE_KEY` set, so the
+    layers are exact and the line says what that costs instead.
+    """
     first, peak = next(iter(risk.nodes.items()))
     cpu = "has no VNNI/AVX-VNNI/AMX" if not features.overridden else "is treated as non-VNNI"
+    layers = (
+        f"({len(risk.nodes)} of {risk.checked} int8 layer(s) have weights beyond "
+        f"±{SAFE_WEIGHT_MAX}, first {first!r} with |w| {peak})"
+    )
+    if precision_mode:
+        return (
+            f"this CPU {cpu} ({features.describe()}): onnxruntime's u8s8 int8 kernels would "
+            f"saturate on {what} {layers}, so bnexport runs it with {PRECISION_MODE_KEY}=1 "
+            "(onnxruntime's exact but slower u8u8 kernels for those layers); for fast CPU "
+            "serving quantize with "
+            "`bnexport quantize --target cpu` (7-bit weights), or serve it with TensorRT"
+        )
     return (
         f"this CPU {cpu} ({features.describe()}): onnxruntime's int8 kernels can saturate "
-        f"on {what} ({len(risk.nodes)} of {risk.checked} int8 layer(s) have weights beyond "
-        f"±{SAFE_WEIGHT_MAX}, first {first!r} with |w| {peak}); serve it with TensorRT, or "
-        "quantize with `bnexport quantize --target cpu` (7-bit weights) for CPU serving"
+        f"on {what} {layers}; serve it with TensorRT, or quantize with "
+        "`bnexport quantize --target cpu` (7-bit weights) for CPU serving"
     )
 
 
-def load_time_warning(model: Any, features: Int8Features | None = None) -> str | None:
-    """The warning for running ``model`` on onnxruntime's CPU kernels here, or ``None``.
-
-    ``None`` unless the graph is quantized, some int8 weight exceeds
-    :data:`SAFE_WEIGHT_MAX` and the CPU (or ``BNEXPORT_CPU_INT8``) says the kernels may saturate.
-    """
+def _risk_here(
+    model: Any, features: Int8Features | None
+) -> tuple[SaturationRisk, Int8Features] | None:
+    """``(risk, features)`` when ``model``'s int8 kernels can saturate here, else ``None``."""
     if not any(n.op_type == "DequantizeLinear" for n in model.graph.node):
         return None  # float graphs: not even the environment is read
     features = features or cpu_int8_features()
     if not features.may_saturate:
         return None
     risk = saturation_risk(model)
-    return saturation_message(risk, features) if risk.may_saturate else None
+    return (risk, features) if risk.may_saturate else None
 
 
-def warn_if_saturating(model: Any, name: str) -> str | None:
+def apply_precision_mode(
+    model: Any, options: Any = None, features: Int8Features | None = None
+) -> tuple[Any, bool]:
+    """Ask onnxruntime for exact u8u8 kernels where this CPU's u8s8 ones saturate on ``model``.
+
+    It applies where it matters and exists: a Q/DQ graph with int8 weights beyond
+    :data:`SAFE_WEIGHT_MAX`, on an x86 CPU whose int8 kernels may saturate (or
+    ``BNEXPORT_CPU_INT8=novnni``). On a VNNI CPU the option would only slow the graph
+    down, and on other architectures onnxruntime does not compile it in.
+
+    Args:
+        model: the ``onnx.ModelProto``.
+        options: the caller's ``onnxruntime.SessionOptions`` (``None``: a new one is made
+            where needed). :data:`PRECISION_MODE_KEY` is added to them unless they set it
+            already: ``"0"`` there is the caller's way to keep the fast, saturating kernels.
+        features: the CPU's int8 features (default: :func:`cpu_int8_features`).
+
+    Returns:
+        ``(options, on)``: the options to create the session with (``options`` itself, or a
+        new object) and whether :data:`PRECISION_MODE_KEY` is ``"1"`` in them.
+    """
+    found = _risk_here(model, features)
+    if found is None or found[1].machine.lower() not in X86_MACHINES:
+        return options, False
+    if options is None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+    try:
+        return options, options.get_session_config_entry(PRECISION_MODE_KEY) == "1"
+    except RuntimeError:  # not set by the caller
+        options.add_session_config_entry(PRECISION_MODE_KEY, "1")
+        return options, True
+
+
+def load_time_warning(
+    model: Any, features: Int8Features | None = None, *, precision_mode: bool = False
+) -> str | None:
+    """The warning for running ``model`` on onnxruntime's CPU kernels here, or ``None``.
+
+    ``None`` unless the graph is quantized, some int8 weight exceeds
+    :data:`SAFE_WEIGHT_MAX` and the CPU (or ``BNEXPORT_CPU_INT8``) says the kernels may
+    saturate. ``precision_mode``: the session sets :data:`PRECISION_MODE_KEY`.
+    """
+    found = _risk_here(model, features)
+    if found is None:
+        return None
+    return saturation_message(*found, precision_mode=precision_mode)
+
+
+def warn_if_saturating(model: Any, name: str, *, precision_mode: bool = False) -> str | None:
     """Log :func:`load_time_warning` for ``model`` (once, as one line); return it."""
-    message = load_time_warning(model)
+    message = load_time_warning(model, precision_mode=precision_mode)
     if message is not None:
         LOGGER.warning("%s: %s", name, message)
     return message

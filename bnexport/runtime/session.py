@@ -89,7 +89,11 @@ class Session:
             are split and re-joined. For TensorRT it is also the top of the
             optimization profile (default 32). ``None``: no splitting on onnxruntime.
         providers_options: onnxruntime only: ``{provider name: options}``.
-        session_options: onnxruntime only: an ``onnxruntime.SessionOptions``.
+        session_options: onnxruntime only: an ``onnxruntime.SessionOptions``. On CPU, a
+            Q/DQ graph whose int8 kernels can saturate here gets onnxruntime's
+            ``session.x64quantprecision=1`` (exact u8u8 kernels for those layers), added
+            to these options unless they set that key (``"0"`` keeps the fast kernels);
+            see :mod:`bnexport.runtime.int8_kernels`.
         trt_options: TensorRT only: extra keyword arguments of
             :class:`~bnexport.runtime.trt_backend.TrtBackend` (``tf32``,
             ``workspace_bytes``, ``device_id``, ``profile_overrides``, ``cache``).
@@ -165,6 +169,11 @@ class Session:
             from bnexport.io.onnx_file import onnxruntime_load_errors
             from bnexport.runtime.ort_backend import OrtBackend
 
+            precision_mode = False
+            if device == "cpu":  # exact u8u8 kernels where this CPU's u8s8 ones saturate
+                from bnexport.runtime.int8_kernels import apply_precision_mode
+
+                session_options, precision_mode = apply_precision_mode(model, session_options)
             with onnxruntime_load_errors(model_name or path or "<in-memory model>"):
                 self._impl = OrtBackend(
                     model,
@@ -180,7 +189,7 @@ class Session:
                 from bnexport.runtime.int8_kernels import warn_if_saturating
 
                 self.int8_warning = warn_if_saturating(
-                    model, model_name or path or "<in-memory model>"
+                    model, model_name or path or "<in-memory model>", precision_mode=precision_mode
                 )
 
     #: the warning logged at load when this CPU's int8 kernels can saturate on the graph

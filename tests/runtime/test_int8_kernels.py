@@ -6,8 +6,10 @@ dot product, and Q/DQ graphs built here by hand with known int8 weights.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import platform
 import subprocess
 import sys
 
@@ -17,12 +19,23 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from bnexport.runtime import Session
-from bnexport.runtime.cpu_features import ENV_VAR
+from bnexport.runtime.cpu_features import ENV_VAR, cpu_int8_features
 from bnexport.runtime.int8_kernels import (
+    PRECISION_MODE_KEY,
     SAFE_WEIGHT_MAX,
+    X86_MACHINES,
+    SaturationStats,
+    apply_precision_mode,
     load_time_warning,
     saturating_dot,
     saturation_risk,
+)
+
+X86 = platform.machine().lower() in X86_MACHINES
+needs_x86 = pytest.mark.skipif(
+    not X86,
+    reason=f"{PRECISION_MODE_KEY} exists only in onnxruntime's x86 builds: "
+    "the exact u8u8 mode was not verified on this machine",
 )
 
 
@@ -50,8 +63,13 @@ def test_saturating_dot_matches_the_instruction_rule(k):
     w[:2, 0] = 127  # a pair that must saturate when the activations are large
     a[0, :2] = 255
     expected = _vpmaddubsw_dot(a, w)
-    got = saturating_dot(a, w, max_elements=64)  # small chunks: the loop over rows runs
+    stats = SaturationStats()
+    got = saturating_dot(a, w, max_elements=64, stats=stats)  # small chunks: rows loop
     np.testing.assert_array_equal(got, expected)
+    exact = a @ w
+    assert stats.accumulators == exact.size and stats.max_exact == np.abs(exact).max()
+    assert stats.changed == np.count_nonzero(expected != exact)
+    assert stats.max_lost == np.abs(expected - exact).max()
     if k > 1:
         assert got[0, 0] < int(a[0] @ w[:, 0])  # saturated: below the exact sum
 
@@ -151,9 +169,100 @@ def test_run_cli_prints_the_warning_once(tmp_path):
     argv = [sys.executable, "-m", "bnexport", "run", "q.onnx", "--input", "x.npy"]
     proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if "int8 kernels can saturate" in line]
+    lines = [line for line in proc.stderr.splitlines() if "int8 kernels" in line]
     assert len(lines) == 1 and lines[0].startswith("q.onnx: this CPU")
+    assert (f"{PRECISION_MODE_KEY}=1" in lines[0]) is X86  # x86: the exact u8u8 mode
     assert "y: float32[2, 4]" in proc.stdout
+
+
+def _config_entry(sess: Session) -> str | None:
+    options = sess._impl.session.get_session_options()  # what onnxruntime was given
+    try:
+        return options.get_session_config_entry(PRECISION_MODE_KEY)
+    except RuntimeError:  # "does not have configuration with key"
+        return None
+
+
+@pytest.mark.parametrize(
+    "override, peak, machine, wanted",
+    [
+        ("novnni", 127, "x86_64", True),
+        ("novnni", 64, "x86_64", False),  # 7-bit weights cannot saturate: full speed
+        ("vnni", 127, "x86_64", False),  # int32 dot products: nothing to fix
+        ("novnni", 127, "aarch64", False),  # the option is x86-only in onnxruntime
+    ],
+)
+def test_precision_options_only_where_the_kernels_saturate(
+    monkeypatch, override, peak, machine, wanted
+):
+    import onnxruntime as ort
+
+    monkeypatch.setenv(ENV_VAR, override)
+    features = dataclasses.replace(cpu_int8_features(), machine=machine)
+    model = qdq_matmul(_weights(peak))
+    options, on = apply_precision_mode(model, None, features)
+    assert on is wanted and (options is not None) is wanted
+    if wanted:
+        assert options.get_session_config_entry(PRECISION_MODE_KEY) == "1"
+    mine = ort.SessionOptions()  # the caller's options: the entry is added to them
+    assert apply_precision_mode(model, mine, features) == (mine, wanted)
+    opted_out = ort.SessionOptions()
+    opted_out.add_session_config_entry(PRECISION_MODE_KEY, "0")  # the caller's choice stays
+    assert apply_precision_mode(model, opted_out, features) == (opted_out, False)
+    assert opted_out.get_session_config_entry(PRECISION_MODE_KEY) == "0"
+    float_graph = onnx.load_from_string(model.SerializeToString())
+    del float_graph.graph.node[:3]
+    assert apply_precision_mode(float_graph, None, features) == (None, False)
+
+
+@needs_x86
+def test_session_sets_precision_mode_under_novnni(monkeypatch, tmp_path):
+    """Under ``novnni`` the session asks onnxruntime for its exact u8u8 mode, and the
+    numbers are the Q/DQ graph's own on any x86 host; the emulated u8s8 kernels, what
+    a non-VNNI CPU runs without it, are visibly off on the same feed."""
+    import onnxruntime as ort
+
+    from bnexport.quantize.compare import make_session
+    from bnexport.quantize.kernel_emulation import EmulatedSession
+
+    model = qdq_matmul(_weights(127))
+    onnx.save(model, tmp_path / "q.onnx")
+    x = np.random.default_rng(1).uniform(-6.0, 6.0, (64, 16)).astype(np.float32)  # |x_q| ~ 120
+    semantics = make_session(model, optimize=False).run(None, {"x": x})[0]
+    monkeypatch.setenv(ENV_VAR, "novnni")
+    sess = Session(tmp_path / "q.onnx")
+    assert _config_entry(sess) == "1"
+    assert f"{PRECISION_MODE_KEY}=1" in sess.int8_warning and "'fc'" in sess.int8_warning
+    # exact integer sums, float32 scaling: a few float32 ulps of |y| <= ~30
+    np.testing.assert_allclose(sess.run(x)["y"], semantics, rtol=0, atol=1e-4)
+    predicted = EmulatedSession(model).run(None, {"x": x})[0]
+    assert np.abs(predicted - semantics).max() > 1.0  # what the option avoids
+    threads = ort.SessionOptions()  # e.g. what `bnexport serve` passes: the entry is added
+    threads.intra_op_num_threads = 1
+    assert _config_entry(Session(tmp_path / "q.onnx", session_options=threads)) == "1"
+    fast = ort.SessionOptions()
+    fast.add_session_config_entry(PRECISION_MODE_KEY, "0")  # the caller opts out
+    user = Session(tmp_path / "q.onnx", session_options=fast)
+    assert _config_entry(user) == "0" and "can saturate" in user.int8_warning
+    monkeypatch.setenv(ENV_VAR, "vnni")
+    assert _config_entry(Session(tmp_path / "q.onnx")) is None
+
+
+@needs_x86
+def test_onnxruntime_converts_the_saturating_weights_to_uint8(tmp_path):
+    """What the option does in onnxruntime's graph: the int8 weight of a layer beyond
+    ±64 becomes uint8 (``w ^ 0x80``, u8u8 kernels); a 7-bit one stays int8."""
+    import onnxruntime as ort
+
+    for peak, weight_type in ((127, TensorProto.UINT8), (64, TensorProto.INT8)):
+        model = qdq_matmul(_weights(peak))
+        options = ort.SessionOptions()
+        options.add_session_config_entry(PRECISION_MODE_KEY, "1")  # also for the 7-bit one
+        options.optimized_model_filepath = str(tmp_path / f"opt{peak}.onnx")
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(tmp_path / f"opt{peak}.onnx")
+        (weight,) = [t for t in optimized.graph.initializer if list(t.dims) == [16, 4]]
+        assert weight.data_type == weight_type, (peak, weight.name)
 
 
 def test_serve_logs_the_warning_as_one_json_line(monkeypatch):
