@@ -30,10 +30,10 @@ def test_quickstart_cli_writes_verified_artifacts(tmp_path, capsys):
     model = keras.saving.load_model(out / "digits.keras")
     graph = onnx.load(out / "digits.onnx")
     ops = [n.op_type for n in graph.graph.node]
-    # every BN folded: no BatchNormalization or per-channel Mul left; the only Add is the
-    # bias of the final Dense (MatMul + Add)
-    assert "BatchNormalization" not in ops and "Mul" not in ops
-    assert ops.count("Add") == 1
+    # every BN folded: no BatchNormalization or per-channel Mul/Add left; the emitter writes
+    # each Dense as one Gemm with its bias inside
+    assert "BatchNormalization" not in ops and "Mul" not in ops and "Add" not in ops
+    assert ops.count("Gemm") == 2, ops
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(out / "digits.onnx"), providers=["CPUExecutionProvider"])
