@@ -23,6 +23,15 @@ A SavedModel folder without Keras metadata has no Python code to run: loading it
 restores its TensorFlow graph and variables, and exporting runs that graph (TF ops
 only). ``safe_mode=False`` (``--unsafe-load`` on the command line) loads Lambda code —
 only for files you trust.
+
+Backends — a ``.keras`` file loads on the Keras backend in use
+--------------------------------------------------------------
+Keras 3 models and ``.keras`` files load on whatever backend Keras runs (TensorFlow, JAX,
+torch) and nothing here imports TensorFlow for them: tf-keras (which imports TensorFlow)
+is touched only for ``.h5`` files and SavedModel folders. bnexport's own training layers
+(``bnexport.BatchNormalization``) are TensorFlow code: a ``.keras`` file that uses them is
+loaded with them on the TensorFlow backend and refused, naming the layers, on the others.
+A SavedModel always needs TensorFlow.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bnexport.errors import ExportError, UnsafeModelError
+from bnexport.errors import BackendUnavailableError, ExportError, UnsafeModelError
 
 #: what was loaded
 KIND_KERAS = "keras"
@@ -100,8 +109,27 @@ def _is_tf_keras_model(model: Any) -> bool:
     return type(model).__module__.startswith(("tf_keras", "keras.src.legacy", "tensorflow.python"))
 
 
+def keras_backend() -> str | None:
+    """The Keras 3 backend in use (``"tensorflow"``, ``"jax"``, ``"torch"``, ...), or None.
+
+    Imports Keras (not TensorFlow, unless Keras itself runs on it); None when Keras 3 is
+    not installed.
+    """
+    try:
+        import keras
+    except ImportError:
+        return None
+    return str(keras.config.backend())
+
+
 def _keras_custom_objects() -> dict[str, Any]:
-    """Bnexport's Keras layers, so ``.keras`` files that use them load."""
+    """Bnexport's Keras layers, so ``.keras`` files that use them load.
+
+    Only on the TensorFlow backend: the layers are TensorFlow code, and importing them
+    elsewhere would import TensorFlow for nothing (:func:`_refuse_tf_layers` names them).
+    """
+    if keras_backend() != "tensorflow":
+        return {}
     try:
         from bnexport.layers import batch_normalization as bn_module
     except ImportError:
@@ -221,6 +249,40 @@ def _config_of(path: Path) -> Any:
         return None
 
 
+def _bnexport_layers(config: Any) -> list[str]:
+    """Names of the layers of bnexport's own (TensorFlow-only) classes in a model config."""
+    found: list[str] = []
+    if isinstance(config, dict):
+        if str(config.get("module") or "").startswith("bnexport.layers"):
+            inner = config.get("config")
+            name = inner.get("name") if isinstance(inner, dict) else None
+            found.append(f"{name or '?'} ({config.get('class_name')})")
+        for value in config.values():
+            found.extend(_bnexport_layers(value))
+    elif isinstance(config, list):
+        for value in config:
+            found.extend(_bnexport_layers(value))
+    return list(dict.fromkeys(found))
+
+
+def _refuse_tf_layers(path: Path, backend: str | None) -> None:
+    """Refuse a ``.keras`` file with bnexport layers on a backend other than TensorFlow.
+
+    Keras would otherwise import their module (and TensorFlow with it) or fail with
+    "Could not locate class"; one line naming the layers and the way out is clearer.
+    """
+    if backend in (None, "tensorflow"):
+        return
+    layers = _bnexport_layers(_config_of(path))
+    if layers:
+        shown = ", ".join(layers[:5]) + (f" and {len(layers) - 5} more" if len(layers) > 5 else "")
+        raise BackendUnavailableError(
+            f"{str(path)!r}: layer(s) {shown} are bnexport's training layers, which run on "
+            f"the TensorFlow backend only (Keras backend here: {backend}); export this file "
+            "with KERAS_BACKEND=tensorflow"
+        )
+
+
 def _is_safe_mode_refusal(exc: BaseException) -> bool:
     text = str(exc)
     return "safe_mode=False" in text or ("safe_mode" in text and "lambda" in text.lower())
@@ -240,8 +302,12 @@ def _unsafe(path: Path) -> UnsafeModelError:
 
 
 @contextlib.contextmanager
-def _safe_mode_scopes(safe_mode: bool) -> Iterator[None]:
-    """Keras 3's and tf-keras's safe-mode scopes (whichever is installed), both set."""
+def _safe_mode_scopes(safe_mode: bool, *, legacy: bool = True) -> Iterator[None]:
+    """Keras 3's and tf-keras's safe-mode scopes (whichever is installed), both set.
+
+    ``legacy=False`` (a ``.keras`` file, which only Keras 3 reads) leaves tf-keras out:
+    importing it imports TensorFlow.
+    """
     with contextlib.ExitStack() as stack:
         try:
             from keras.src.saving.serialization_lib import SafeModeScope as KerasScope
@@ -249,20 +315,29 @@ def _safe_mode_scopes(safe_mode: bool) -> Iterator[None]:
             pass
         else:
             stack.enter_context(KerasScope(safe_mode))
-        try:
-            from tf_keras.src.saving.serialization_lib import SafeModeScope as TfKerasScope
-        except ImportError:
-            pass
-        else:
-            stack.enter_context(TfKerasScope(safe_mode))
+        if legacy:
+            try:
+                from tf_keras.src.saving.serialization_lib import SafeModeScope as TfKerasScope
+            except ImportError:
+                pass
+            else:
+                stack.enter_context(TfKerasScope(safe_mode))
         yield
 
 
 def _load_keras_file(path: Path, safe_mode: bool) -> Any:
-    """Deserialize a ``.keras`` / ``.h5`` file or tf.keras SavedModel under safe mode."""
+    """Deserialize a ``.keras`` / ``.h5`` file or tf.keras SavedModel under safe mode.
+
+    ``.keras`` goes to Keras 3 on its current backend; ``.h5`` and tf.keras SavedModels to
+    tf-keras where it is installed and Keras runs on TensorFlow, else to Keras 3.
+    """
     suffix = path.suffix.lower()
+    backend = keras_backend()
+    if suffix == ".keras":
+        _refuse_tf_layers(path, backend)
+    legacy = suffix != ".keras" and backend in (None, "tensorflow")
     try:
-        with _safe_mode_scopes(safe_mode):
+        with _safe_mode_scopes(safe_mode, legacy=legacy):
             if suffix == ".keras":
                 import keras
 
@@ -272,9 +347,13 @@ def _load_keras_file(path: Path, safe_mode: bool) -> Any:
                     compile=False,
                     safe_mode=safe_mode,
                 )
-            try:
-                import tf_keras
-            except ImportError:
+            tf_keras = None
+            if legacy:
+                try:
+                    import tf_keras
+                except ImportError:
+                    tf_keras = None
+            if tf_keras is None:
                 import keras
 
                 return keras.saving.load_model(str(path), compile=False, safe_mode=safe_mode)
