@@ -198,6 +198,10 @@ def test_every_bn_application_exports_folds_and_verifies(tmp_path, name, size):
     path = tmp_path / f"{name}.onnx"
     chaotic = name in CHAOTIC and not _self_consistent(model, size)
     report = bnexport.export(model, path, verify=not chaotic)
+    # coverage: the default engine takes the Keras-native emitter, no fallback to tf2onnx
+    # (tests/export/test_export_engines.py compares it with the tf2onnx engine)
+    assert report.engine == "keras", report.fallback_reason
+    assert not report.fallback_reason
     s = report.summary
     assert s["total"] >= len(bn_layers(model)) > 0
     assert s["kept"] == 0, [r for r in report.records if r.action == "kept"]
