@@ -3,12 +3,23 @@
 Two modes:
 
 * default — graph quality: BN nodes left, node count, ORT latency, error (below);
-* ``--speed`` — export *time*: ``bnexport.export`` (with verification) against Keras 3's
-  own ``Model.export(format="onnx")`` on the same model, interleaved round by round
-  (order alternating) so load on a shared machine hits both alike; median of
-  ``--rounds``; bnexport's per-stage times (median per stage); the ratio of the medians;
-  and, as a check that both did the same job, the BN-derived nodes each graph leaves and
-  each graph's max abs error against Keras on one fixed batch.
+* ``--speed`` — export *time* at 224x224 (``--size``), measured two ways, against Keras 3's
+  own ``Model.export(format="onnx")`` as the peer:
+
+  - in-process: the same model exported by bnexport's Keras-native engine
+    (``engine="keras"``), by its tf2onnx engine (``engine="tf2onnx"``), both verified, and
+    by Keras's export, interleaved round by round (the order rotates and alternates, so
+    load on a shared machine hits each alike and none always pays the first run's
+    one-time costs); median of ``--rounds``; each engine's per-stage times
+    (``report.timings``, median per stage); the ratio of each median to Keras's, with the
+    geomean over the models (target: the Keras-native engine <= 0.15x); as a check that
+    all did the same job, each graph's node count, BN-derived nodes and max abs error
+    against Keras on one fixed batch;
+  - cold (``--cold-rounds``, default 1): ``bnexport export x.keras -o y.onnx --engine E``
+    per engine and the peer (load + ``Model.export``), each in a fresh interpreter timed
+    from outside, TensorFlow and Keras imports included, as a user meets them.
+
+  The CPU's model, SIMD flags and load average are printed beside the figures.
 
 For each model (224x224, weights=None, BN statistics randomized with a fixed seed so
 that folding matters), one run produces:
@@ -30,7 +41,8 @@ across the variants), and the max abs error vs Keras
 Usage::
 
     python benchmarks/export_bench.py [--quick] [--models a,b] [--runs N] [--json out.json]
-    python benchmarks/export_bench.py --speed [--size 96] [--rounds 3] [--json out.json]
+    python benchmarks/export_bench.py --speed [--size 224] [--rounds 3] [--cold-rounds 1]
+        [--models ResNet50,MobileNetV2] [--json out.json]
 """
 
 from __future__ import annotations
@@ -39,6 +51,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -53,9 +66,9 @@ import numpy as np  # noqa: E402
 MODELS = ("ResNet50", "ResNet50V2", "MobileNetV2", "DenseNet121", "EfficientNetB0", "MLP")
 QUICK = ("MobileNetV2", "MLP")
 SPEED_MODELS = ("ResNet50", "MobileNetV2", "DenseNet121", "EfficientNetB0")
-#: export-time target of the issue: bnexport <= 0.4x Keras's Model.export(format="onnx")
-SPEED_TARGET = 0.4
-STAGES = ("load", "trace", "freeze", "convert", "fold", "layer_map", "check", "verify", "write")
+#: export-time target (issue 19): the Keras-native engine's verified in-process export
+#: <= 0.15x Keras's Model.export(format="onnx"), geomean over SPEED_MODELS
+SPEED_TARGET = 0.15
 #: latency ratio still counted as "equal" (PASS~): run-to-run spread of the same graph
 #: on a shared 2-core machine is a few percent
 NOISE = 1.03
@@ -348,87 +361,246 @@ def captured_constants(model, graph) -> dict:
     return extra
 
 
+#: the in-process exporters of ``--speed``: bnexport's two engines and Keras's own export
+SPEED_VARIANTS = ("keras_engine", "tf2onnx_engine", "keras_export")
+#: what each variant is called in tables
+LABELS = {
+    "keras_engine": "bnexport (keras engine)",
+    "tf2onnx_engine": "bnexport (tf2onnx engine)",
+    "keras_export": "Keras model.export",
+}
+
+
+def cpu_description() -> dict:
+    """The CPU's model name, count and SIMD features (Linux ``/proc/cpuinfo``), load average."""
+    import platform
+
+    info = {"machine": platform.machine(), "cpus": os.cpu_count(), "model": "", "flags": []}
+    wanted = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8",
+              "amx_bf16", "f16c", "sse4_2", "asimd", "asimddp")  # fmt: skip
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in ("model name", "Model") and not info["model"]:
+            info["model"] = value.strip()
+        elif key in ("flags", "Features") and not info["flags"]:
+            have = set(value.split())
+            info["flags"] = [f for f in wanted if f in have]
+    try:
+        info["loadavg"] = [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        info["loadavg"] = None
+    return info
+
+
+def print_cpu(info: dict) -> None:
+    load = info.get("loadavg")
+    print(
+        f"CPU: {info['model'] or info['machine']}, {info['cpus']} cores, flags "
+        f"{' '.join(info['flags']) or 'unknown'}; load average {load}"
+        + (" (shared machine: read the ratios)" if load and load[0] > 1.5 else "")
+    )
+
+
+def has_engines() -> bool:
+    """Whether this bnexport has the ``engine=`` switch (the Keras-native emitter)."""
+    import inspect
+
+    from bnexport.export.keras_export import export
+
+    return "engine" in inspect.signature(export).parameters
+
+
 def speed_model(name: str, size: int, rounds: int, workdir: Path) -> dict:
-    """Export ``name`` ``rounds`` times with each exporter, interleaved; one result row."""
+    """Each exporter ``rounds`` times on ``name``, interleaved; one result row.
+
+    Round ``r`` runs the variants in an order rotated by ``r`` (reversed every other
+    round), so a load change on a shared machine hits each alike and none always runs
+    first (the first export of a process pays one-time costs: imports, kernel caches).
+    """
     import onnx
 
     import bnexport
 
+    engines = has_engines()
+    variants = [v for v in SPEED_VARIANTS if engines or v != "keras_engine"]
     model = build(name, size)
     x = np.random.default_rng(1).uniform(-1, 1, (2, size, size, 3)).astype(np.float32)
     ref = np.asarray(model(x, training=False), np.float64)
-    keras_path, ours_path = workdir / f"{name}_keras.onnx", workdir / f"{name}_ours.onnx"
-    keras_s: list[float] = []
-    ours_s: list[float] = []
-    stages: dict[str, list[float]] = {k: [] for k in STAGES}
-    report = None
+    paths = {v: workdir / f"{name}_{v}.onnx" for v in variants}
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    stages: dict[str, dict[str, list[float]]] = {v: {} for v in variants}
+    reports: dict = {}
 
-    def run_keras() -> None:
+    def run(variant: str) -> None:
         t = time.perf_counter()
-        model.export(str(keras_path), format="onnx", verbose=False)
-        keras_s.append(time.perf_counter() - t)
-
-    def run_ours() -> None:
-        nonlocal report
-        t = time.perf_counter()
-        report = bnexport.export(model, ours_path)  # verification included
-        ours_s.append(time.perf_counter() - t)
-        for k in STAGES:
-            stages[k].append(report.timings.get(k, 0.0))
+        if variant == "keras_export":
+            model.export(str(paths[variant]), format="onnx", verbose=False)
+        else:
+            kwargs = {"engine": variant.split("_")[0]} if engines else {}
+            reports[variant] = report = bnexport.export(model, paths[variant], **kwargs)
+            for k, v in report.timings.items():
+                if k != "total":
+                    stages[variant].setdefault(k, []).append(v)
+        times[variant].append(time.perf_counter() - t)
 
     for r in range(rounds):
-        for fn in (run_keras, run_ours) if r % 2 == 0 else (run_ours, run_keras):
-            fn()
-    errors = {}
-    nodes = {}
-    for label, path in (("keras", keras_path), ("bnexport", ours_path)):
-        graph = onnx.load(str(path))
-        feed = {graph.graph.input[0].name: x, **captured_constants(model, graph)}
-        out = np.asarray(run_outputs(str(path), feed), np.float64)
-        errors[label] = float(np.max(np.abs(out - ref)))
-        nodes[label] = bn_derived(graph)
-    keras_med, ours_med = statistics.median(keras_s), statistics.median(ours_s)
-    return {
-        "model": name,
-        "size": size,
-        "rounds": rounds,
-        "keras_export_s": round(keras_med, 3),
-        "bnexport_s": round(ours_med, 3),
-        "ratio": round(ours_med / keras_med, 3),
-        "stages_s": {k: round(statistics.median(v), 3) for k, v in stages.items()},
-        "bn_nodes": nodes,
-        "max_abs_err": errors,
-        "max_abs_ref": float(np.max(np.abs(ref))),
-        "summary": report.summary if report else {},
+        order = variants[r % len(variants) :] + variants[: r % len(variants)]
+        for variant in order if r % 2 == 0 else reversed(order):
+            run(variant)
+    row: dict = {"model": name, "size": size, "rounds": rounds, "variants": {}}
+    for variant in variants:
+        graph = onnx.load(str(paths[variant]))
+        feed = {graph.graph.input[0].name: x}
+        if variant == "keras_export":
+            feed.update(captured_constants(model, graph))
+        out = np.asarray(run_outputs(str(paths[variant]), feed), np.float64)
+        report = reports.get(variant)
+        row["variants"][variant] = {
+            "median_s": round(statistics.median(times[variant]), 3),
+            "all_s": [round(t, 3) for t in times[variant]],
+            "stages_s": {k: round(statistics.median(v), 3) for k, v in stages[variant].items()},
+            "engine": getattr(report, "engine", None) if report else None,
+            "fallback_reason": getattr(report, "fallback_reason", None) if report else None,
+            "nodes": len(graph.graph.node),
+            "bn_nodes": bn_derived(graph),
+            "max_abs_err": float(np.max(np.abs(out - ref))),
+            "summary": report.summary if report else None,
+        }
+    row["max_abs_ref"] = float(np.max(np.abs(ref)))
+    keras_s = row["variants"]["keras_export"]["median_s"]
+    row["ratios"] = {
+        v: round(row["variants"][v]["median_s"] / keras_s, 3)
+        for v in variants
+        if v != "keras_export"
     }
+    return row
+
+
+#: a fresh interpreter exporting a .keras file with Keras's own exporter (the CLI's peer).
+#: A loaded model was never called, so Keras wants the input signature it would otherwise
+#: take from the first call: the same specs it builds for a functional model.
+KERAS_COLD = """
+import os, sys
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import keras
+model = keras.saving.load_model(sys.argv[1], compile=False)
+specs = [
+    keras.InputSpec(dtype=t.dtype, shape=(None, *t.shape[1:]), name=t.name) for t in model.inputs
+]
+model.export(sys.argv[2], format="onnx", verbose=False, input_signature=specs)
+"""
+
+
+def cold_model(name: str, size: int, rounds: int, workdir: Path) -> dict:
+    """Cold runs: ``bnexport export x.keras`` per engine, and Keras's export, each a new process.
+
+    Every run is a fresh interpreter (TensorFlow and Keras imports, file load, export,
+    verification for bnexport), timed from outside as a user meets it; rounds interleave
+    the commands like :func:`speed_model`.
+    """
+    model = build(name, size)
+    source = workdir / f"{name}_cold.keras"
+    model.save(source)
+    cli = [sys.executable, "-m", "bnexport", "export", str(source)]
+    commands = {"keras_export": [sys.executable, "-c", KERAS_COLD, str(source)]}
+    if has_engines():
+        commands["keras_engine"] = [*cli, "--engine", "keras", "-o"]
+        commands["tf2onnx_engine"] = [*cli, "--engine", "tf2onnx", "-o"]
+    else:
+        commands["tf2onnx_engine"] = [*cli, "-o"]
+    variants = [v for v in SPEED_VARIANTS if v in commands]
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    failures: dict[str, str] = {}
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    for r in range(rounds):
+        order = variants[r % len(variants) :] + variants[: r % len(variants)]
+        for variant in order if r % 2 == 0 else reversed(order):
+            out = workdir / f"{name}_cold_{variant}.onnx"
+            t = time.perf_counter()
+            proc = subprocess.run(
+                [*commands[variant], str(out)], capture_output=True, text=True, env=env
+            )
+            elapsed = time.perf_counter() - t
+            if proc.returncode != 0:
+                failures[variant] = (proc.stderr or proc.stdout).strip().splitlines()[-1:]
+                continue
+            times[variant].append(elapsed)
+    row = {"model": name, "size": size, "rounds": rounds, "failures": failures, "variants": {}}
+    for v in variants:
+        if times[v]:
+            row["variants"][v] = {
+                "median_s": round(statistics.median(times[v]), 3),
+                "all_s": [round(t, 3) for t in times[v]],
+            }
+    keras_s = row["variants"].get("keras_export", {}).get("median_s")
+    row["ratios"] = {
+        v: round(row["variants"][v]["median_s"] / keras_s, 3)
+        for v in row["variants"]
+        if v != "keras_export" and keras_s
+    }
+    return row
+
+
+def geomean(values: list[float]) -> float:
+    return float(np.exp(np.mean(np.log(values)))) if values else float("nan")
 
 
 def print_speed(rows: list[dict]) -> None:
+    """In-process table: seconds per variant, ratios to Keras's export, stages, checks."""
     header = (
-        f"{'model':<15}{'keras s':>9}{'ours s':>8}{'ratio':>7}  "
-        + "".join(f"{k:>10}" for k in STAGES)
-        + f"{'BN nodes k/ours':>17}{'err keras':>11}{'err ours':>10}{'max|ref|':>10}"
+        f"{'model':<15}{'variant':<27}{'median s':>9}{'/keras':>8}{'nodes':>7}{'BN nodes':>9}"
+        f"{'max err':>10}  engine / stages (median s)"
     )
     print(header)
     print("-" * len(header))
     for r in rows:
-        st = r["stages_s"]
-        print(
-            f"{r['model']:<15}{r['keras_export_s']:>9.2f}{r['bnexport_s']:>8.2f}"
-            f"{r['ratio']:>7.2f}  "
-            + "".join(f"{st[k]:>10.2f}" for k in STAGES)
-            + f"{r['bn_nodes']['keras']:>10}/{r['bn_nodes']['bnexport']:<6}"
-            + f"{r['max_abs_err']['keras']:>11.1e}{r['max_abs_err']['bnexport']:>10.1e}"
-            + f"{r['max_abs_ref']:>10.2f}"
-        )
-    if rows:
-        geo = float(np.exp(np.mean([np.log(r["ratio"]) for r in rows])))
-        worst = max(r["ratio"] for r in rows)
-        verdict = "PASS" if worst <= SPEED_TARGET else "FAIL"
-        print(
-            f"{verdict}: export time ratio bnexport/keras geomean {geo:.2f}, worst {worst:.2f} "
-            f"(target <= {SPEED_TARGET})"
-        )
+        for variant, v in r["variants"].items():
+            ratio = r["ratios"].get(variant)
+            stages = " ".join(f"{k} {s:.2f}" for k, s in v["stages_s"].items())
+            engine = v["engine"] or ""
+            if v["fallback_reason"]:
+                engine += f" (fallback: {v['fallback_reason']})"
+            print(
+                f"{r['model']:<15}{LABELS[variant]:<27}{v['median_s']:>9.2f}"
+                f"{'' if ratio is None else f'{ratio:.3f}':>8}{v['nodes']:>7}{v['bn_nodes']:>9}"
+                f"{v['max_abs_err']:>10.1e}  {engine}{'; ' if engine and stages else ''}{stages}"
+            )
+
+
+def print_cold(rows: list[dict]) -> None:
+    header = f"{'model':<15}{'variant':<27}{'median s':>9}{'/keras':>8}  runs"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        for variant, v in r["variants"].items():
+            ratio = r["ratios"].get(variant)
+            print(
+                f"{r['model']:<15}{LABELS[variant]:<27}{v['median_s']:>9.2f}"
+                f"{'' if ratio is None else f'{ratio:.3f}':>8}  {v['all_s']}"
+            )
+        for variant, why in r["failures"].items():
+            print(f"{r['model']:<15}{LABELS[variant]:<27}  FAILED: {why}")
+
+
+def print_geomeans(rows: list[dict], what: str) -> dict:
+    """Geomean ratio to Keras's export per bnexport engine; the target line for the new one."""
+    result = {}
+    for variant in ("keras_engine", "tf2onnx_engine"):
+        ratios = [r["ratios"][variant] for r in rows if variant in r["ratios"]]
+        if not ratios:
+            continue
+        result[variant] = round(geomean(ratios), 3)
+        line = f"{what}: {LABELS[variant]} / Keras export, geomean {geomean(ratios):.3f}"
+        if variant == "keras_engine" and what == "in-process":  # the target is in-process
+            verdict = "PASS" if geomean(ratios) <= SPEED_TARGET else "FAIL"
+            line = f"{verdict} {line} (target <= {SPEED_TARGET}, {len(ratios)} models)"
+        print(line)
+    return result
 
 
 def speed_main(args: argparse.Namespace) -> int:
@@ -437,14 +609,18 @@ def speed_main(args: argparse.Namespace) -> int:
     import tensorflow as tf
     import tf2onnx
 
+    cpu = cpu_description()
     print(
-        f"export time: tf {tf.__version__}, keras {keras.__version__}, tf2onnx "
-        f"{tf2onnx.__version__}; {args.size}x{args.size}, weights=None, median of "
+        f"export time: tf {tf.__version__}, keras {keras.__version__} ({keras.config.backend()}), "
+        f"tf2onnx {tf2onnx.__version__}; {args.size}x{args.size}, weights=None, median of "
         f"{args.rounds} interleaved rounds; bnexport includes verification"
     )
-    rows = []
+    print_cpu(cpu)
+    if not has_engines():
+        print("(this bnexport has no engine= switch: only today's tf2onnx path is measured)")
+    rows, cold_rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in models:
+        for name in models if args.rounds > 0 else []:
             try:
                 row = speed_model(name, args.size, args.rounds, Path(tmp))
             except Exception as exc:  # noqa: BLE001 - report and go on with the others
@@ -453,10 +629,42 @@ def speed_main(args: argparse.Namespace) -> int:
             rows.append(row)
             print_speed([row])
             sys.stdout.flush()
-    print("\nall models:")
+        if args.cold_rounds:
+            print(f"\ncold runs (a fresh process each: imports, load, export; median of "
+                  f"{args.cold_rounds}):")  # fmt: skip
+            for name in models:
+                cold_rows.append(cold_model(name, args.size, args.cold_rounds, Path(tmp)))
+                print_cold(cold_rows[-1:])
+                sys.stdout.flush()
+    print("\nin-process, all models:")
     print_speed(rows)
+    geo = print_geomeans(rows, "in-process")
+    cold_geo = {}
+    if cold_rows:
+        print("\ncold, all models:")
+        print_cold(cold_rows)
+        cold_geo = print_geomeans(cold_rows, "cold")
+    print_cpu(cpu_description())
     if args.json:
-        Path(args.json).write_text(json.dumps({"mode": "speed", "rows": rows}, indent=2) + "\n")
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "mode": "speed",
+                    "cpu": cpu,
+                    "versions": {
+                        "tf": tf.__version__,
+                        "keras": keras.__version__,
+                        "tf2onnx": tf2onnx.__version__,
+                    },  # fmt: skip
+                    "rows": rows,
+                    "geomean": geo,
+                    "cold_rows": cold_rows,
+                    "cold_geomean": cold_geo,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     return 0
 
 
@@ -469,8 +677,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--speed", action="store_true", help="export time vs Keras's Model.export(format='onnx')"
     )
-    parser.add_argument("--size", type=int, default=96, help="--speed: input size (default 96)")
-    parser.add_argument("--rounds", type=int, default=3, help="--speed: rounds (median)")
+    parser.add_argument("--size", type=int, default=224, help="--speed: input size (default 224)")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="--speed: in-process rounds (median; 0: none)"
+    )
+    parser.add_argument(
+        "--cold-rounds",
+        type=int,
+        default=1,
+        help="--speed: cold CLI runs per engine and model (a fresh process each; 0: none)",
+    )
     args = parser.parse_args(argv)
     if args.speed:
         return speed_main(args)
