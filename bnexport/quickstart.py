@@ -178,7 +178,7 @@ def run_quickstart(
 
     onnx_path = out / "digits.onnx"
     report = export_model(model, onnx_path, progress=progress)
-    console.print(report.table())
+    console.print(report.summary_view())
     console.print(f"exported {onnx_path}")
     result.onnx_path, result.export_report = onnx_path, report
 

@@ -156,14 +156,17 @@ class ExportReport:
         return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
 
     def table(self) -> Any:
-        """A ``rich.table.Table``: one row per BN, caption with the summary and verification.
+        """The ``-v`` view: one row per BN, then the summary and verification as prose.
 
         The action column never wraps; names, targets and reasons fold to the width; the
-        reason column is left out when no BN has one.
+        reason column is left out when no BN has one. The summary lines follow the table
+        left-aligned, so they wrap at the console width rather than the table's.
         """
+        from rich.console import Group
         from rich.table import Table
+        from rich.text import Text
 
-        table = Table(title=f"bnexport: {self.path}", caption=self._caption(), show_lines=False)
+        table = Table(title=f"bnexport: {self.path}", title_justify="left", show_lines=False)
         reasons = any(record.reason for record in self.records)  # else no empty column
         table.add_column("batch norm", overflow="fold", ratio=3)
         table.add_column("action", no_wrap=True)
@@ -173,7 +176,7 @@ class ExportReport:
         for record in self.records:
             row = [record.name, record.action, record.target or "-"]
             table.add_row(*row, *([record.reason] if reasons else []))
-        return table
+        return Group(table, Text(self._caption()))
 
     @property
     def path_description(self) -> str:
