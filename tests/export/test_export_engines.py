@@ -47,15 +47,10 @@ import bnexport
 FAST = {"MobileNetV3Small"}
 
 #: where the emitter's graph is known to fold less than tf2onnx's (strict xfail: remove the
-#: entry when the gap closes). EfficientNet B0-B7 start Rescaling → Normalization →
-#: ZeroPadding2D → Conv: tf2onnx merges the Pad into the Conv's ``pads``, and the fold pass
-#: then folds the input normalization backward into the stem conv; the emitter writes the
-#: Pad as its own node, which blocks that fold and leaves one per-channel Mul.
-EMITTER_GAPS = {
-    f"EfficientNetB{i}": "ZeroPadding2D is not merged into the next Conv's pads: the input "
-    "Normalization stays one Mul instead of folding backward into the stem conv"
-    for i in range(8)
-}
+#: entry when the gap closes). Empty since the fold pipeline merges a ``ZeroPadding2D``'s
+#: Pad into the next Conv's ``pads`` (``passes/merge_pad.py``): EfficientNet B0-B7's input
+#: normalization then folds backward into the stem conv on both engines.
+EMITTER_GAPS: dict[str, str] = {}
 
 
 def _zero_paddings(model) -> int:

@@ -84,7 +84,12 @@ def _pairs(spec: Any, n: int) -> list[tuple[int, int]]:
 
 @register("ZeroPadding1D", "ZeroPadding2D", "ZeroPadding3D")
 def zero_padding(ctx: EmitContext, layer: Any, args: tuple, kwargs: dict) -> Tensor:
-    """``ZeroPaddingND``: a constant ``Pad`` on the spatial axes."""
+    """``ZeroPaddingND``: a constant ``Pad`` on the spatial axes.
+
+    A padding read only by a ``Conv`` (``ZeroPadding2D`` → ``Conv2D(padding="valid")``)
+    ends up in that Conv's ``pads``: the fold pipeline merges it
+    (:mod:`bnexport.export.passes.merge_pad`), so it is written plainly here.
+    """
     x = args[0]
     axes = _spatial_axes(layer, x.rank)
     spec = layer.padding

@@ -1,8 +1,10 @@
 """``fold_batchnorm``: make batch normalization free in an ONNX graph, or one node.
 
 The pass pipeline (onnx-ir passes in one ``PassManager``, then dead-node removal), after
-shape inference (:mod:`.shapes`; a failure is named in the report of each BN whose rank it
-left unknown):
+:class:`~.merge_pad.MergePadIntoConvPass` (a constant zero ``Pad`` into the next ``Conv``'s
+``pads``, so a normalization in front of the ``Pad`` can reach the ``Conv``) and shape
+inference (:mod:`.shapes`; a failure is named in the report of each BN whose rank it left
+unknown):
 
 1. :class:`~.patterns.CanonicalizeAffinePass` — every inference ``BatchNormalization``
    and per-channel constant ``Mul``/``Add``/``Sub``/``Div`` chain becomes one internal
@@ -38,6 +40,7 @@ from bnexport.export.passes.backward import BackwardFoldPass
 from bnexport.export.passes.context import FoldContext
 from bnexport.export.passes.forward import ForwardFoldPass
 from bnexport.export.passes.fuse import FuseNormPass
+from bnexport.export.passes.merge_pad import MergePadIntoConvPass
 from bnexport.export.passes.patterns import CanonicalizeAffinePass
 from bnexport.export.passes.shapes import infer_shapes
 from bnexport.export.passes.training import TrainingBatchNormPass
@@ -72,7 +75,8 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         return self.ctx.records
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        """Run the pipeline on ``model`` in place (after shape inference, see :mod:`.shapes`)."""
+        """Run the pipeline on ``model`` in place (after the Pad merge and shape inference)."""
+        merged = MergePadIntoConvPass()(model).modified
         self.ctx.shape_error = infer_shapes(model)
         manager = ir.passes.PassManager(
             [
@@ -85,7 +89,7 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
             ],
             steps=1,
         )
-        return ir.passes.PassResult(model, manager(model).modified)
+        return ir.passes.PassResult(model, manager(model).modified or merged)
 
 
 def _unwrap(exc: BaseException) -> BaseException:
