@@ -133,26 +133,15 @@ def _fold_ir(model: Any, bn_nodes: dict[str, str], fused_norm: str, keep: str) -
     """
     import onnx_ir as ir
 
-    from bnexport.errors import BnexportError, FoldError
-    from bnexport.export.passes.fold_batchnorm import FoldBatchNormPass
+    from bnexport.export.passes.fold_batchnorm import fold_ir_model
 
-    fold = FoldBatchNormPass(
+    records = fold_ir_model(
+        model,
         fused_norm=fused_norm,  # type: ignore[arg-type]
         names=bn_nodes,
         keep_float16_overflow=keep,  # type: ignore[arg-type]
     )
-    try:
-        fold(model)
-    except (ir.passes.PassError, ir.passes.InvariantError) as exc:
-        cause: BaseException = exc
-        while cause.__cause__ is not None and not isinstance(cause, BnexportError):
-            cause = cause.__cause__
-        if isinstance(cause, BnexportError):
-            raise cause from None
-        if isinstance(cause, ir.passes.PreconditionError):
-            raise FoldError(str(cause)) from None
-        raise
-    return ir.serde.serialize_model(model), fold.records
+    return ir.serde.serialize_model(model), records
 
 
 def _via_emitter(

@@ -127,10 +127,28 @@ def fold_batchnorm_with_report(
     """
     if not isinstance(model, onnx.ModelProto):
         raise TypeError(f"model must be an onnx.ModelProto. Received: {type(model).__name__}")
+    ir_model = ir.serde.deserialize_model(model)
+    records = fold_ir_model(
+        ir_model, fused_norm=fused_norm, names=names, keep_float16_overflow=keep_float16_overflow
+    )
+    return ir.serde.serialize_model(ir_model), records
+
+
+def fold_ir_model(
+    ir_model: ir.Model,
+    *,
+    fused_norm: Literal["onnx", "plugin"] = "onnx",
+    names: Mapping[str, str] | None = None,
+    keep_float16_overflow: Literal["float32", "error"] = "float32",
+) -> list[FoldRecord]:
+    """Run the fold pipeline on an ``onnx_ir`` model in place; return the report records.
+
+    Arguments and errors as :func:`fold_batchnorm_with_report`, whose ``ModelProto`` round
+    trip this skips (the Keras-native emitter already holds an ``onnx_ir`` model).
+    """
     fold = FoldBatchNormPass(
         fused_norm=fused_norm, names=names, keep_float16_overflow=keep_float16_overflow
     )
-    ir_model = ir.serde.deserialize_model(model)
     try:
         fold(ir_model)
     except (ir.passes.PassError, ir.passes.InvariantError) as exc:
@@ -140,7 +158,7 @@ def fold_batchnorm_with_report(
         if isinstance(cause, ir.passes.PreconditionError):
             raise FoldError(str(cause)) from None
         raise
-    return ir.serde.serialize_model(ir_model), fold.records
+    return fold.records
 
 
 def fold_batchnorm(
