@@ -438,7 +438,7 @@ def test_api_check_parity_bad_onnx(keras_files, files, bad):
 
 @pytest.mark.parametrize("bad", ["random", "ext_traversal"])
 def test_api_triton_repo_bad_onnx(files, tmp_path, bad):
-    from bnexport.serve.triton_repo import write_triton_repo
+    from bnexport.serve.triton.repo import write_triton_repo
 
     with pytest.raises(BnexportError, match=files[bad].name):
         write_triton_repo(files[bad], tmp_path / "repo")

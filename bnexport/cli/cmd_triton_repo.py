@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from bnexport.atomic_write import check_output_paths
-    from bnexport.serve.triton_repo import write_triton_repo
+    from bnexport.serve.triton.repo import write_triton_repo
 
     model_dir = Path(args.out_dir) / (args.name or Path(args.model).stem)
     if args.kserve:  # a name KServe would refuse fails before anything is written

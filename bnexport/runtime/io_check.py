@@ -23,7 +23,7 @@ and a datatype that differs from the model's is the client's mistake, as in
 Triton) nothing is converted: the dtype must be the model's, except that a
 string input accepts an object array of ``bytes``/``str``. This module is the
 one input validator of the project: ``Session.run`` and the server's
-:meth:`~bnexport.serve.repository.ServedModel.check_inputs` both call
+:meth:`~bnexport.serve.core.repository.ServedModel.check_inputs` both call
 :func:`check_inputs`.
 """
 

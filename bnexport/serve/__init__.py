@@ -17,10 +17,10 @@ from typing import Any
 _LAZY = {
     "serve_model": "bnexport.serve.server",
     "curl_example": "bnexport.serve.server",
-    "create_app": "bnexport.serve.app",
-    "ModelRepository": "bnexport.serve.repository",
-    "write_triton_repo": "bnexport.serve.triton_repo",
-    "kserve_inferenceservice_yaml": "bnexport.serve.triton_repo",
+    "create_app": "bnexport.serve.rest.app",
+    "ModelRepository": "bnexport.serve.core.repository",
+    "write_triton_repo": "bnexport.serve.triton.repo",
+    "kserve_inferenceservice_yaml": "bnexport.serve.triton.repo",
 }
 
 __all__ = list(_LAZY)

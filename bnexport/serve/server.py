@@ -28,13 +28,13 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
-from bnexport.serve.errors import ListenError
-from bnexport.serve.http11 import protocol_class
-from bnexport.serve.repository import ServedModel
+from bnexport.serve.core.errors import ListenError
+from bnexport.serve.core.repository import ServedModel
+from bnexport.serve.rest.http11 import protocol_class
 
 if TYPE_CHECKING:
-    from bnexport.serve.app import ServerState
-    from bnexport.serve.grpc_server import GrpcFrontend
+    from bnexport.serve.grpc.server import GrpcFrontend
+    from bnexport.serve.rest.app import ServerState
 
 _INLINE_LIMIT = 256  # elements written into the curl command itself
 #: GIL switch interval of the server process (Python's default is 5 ms)
@@ -54,7 +54,7 @@ def curl_example(model: ServedModel, host: str, port: int, token: str | None = N
     piped into ``curl -d @-``. With a token the command reads it from
     ``$BNEXPORT_SERVE_TOKEN`` (:data:`TOKEN_ENV`) instead of showing it.
     """
-    from bnexport.serve.codec import datatype_of
+    from bnexport.serve.protocol.codec import datatype_of
 
     shapes = _example_shape(model)
     url_host = f"[{host}]" if ":" in host else host
@@ -227,7 +227,7 @@ def serve_model(
         max_batch: largest dynamically merged batch; 1 disables merging.
         batch_timeout_ms: how long a batch waits for more requests.
         batch_policy: ``"adaptive"`` (stop waiting when no request is on its way) or
-            ``"window"`` (always wait ``batch_timeout_ms``); see :mod:`bnexport.serve.batcher`.
+            ``"window"`` (always wait ``batch_timeout_ms``); see :mod:`bnexport.serve.core.batcher`.
         token: bearer token required on every path but ``/v2/health/*``.
         max_body_mb: request body limit in MiB (413 above it).
         instances: batches of one model that may run concurrently.
@@ -248,25 +248,25 @@ def serve_model(
         graceful_timeout_s: on SIGTERM, how long in-flight requests may take.
         max_inflight_mb: MiB of request bodies processed at once (default 4x
             ``max_body_mb``); requests beyond it wait up to 10 s, then get 503 with
-            ``Retry-After`` (see :mod:`bnexport.serve.admission`).
+            ``Retry-After`` (see :mod:`bnexport.serve.core.admission`).
         max_inflight_requests: requests with a body processed at once (same rule).
         body_timeout_s: time to receive a whole request body, else 408; also the
             deadline of a gRPC infer call that carries none (DEADLINE_EXCEEDED).
         header_timeout_s: time to receive a request's line and headers, else 408
-            (see :mod:`bnexport.serve.http11`).
+            (see :mod:`bnexport.serve.rest.http11`).
         keep_alive_s: idle time before a keep-alive connection is closed.
         warmup: run each model on zero batches before serving, ``max_batch`` rows halved
             down to 1, each twice (see :meth:`ServedModel.warmup`).
         grpc_port: also serve KServe v2 over gRPC on this port (same models, batcher,
-            limits, token, logs and metrics; see :mod:`bnexport.serve.grpc_service`);
+            limits, token, logs and metrics; see :mod:`bnexport.serve.grpc.service`);
             ``None``: HTTP only.
         model_control: ``"none"`` or ``"explicit"`` (load/unload over HTTP and gRPC; see
-            :mod:`bnexport.serve.model_control`).
+            :mod:`bnexport.serve.core.model_control`).
         open_metrics: serve ``GET /metrics`` without ``token`` (for Prometheus scraping by
             pod annotation, e.g. KServe's ``prometheus.kserve.io/*``); other paths keep it.
         print_fn: where the ``curl`` example goes.
     """
-    from bnexport.serve.logs import configure_logging, get_logger
+    from bnexport.serve.core.logs import configure_logging, get_logger
     from bnexport.serve.settings import ServeSettings, load_app
 
     arguments = dict(locals())  # the keywords, before anything below rebinds one
@@ -314,7 +314,7 @@ def serve_model(
     # was installed before it ran; a no-op handler there makes a drained SIGTERM exit 0.
     grpc = None
     if grpc_port is not None:
-        from bnexport.serve.grpc_server import GrpcFrontend
+        from bnexport.serve.grpc.server import GrpcFrontend
 
         grpc = GrpcFrontend(
             app.state,

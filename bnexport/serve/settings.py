@@ -75,19 +75,19 @@ def load_app(path: str | os.PathLike, settings: ServeSettings, metrics: Any = No
     Args:
         path: an ``.onnx`` file or a Triton-style repository folder.
         settings: the server's settings.
-        metrics: the app's :class:`~bnexport.serve.metrics.ServerMetrics` (a fresh one
+        metrics: the app's :class:`~bnexport.serve.core.metrics.ServerMetrics` (a fresh one
             by default).
 
     Returns:
-        The ASGI app of :func:`bnexport.serve.app.create_app` (its shared state is
+        The ASGI app of :func:`bnexport.serve.rest.app.create_app` (its shared state is
         ``app.state``, its in-flight bound ``app.admission``).
 
     Raises:
         BnexportError: a model cannot be read or loaded (the message names it).
     """
-    from bnexport.serve.app import create_app
-    from bnexport.serve.logs import get_logger
-    from bnexport.serve.repository import ModelRepository
+    from bnexport.serve.core.logs import get_logger
+    from bnexport.serve.core.repository import ModelRepository
+    from bnexport.serve.rest.app import create_app
     from bnexport.serve.server import ort_run_options, ort_session_kwargs
 
     s = settings

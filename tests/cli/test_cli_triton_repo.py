@@ -51,7 +51,7 @@ def test_misspelled_default_domain_op_is_refused(tmp_path, capsys):
 
 def test_known_ops_pass(tmp_path, capsys):
     """ONNX ops, onnxruntime contrib ops, FusedNorm and model-local functions are known."""
-    from bnexport.serve.triton_repo import check_known_ops
+    from bnexport.serve.triton.repo import check_known_ops
 
     model = onnx.parser.parse_model(
         """<ir_version: 8, opset_import: ["" : 17, "com.microsoft" : 1, "local" : 1]>

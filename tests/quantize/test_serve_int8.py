@@ -8,8 +8,8 @@ from fastapi.testclient import TestClient
 from qmodels import fp32_reference, images
 
 import bnexport
-from bnexport.serve.app import create_app
-from bnexport.serve.repository import ModelRepository
+from bnexport.serve.core.repository import ModelRepository
+from bnexport.serve.rest.app import create_app
 
 
 def test_server_serves_int8_model(tmp_path, cnn_path, calib):

@@ -271,7 +271,7 @@ def test_serve_logs_the_warning_as_one_json_line(monkeypatch):
     import json
 
     from bnexport.runtime.int8_kernels import LOGGER, warn_if_saturating
-    from bnexport.serve.logs import configure_logging
+    from bnexport.serve.core.logs import configure_logging
 
     touched = [logging.getLogger(n) for n in ("bnexport.serve", "uvicorn", "uvicorn.error")]
     touched.append(LOGGER)

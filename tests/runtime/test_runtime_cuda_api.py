@@ -73,7 +73,7 @@ def test_gpu_modules_import_light():
     code = (
         "import sys\n"
         "import bnexport.runtime.cuda_api, bnexport.runtime.trt_build\n"
-        "import bnexport.runtime.trt_backend, bnexport.serve.triton_repo\n"
+        "import bnexport.runtime.trt_backend, bnexport.serve.triton.repo\n"
         "import bnexport_plugins.fused_norm.gpu_runtime, bnexport_plugins.fused_norm.trt_plugin\n"
         "heavy = ('tensorflow', 'keras', 'tf2onnx', 'tensorrt', 'cuda.bindings.driver',\n"
         "         'cuda.bindings.runtime', 'cuda.bindings.nvrtc', 'torch')\n"

@@ -20,7 +20,7 @@ from bnexport_plugins.fused_norm import onnx_node
 from onnx import TensorProto, helper, numpy_helper
 from runtime_models import dense_relu_model
 
-from bnexport.serve.triton_repo import write_triton_repo
+from bnexport.serve.triton.repo import write_triton_repo
 
 
 def _fused_norm_model() -> onnx.ModelProto:

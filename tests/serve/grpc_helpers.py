@@ -1,7 +1,7 @@
 """Helpers of the gRPC tests: HTTP and gRPC served together, as ``bnexport serve --grpc-port``.
 
 The server is :class:`bnexport.serve.server.DrainingServer` (what ``serve_model``
-runs) with a :class:`~bnexport.serve.grpc_server.GrpcFrontend`, in a daemon
+runs) with a :class:`~bnexport.serve.grpc.server.GrpcFrontend`, in a daemon
 thread, both on free loopback ports.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 import uvicorn
 from support import wait_until
 
-from bnexport.serve.grpc_server import GrpcFrontend
+from bnexport.serve.grpc.server import GrpcFrontend
 from bnexport.serve.server import DrainingServer
 
 

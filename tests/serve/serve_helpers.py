@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from support import metric, running_server
 
-from bnexport.serve.app import create_app
-from bnexport.serve.repository import ModelRepository
+from bnexport.serve.core.repository import ModelRepository
+from bnexport.serve.rest.app import create_app
 
 __all__ = ["make_app", "metric", "running_server"]
 

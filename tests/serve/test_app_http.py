@@ -14,8 +14,8 @@ import pytest
 from serve_helpers import make_app, metric, running_server
 from serve_models import digits_cnn, digits_reference, fixed_batch_model, images
 
-from bnexport.serve.logs import JsonLineFormatter, get_logger
-from bnexport.serve.repository import ModelRepository
+from bnexport.serve.core.logs import JsonLineFormatter, get_logger
+from bnexport.serve.core.repository import ModelRepository
 
 RTOL, ATOL = 1e-4, 1e-5  # float32 model vs float64 NumPy
 
@@ -157,7 +157,7 @@ def test_repository_config_and_single_file(tmp_path):
 
 
 def test_warmup_runs_the_largest_batch(tmp_path):
-    from bnexport.serve.repository import default_session_factory
+    from bnexport.serve.core.repository import default_session_factory
 
     shapes: list[tuple] = []
 
@@ -193,7 +193,7 @@ def test_run_options_reach_every_session_run(tmp_path):
     """``run_options`` from the repository go to warm-up and batched runs; answers unchanged."""
     import onnxruntime as ort
 
-    from bnexport.serve.repository import default_session_factory
+    from bnexport.serve.core.repository import default_session_factory
     from bnexport.serve.server import ort_run_options
 
     seen: list = []

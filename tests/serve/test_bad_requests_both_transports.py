@@ -1,7 +1,7 @@
 """One table of bad inference requests, each sent over HTTP and over gRPC.
 
 Both transports share one data plane (the codecs' shape check in
-:mod:`bnexport.serve.tensor_limits`, the model's input check, the repository
+:mod:`bnexport.serve.protocol.tensor_limits`, the model's input check, the repository
 lookup), so each bad request must end with the same status family on both
 (400 / INVALID_ARGUMENT, 404 / NOT_FOUND), a message that names the field at
 fault, and, where both transports describe the request alike, the same message.
@@ -27,7 +27,7 @@ from grpc_helpers import running_servers
 from serve_helpers import make_app
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from bnexport.serve.tensor_limits import MAX_RANK
+from bnexport.serve.protocol.tensor_limits import MAX_RANK
 
 IMAGE = [1, 8, 8, 1]
 ZEROS = np.zeros(64, np.float32)

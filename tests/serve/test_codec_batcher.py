@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from support import async_wait_until
 
-from bnexport.serve import binary, codec
-from bnexport.serve.batcher import DynamicBatcher
-from bnexport.serve.errors import BadRequestError, UnavailableError
-from bnexport.serve.protocol import InferenceResponse, RequestOutput
+from bnexport.serve.core.batcher import DynamicBatcher
+from bnexport.serve.core.errors import BadRequestError, UnavailableError
+from bnexport.serve.protocol import binary, codec
+from bnexport.serve.protocol.types import InferenceResponse, RequestOutput
 
 
 def _binary_body(header: dict, *chunks: bytes) -> tuple[bytes, str]:

@@ -26,9 +26,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from bnexport.serve import binary, codec
-from bnexport.serve.errors import BadRequestError
-from bnexport.serve.protocol import RequestOutput
+from bnexport.serve.core.errors import BadRequestError
+from bnexport.serve.protocol import binary, codec
+from bnexport.serve.protocol.types import RequestOutput
 
 DATATYPES = sorted(codec.DATATYPE_TO_NUMPY)
 FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -18,7 +18,7 @@ from serve_models import digits_reference, images
 from support import async_wait_until, wait_until
 
 from bnexport.errors import UsageError
-from bnexport.serve.grpc_server import GrpcFrontend
+from bnexport.serve.grpc.server import GrpcFrontend
 
 RTOL, ATOL = 1e-4, 1e-5
 

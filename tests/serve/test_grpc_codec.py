@@ -7,9 +7,9 @@ import pytest
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import serialize_byte_tensor
 
-from bnexport.serve import grpc_codec
-from bnexport.serve.errors import BadRequestError
-from bnexport.serve.protocol import RequestOutput
+from bnexport.serve.core.errors import BadRequestError
+from bnexport.serve.protocol import grpc_codec
+from bnexport.serve.protocol.types import RequestOutput
 
 CASES = [
     ("BOOL", np.array([[True, False, True]])),
@@ -115,8 +115,8 @@ def test_count_shape_and_duplicates_are_refused():
     ids=["rank40", "rank70", "empty-too-big", "dim2**40"],
 )
 def test_shape_limits_as_over_http(shape, words, raw):
-    """The shape check of :mod:`bnexport.serve.tensor_limits`, the same text as the JSON codec's."""
-    from bnexport.serve import codec
+    """The shape check of :mod:`bnexport.serve.protocol.tensor_limits`: the JSON codec's text."""
+    from bnexport.serve.protocol import codec
 
     request = _request("FP32", np.zeros(1 if 0 not in shape else 0, np.float32), raw=raw)
     request.inputs[0].shape[:] = shape

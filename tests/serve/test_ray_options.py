@@ -127,7 +127,7 @@ def test_metrics_of_replicas_merge_into_one_exposition():
     """Each family once, every replica's samples labelled; the sums are the replicas' sums."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    from bnexport.serve.metrics import ServerMetrics
+    from bnexport.serve.core.metrics import ServerMetrics
     from bnexport.serve.ray.metrics_board import MetricsBoard, merge
 
     a, b = ServerMetrics(), ServerMetrics()

@@ -24,7 +24,7 @@ from serve_helpers import make_app, metric, running_server
 from serve_models import digits_reference, images, log_model
 from support import wait_until
 
-from bnexport.serve.logs import JsonLineFormatter, get_logger
+from bnexport.serve.core.logs import JsonLineFormatter, get_logger
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -482,8 +482,8 @@ def test_json_over_its_limit_is_413_before_any_parse(repo_dir):
 
 
 def test_decode_process_refuses_json_over_its_limit_without_starting():
-    from bnexport.serve.decode_process import DecodeProcess
-    from bnexport.serve.errors import PayloadTooLargeError
+    from bnexport.serve.core.errors import PayloadTooLargeError
+    from bnexport.serve.rest.decode_process import DecodeProcess
 
     decoder = DecodeProcess(min_bytes=16, max_bytes=100)
     with pytest.raises(PayloadTooLargeError, match="101 bytes is over the limit of 100"):
@@ -507,7 +507,7 @@ def test_large_response_sent_in_slices_matches(repo_dir):
 
 # -- bind errors and the printed example ---------------------------------------------------------
 def test_listen_errors_name_host_and_port():
-    from bnexport.serve.errors import ListenError
+    from bnexport.serve.core.errors import ListenError
     from bnexport.serve.server import listen_socket
 
     taken = listen_socket("127.0.0.1", 0)
@@ -524,7 +524,7 @@ def test_listen_errors_name_host_and_port():
 
 
 def test_serve_model_fails_before_printing_on_busy_port(repo_dir):
-    from bnexport.serve.errors import ListenError
+    from bnexport.serve.core.errors import ListenError
     from bnexport.serve.server import listen_socket, serve_model
 
     taken = listen_socket("127.0.0.1", 0)
@@ -538,7 +538,7 @@ def test_serve_model_fails_before_printing_on_busy_port(repo_dir):
 
 
 def test_curl_example_never_shows_the_token(repo_dir):
-    from bnexport.serve.repository import ModelRepository
+    from bnexport.serve.core.repository import ModelRepository
     from bnexport.serve.server import TOKEN_ENV, curl_example
 
     model = ModelRepository.from_path(repo_dir).get("digits")

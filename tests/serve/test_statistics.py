@@ -17,8 +17,8 @@ import tritonclient.http as httpclient
 from serve_helpers import make_app, running_server
 from serve_models import images
 
-from bnexport.serve.batcher import DynamicBatcher
-from bnexport.serve.statistics import REQUEST_FIELDS, ModelStats
+from bnexport.serve.core.batcher import DynamicBatcher
+from bnexport.serve.core.statistics import REQUEST_FIELDS, ModelStats
 
 
 class _CountingModel:

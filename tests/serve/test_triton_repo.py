@@ -13,8 +13,8 @@ from serve_models import digits_cnn, fixed_batch_model, images
 
 from bnexport.cli.main import main
 from bnexport.errors import UsageError
-from bnexport.serve.repository import ModelRepository
-from bnexport.serve.triton_repo import model_config_pb2, write_triton_repo
+from bnexport.serve.core.repository import ModelRepository
+from bnexport.serve.triton.repo import model_config_pb2, write_triton_repo
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 
@@ -208,7 +208,7 @@ def test_model_config_without_grpcio(digits_onnx, tmp_path):
     code = (
         "import sys\n"
         "sys.modules['grpc'] = None  # as if grpcio were not installed\n"
-        "from bnexport.serve.triton_repo import write_triton_repo\n"
+        "from bnexport.serve.triton.repo import write_triton_repo\n"
         f"res = write_triton_repo({str(digits_onnx)!r}, {str(tmp_path / 'out')!r})\n"
         "print(res.config.name)\n"
     )

@@ -75,7 +75,9 @@ def _resolve(name: str, modules: Mapping[str, Path]) -> str | None:
     return None
 
 
-def _edges_of(name: str, path: Path, modules: Mapping[str, Path], *, top_level_only: bool) -> set[str]:
+def _edges_of(
+    name: str, path: Path, modules: Mapping[str, Path], *, top_level_only: bool
+) -> set[str]:
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     nodes: Iterable[ast.AST] = (
@@ -106,7 +108,9 @@ def _edges_of(name: str, path: Path, modules: Mapping[str, Path], *, top_level_o
     return found
 
 
-def module_edges(modules: Mapping[str, Path], *, top_level_only: bool = False) -> dict[str, set[str]]:
+def module_edges(
+    modules: Mapping[str, Path], *, top_level_only: bool = False
+) -> dict[str, set[str]]:
     """``{module: project modules it imports}`` (self-edges dropped)."""
     return {
         name: _edges_of(name, path, modules, top_level_only=top_level_only)
@@ -241,7 +245,8 @@ def summarize(root: Path = ROOT) -> ImportGraphSummary:
         package_circles=_strongly_connected(package_edges(modules, edges)),
         layer_circles=_strongly_connected(package_edges(modules, edges, depth=2)),
         function_level_edges=sum(
-            len(edges[name] - top) for name, top in module_edges(modules, top_level_only=True).items()
+            len(edges[name] - top)
+            for name, top in module_edges(modules, top_level_only=True).items()
         ),
     )
 

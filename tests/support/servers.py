@@ -14,12 +14,12 @@ from support.waiting import wait_until
 def running_server(app: Any, *, header_timeout_s: float = 10.0, **config: Any) -> Iterator[str]:
     """Serve ``app`` on 127.0.0.1:<free port> in a thread; yield ``host:port``.
 
-    The server speaks through :class:`bnexport.serve.http11.GuardedH11Protocol`, as
+    The server speaks through :class:`bnexport.serve.rest.http11.GuardedH11Protocol`, as
     ``bnexport serve`` does; ``config`` goes to ``uvicorn.Config``.
     """
     import uvicorn
 
-    from bnexport.serve.http11 import protocol_class
+    from bnexport.serve.rest.http11 import protocol_class
 
     server = uvicorn.Server(
         uvicorn.Config(

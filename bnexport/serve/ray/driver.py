@@ -257,7 +257,7 @@ class RayServer:
         s = self.settings
         grpc_options: dict[str, Any] = {}
         if s.grpc_port is not None:
-            from bnexport.serve.logs import get_logger
+            from bnexport.serve.core.logs import get_logger
 
             get_logger().warning(
                 "Ray Serve's gRPC proxy listens on every interface ([::]), whatever --host "
@@ -397,7 +397,7 @@ def serve_replicas(
         ReplicaStartError: the replicas did not start (one line).
         UsageError: bad options, or Ray is not installed.
     """
-    from bnexport.serve.logs import configure_logging, get_logger
+    from bnexport.serve.core.logs import configure_logging, get_logger
 
     bad = options.problems()
     if settings.model_control != "none":

@@ -11,7 +11,7 @@ the request bytes untouched, and the replica parses them with tritonclient's
 classes (:func:`parse_request`). No message class is pickled, and the proxy does
 not parse what the replica parses again.
 
-The unary RPCs of :mod:`bnexport.serve.grpc_service` are served; the bidirectional
+The unary RPCs of :mod:`bnexport.serve.grpc.service` are served; the bidirectional
 ``ModelStreamInfer`` is not registered (a client gets UNIMPLEMENTED).
 """
 

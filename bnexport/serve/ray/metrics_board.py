@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from bnexport.serve.metrics import ServerMetrics
+from bnexport.serve.core.metrics import ServerMetrics
 
 #: name of the board actor (in the Serve namespace)
 BOARD_NAME = "bnexport_metrics_board"

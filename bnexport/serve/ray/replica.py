@@ -9,7 +9,7 @@ the same assembly as the one-process server) and serves:
 - gRPC: Ray's gRPC proxy forwards the request bytes of
   ``inference.GRPCInferenceService/<RPC>`` to the replica method of that name
   (see :mod:`bnexport.serve.ray.grpc_ingress`), which parses them and calls
-  :class:`bnexport.serve.grpc_service.InferenceServicer`, as the one-process
+  :class:`bnexport.serve.grpc.service.InferenceServicer`, as the one-process
   server does. Errors end the RPC with the servicer's status code and message,
   set on Ray's gRPC context (no exception reaches Ray, so its proxy logs no
   traceback for a client's mistake).
@@ -108,8 +108,8 @@ class BnexportReplica:
     """
 
     def __init__(self, path: str, settings: ServeSettings) -> None:
-        from bnexport.serve.grpc_service import InferenceServicer
-        from bnexport.serve.logs import configure_logging
+        from bnexport.serve.core.logs import configure_logging
+        from bnexport.serve.grpc.service import InferenceServicer
         from bnexport.serve.server import SWITCH_INTERVAL_S
 
         configure_logging(settings.log_level)

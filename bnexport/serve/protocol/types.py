@@ -7,8 +7,8 @@ a valid request or response.
 
 Only the JSON header of an inference request is described here. Tensor
 payloads sent with Triton's binary-tensor extension are handled by
-:mod:`bnexport.serve.binary`; conversion between ``$tensor_data`` and NumPy by
-:mod:`bnexport.serve.codec`.
+:mod:`bnexport.serve.protocol.binary`; conversion between ``$tensor_data`` and NumPy by
+:mod:`bnexport.serve.protocol.codec`.
 """
 
 from __future__ import annotations

@@ -148,7 +148,7 @@ def statistics_response(repository: Any, name: str | None, version: str | None) 
     """Triton's ``ModelStatisticsResponse`` as JSON: ``{"model_stats": [...]}``.
 
     Args:
-        repository: the :class:`~bnexport.serve.repository.ModelRepository`.
+        repository: the :class:`~bnexport.serve.core.repository.ModelRepository`.
         name: one model, or ``None``/empty for every model.
         version: one version of ``name``, or ``None``/empty for all of its versions.
 

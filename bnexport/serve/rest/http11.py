@@ -6,7 +6,7 @@ request line and headers one byte at a time holds the connection forever (the
 "slowloris" attack). :class:`GuardedH11Protocol` gives every request
 ``header_timeout_s`` from the moment the connection is ready for it (opened, or
 the previous response sent) until its head is complete; then it answers 408
-and closes. The body has its own timeout (:mod:`bnexport.serve.middleware`).
+and closes. The body has its own timeout (:mod:`bnexport.serve.rest.middleware`).
 
 Requests h11 cannot parse (a garbage request line, a malformed ``Content-Length``,
 oversized headers) get uvicorn's plain-text 400; here they get a KServe error
@@ -23,7 +23,7 @@ from typing import Any
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from bnexport.serve.logs import get_logger
+from bnexport.serve.core.logs import get_logger
 
 DEFAULT_HEADER_TIMEOUT_S = 10.0
 

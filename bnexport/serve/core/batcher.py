@@ -35,7 +35,7 @@ stops taking requests, runs everything already queued and waits for the
 workers: in-flight requests complete. The same ``close()`` retires the batcher
 of a model version that is being unloaded or replaced.
 
-With a :class:`~bnexport.serve.statistics.ModelStats`, every run and every
+With a :class:`~bnexport.serve.core.statistics.ModelStats`, every run and every
 request is recorded in Triton's statistics (queue time per request; merge, run
 and split time per batch).
 """
@@ -51,8 +51,8 @@ from typing import Any
 
 import numpy as np
 
-from bnexport.serve.errors import UnavailableError
-from bnexport.serve.statistics import BatchTiming, ModelStats
+from bnexport.serve.core.errors import UnavailableError
+from bnexport.serve.core.statistics import BatchTiming, ModelStats
 
 RunFn = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 #: ``on_batch(rows, requests, seconds)`` after every model run

@@ -11,7 +11,7 @@ One request goes through five steps::
 Decoding and encoding of anything but small bodies run in a worker thread, so
 the event loop (and with it ``/v2/health/*``) never waits on one request's
 bytes (JSON bodies of several MiB are parsed in a helper process, see
-:mod:`bnexport.serve.decode_process`), and large responses leave in slices.
+:mod:`bnexport.serve.rest.decode_process`), and large responses leave in slices.
 Errors end the request with a KServe error body; a client that goes away while
 its body is being read ends it with status 499 (logged once, counted, no
 traceback).
@@ -28,19 +28,19 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
-from bnexport.serve import codec
-from bnexport.serve.binary import HEADER_LENGTH
-from bnexport.serve.errors import (
+from bnexport.serve.core.errors import (
     BadRequestError,
     ClientGoneError,
     PayloadTooLargeError,
     ServeError,
 )
-from bnexport.serve.infer_scope import InferScope
-from bnexport.serve.protocol import ErrorResponse, InferenceRequest, InferenceResponse
+from bnexport.serve.core.infer_scope import InferScope
+from bnexport.serve.protocol import codec
+from bnexport.serve.protocol.binary import HEADER_LENGTH
+from bnexport.serve.protocol.types import ErrorResponse, InferenceRequest, InferenceResponse
 
 if TYPE_CHECKING:
-    from bnexport.serve.app import ServerState
+    from bnexport.serve.rest.app import ServerState
 
 #: bodies / outputs above this many bytes are decoded / encoded in a worker thread
 OFFLOAD_BYTES = 256 << 10
@@ -106,7 +106,7 @@ async def decode_body(
 
     Small bodies (up to :data:`OFFLOAD_BYTES`) decode on the loop; larger ones in a
     worker thread; JSON bodies of ``state.decoder.min_bytes`` or more in the helper
-    process (:mod:`bnexport.serve.decode_process`), since a JSON parse holds the GIL.
+    process (:mod:`bnexport.serve.rest.decode_process`), since a JSON parse holds the GIL.
     JSON (the whole body, or the header part of a binary one) above
     ``state.decoder.max_bytes`` is refused first with 413.
     """

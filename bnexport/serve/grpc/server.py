@@ -20,7 +20,7 @@ stream counts as one, health checks count too) is refused at once with
 RESOURCE_EXHAUSTED, before its message is read. Parsed messages waiting for
 admission hold at most ``max_inflight_requests x max_message_bytes``. An infer
 request whose call has no deadline gets ``request_timeout_s`` (see
-:mod:`bnexport.serve.grpc_service`).
+:mod:`bnexport.serve.grpc.service`).
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ import asyncio
 import sys
 from typing import TYPE_CHECKING, Any
 
-from bnexport.serve.logs import get_logger
+from bnexport.serve.core.logs import get_logger
 
 if TYPE_CHECKING:
-    from bnexport.serve.app import ServerState
+    from bnexport.serve.rest.app import ServerState
 
 
 class GrpcFrontend:
@@ -93,7 +93,7 @@ class GrpcFrontend:
         import grpc
         from tritonclient.grpc import service_pb2_grpc
 
-        from bnexport.serve.grpc_service import InferenceServicer
+        from bnexport.serve.grpc.service import InferenceServicer
 
         server = grpc.aio.server(
             options=[
@@ -122,7 +122,7 @@ class GrpcFrontend:
         Failed to add port ...``) before Python sees it; that line is caught here and its
         reason (``Address already in use``) goes into the one-line error instead.
         """
-        from bnexport.serve.errors import ListenError
+        from bnexport.serve.core.errors import ListenError
         from bnexport.stderr_capture import captured_fd2, read_captured
 
         bound, caught = 0, ""

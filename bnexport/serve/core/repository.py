@@ -31,7 +31,7 @@ a plain file name, and a model file (or a link) that resolves outside
 The repository remembers where it was loaded from, so one model can be read
 again from disk (:meth:`ModelRepository.read_model`) and swapped in while the
 others keep serving (:meth:`ModelRepository.swap`); see
-:mod:`bnexport.serve.model_control` for the load/unload protocol.
+:mod:`bnexport.serve.core.model_control` for the load/unload protocol.
 """
 
 from __future__ import annotations
@@ -48,10 +48,10 @@ import numpy as np
 
 from bnexport.errors import InputError, UsageError
 from bnexport.runtime.io_check import check_inputs
-from bnexport.serve.codec import datatype_of
-from bnexport.serve.errors import BadRequestError, ModelNotFoundError
-from bnexport.serve.protocol import MetadataTensor, ModelMetadataResponse, RequestOutput
-from bnexport.serve.statistics import ModelStats
+from bnexport.serve.core.errors import BadRequestError, ModelNotFoundError
+from bnexport.serve.core.statistics import ModelStats
+from bnexport.serve.protocol.codec import datatype_of
+from bnexport.serve.protocol.types import MetadataTensor, ModelMetadataResponse, RequestOutput
 
 #: ``session_factory(path, **session_kwargs) -> Session-like`` (has inputs/outputs/run)
 SessionFactory = Callable[..., Any]
@@ -97,7 +97,7 @@ class ServedModel:
         batch_timeout_s: batcher wait after the first request of a batch.
         run_options: an ``onnxruntime.RunOptions`` passed to every ``session.run``
             (see :func:`bnexport.serve.server.ort_run_options`); ``None``: none passed.
-        stats: Triton statistics of this version (see :mod:`bnexport.serve.statistics`).
+        stats: Triton statistics of this version (see :mod:`bnexport.serve.core.statistics`).
     """
 
     name: str
@@ -237,7 +237,7 @@ class ModelRepository:
     """Every served model and version; ``get(name, version)`` finds one.
 
     Attributes:
-        control_mode: ``"none"`` or ``"explicit"`` (see :mod:`bnexport.serve.model_control`).
+        control_mode: ``"none"`` or ``"explicit"`` (see :mod:`bnexport.serve.core.model_control`).
         control_lock: held by a load or unload.
         warmup: run each model read by :meth:`read_model` on zero batches first.
         merged_run_options: ``RunOptions`` given to every model whose requests are merged
@@ -532,7 +532,7 @@ def _read_config(model_dir: Path, defaults: ModelSettings) -> ModelSettings:
     cfg_path = model_dir / "config.pbtxt"
     if not cfg_path.is_file():
         return dataclasses.replace(defaults)
-    from bnexport.serve.triton_repo import parse_config
+    from bnexport.serve.triton.repo import parse_config
 
     cfg = parse_config(cfg_path.read_text())
     settings = dataclasses.replace(defaults)

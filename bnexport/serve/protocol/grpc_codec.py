@@ -29,11 +29,11 @@ from typing import Any
 
 import numpy as np
 
-from bnexport.serve import binary
-from bnexport.serve.codec import DecodedRequest, datatype_of, numpy_dtype
-from bnexport.serve.errors import BadRequestError
-from bnexport.serve.protocol import RequestOutput
-from bnexport.serve.tensor_limits import check_shape
+from bnexport.serve.core.errors import BadRequestError
+from bnexport.serve.protocol import binary
+from bnexport.serve.protocol.codec import DecodedRequest, datatype_of, numpy_dtype
+from bnexport.serve.protocol.tensor_limits import check_shape
+from bnexport.serve.protocol.types import RequestOutput
 
 #: KServe datatype -> the ``InferTensorContents`` field holding its values
 CONTENTS_FIELD = {
@@ -77,7 +77,7 @@ def decode_request(request: Any) -> DecodedRequest:
 
     Raises:
         BadRequestError: unknown datatype, a shape outside the limits of
-            :mod:`bnexport.serve.tensor_limits`, a count or byte
+            :mod:`bnexport.serve.protocol.tensor_limits`, a count or byte
             size that does not match the shape, values out of range, mixed typed
             and raw contents, an input given twice.
     """

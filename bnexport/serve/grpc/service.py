@@ -21,7 +21,7 @@ Errors end the RPC with a status code and a one-line message, as Triton does::
     413 message over --max-body-mb      -> RESOURCE_EXHAUSTED (grpc's own check)
     503 in-flight bound reached         -> RESOURCE_EXHAUSTED
     more RPCs than the in-flight bound  -> RESOURCE_EXHAUSTED (grpc's own check, see
-                                           :mod:`bnexport.serve.grpc_server`)
+                                           :mod:`bnexport.serve.grpc.server`)
     503 shutting down                   -> UNAVAILABLE
     500 the model failed on the request -> INTERNAL
     model control not enabled           -> FAILED_PRECONDITION
@@ -53,21 +53,21 @@ from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from bnexport import __version__
-from bnexport.serve import grpc_codec
-from bnexport.serve.errors import (
+from bnexport.serve.core.errors import (
     RequestTimeoutError,
     ServeError,
     UnauthorizedError,
     UnavailableError,
 )
-from bnexport.serve.infer_scope import InferScope
-from bnexport.serve.logs import get_logger
-from bnexport.serve.model_control import load_model, unload_model
-from bnexport.serve.routes_triton import EXTENSIONS
-from bnexport.serve.statistics import statistics_response
+from bnexport.serve.core.infer_scope import InferScope
+from bnexport.serve.core.logs import get_logger
+from bnexport.serve.core.model_control import load_model, unload_model
+from bnexport.serve.core.statistics import statistics_response
+from bnexport.serve.protocol import grpc_codec
+from bnexport.serve.rest.routes_triton import EXTENSIONS
 
 if TYPE_CHECKING:
-    from bnexport.serve.app import ServerState
+    from bnexport.serve.rest.app import ServerState
 
 #: RPCs that need no token (health checks)
 _OPEN = frozenset({"ServerLive", "ServerReady"})
@@ -134,9 +134,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     """``inference.GRPCInferenceService`` answering from ``state`` (shared with HTTP).
 
     Args:
-        state: the HTTP app's :class:`~bnexport.serve.app.ServerState`.
+        state: the HTTP app's :class:`~bnexport.serve.rest.app.ServerState`.
         token: bearer token required on every RPC but ServerLive/ServerReady.
-        admission: the HTTP app's :class:`~bnexport.serve.admission.Admission` (in-flight
+        admission: the HTTP app's :class:`~bnexport.serve.core.admission.Admission` (in-flight
             bound, shared by both protocols); a request over it gets RESOURCE_EXHAUSTED.
         request_timeout_s: deadline of an infer request whose call has none
             (DEADLINE_EXCEEDED after it); ``None``: no server deadline.
@@ -223,7 +223,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @_rpc
     async def ModelConfig(self, request: Any, context: Any) -> Any:  # noqa: N802, D102
-        from bnexport.serve.app import _config_json
+        from bnexport.serve.rest.app import _config_json
 
         model = self.state.repository.get(request.name, request.version or None)
         config = json_format.ParseDict(_config_json(model), model_config_pb2.ModelConfig())
@@ -331,7 +331,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         Args:
             request: the ``ModelInferRequest``.
             deadline_s: time from admission to the answer, else
-                :class:`~bnexport.serve.errors.RequestTimeoutError` (DEADLINE_EXCEEDED);
+                :class:`~bnexport.serve.core.errors.RequestTimeoutError` (DEADLINE_EXCEEDED);
                 ``None``: no limit.
 
         Raises:

@@ -23,8 +23,8 @@ size counts against the limit.
 
 :func:`create_app` only assembles: the shared :class:`ServerState`, the error
 handlers, one router per group of endpoints (health and metadata here,
-inference in :mod:`bnexport.serve.infer`), and the ASGI guard in front
-(:mod:`bnexport.serve.middleware`).
+inference in :mod:`bnexport.serve.rest.infer`), and the ASGI guard in front
+(:mod:`bnexport.serve.rest.middleware`).
 """
 
 from __future__ import annotations
@@ -39,24 +39,24 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bnexport import __version__
-from bnexport.serve.admission import Admission
-from bnexport.serve.batcher import DynamicBatcher
-from bnexport.serve.decode_process import DEFAULT_MAX_BYTES, DEFAULT_MIN_BYTES, DecodeProcess
-from bnexport.serve.errors import ServeError
-from bnexport.serve.infer import _ERRORS, add_infer_routes, error_response, read_body
-from bnexport.serve.logs import get_logger
-from bnexport.serve.metrics import ServerMetrics
-from bnexport.serve.middleware import GuardMiddleware
-from bnexport.serve.protocol import (
+from bnexport.serve.core.admission import Admission
+from bnexport.serve.core.batcher import DynamicBatcher
+from bnexport.serve.core.errors import ServeError
+from bnexport.serve.core.logs import get_logger
+from bnexport.serve.core.metrics import ServerMetrics
+from bnexport.serve.core.repository import ModelRepository, ServedModel
+from bnexport.serve.protocol.types import (
     ModelMetadataResponse,
     ModelReadyResponse,
     ServerLiveResponse,
     ServerMetadataResponse,
     ServerReadyResponse,
 )
-from bnexport.serve.repository import ModelRepository, ServedModel
-from bnexport.serve.routes_triton import EXTENSIONS as TRITON_EXTENSIONS
-from bnexport.serve.routes_triton import triton_router
+from bnexport.serve.rest.decode_process import DEFAULT_MAX_BYTES, DEFAULT_MIN_BYTES, DecodeProcess
+from bnexport.serve.rest.infer import _ERRORS, add_infer_routes, error_response, read_body
+from bnexport.serve.rest.middleware import GuardMiddleware
+from bnexport.serve.rest.routes_triton import EXTENSIONS as TRITON_EXTENSIONS
+from bnexport.serve.rest.routes_triton import triton_router
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "ServerState", "create_app", "error_response", "read_body"]
 
@@ -151,18 +151,18 @@ def create_app(
         token: bearer token required on every path but ``/v2/health/*``.
         max_body_bytes: largest request body (after decompression), else 413.
         instances: batches of one model that may run at the same time.
-        batch_policy: ``"adaptive"`` or ``"window"`` (see :mod:`bnexport.serve.batcher`).
+        batch_policy: ``"adaptive"`` or ``"window"`` (see :mod:`bnexport.serve.core.batcher`).
         metrics: metric set (a fresh one by default).
         max_inflight_bytes: request-body bytes processed at once (default: 4 bodies of
             ``max_body_bytes``); requests beyond wait, then get 503 + ``Retry-After``
-            (see :mod:`bnexport.serve.admission`).
+            (see :mod:`bnexport.serve.core.admission`).
         max_inflight_requests: requests with a body processed at once (same rule).
         admission_wait_s: how long a request may wait for room before its 503.
         body_timeout_s: time to receive a whole body, else 408 (``None``: no limit).
         json_process_min_bytes: JSON bodies this large are parsed in a helper process
-            (see :mod:`bnexport.serve.decode_process`).
+            (see :mod:`bnexport.serve.rest.decode_process`).
         open_metrics: serve ``GET /metrics`` without the token (annotation-based
-            Prometheus scraping sends none; see :mod:`bnexport.serve.middleware`).
+            Prometheus scraping sends none; see :mod:`bnexport.serve.rest.middleware`).
         json_max_bytes: largest JSON text decoded (a parse peaks near 20x it), else 413;
             binary tensors are bounded by ``max_body_bytes`` alone.
 
@@ -340,7 +340,7 @@ def metadata_router(state: ServerState) -> APIRouter:
 
 def _config_json(model: ServedModel) -> dict:
     """Triton-style model configuration (as JSON) of a served model."""
-    from bnexport.serve.codec import datatype_of
+    from bnexport.serve.protocol.codec import datatype_of
 
     batched = model.batchable and model.max_batch > 1
 

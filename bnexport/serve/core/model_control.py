@@ -31,12 +31,12 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from bnexport.errors import BnexportError
-from bnexport.serve.errors import BadRequestError, ModelNotFoundError, ServeError
-from bnexport.serve.logs import get_logger
+from bnexport.serve.core.errors import BadRequestError, ModelNotFoundError, ServeError
+from bnexport.serve.core.logs import get_logger
 
 if TYPE_CHECKING:
-    from bnexport.serve.app import ServerState
-    from bnexport.serve.repository import ServedModel
+    from bnexport.serve.core.repository import ServedModel
+    from bnexport.serve.rest.app import ServerState
 
 MODES = ("none", "explicit")
 

@@ -4,7 +4,7 @@ Parsing JSON is one C call that holds the GIL from the first byte to the last
 (pydantic-core, like ``json.loads``): about 5 ms per MiB here, so a 64 MiB body
 would stop the event loop, and every ``/v2/health/*`` probe with it, for a third
 of a second even from a worker thread. Bodies of ``min_bytes`` or more are
-therefore parsed by a helper process, ``python -m bnexport.serve.decode_process``,
+therefore parsed by a helper process, ``python -m bnexport.serve.rest.decode_process``,
 which answers with the decoded request (NumPy arrays). The helper is a plain
 subprocess, not a ``multiprocessing`` pool: a ``spawn`` pool re-imports the
 parent's ``__main__`` script, which in a user's unguarded script would start a
@@ -48,9 +48,9 @@ from typing import IO, Any
 
 import numpy as np
 
-from bnexport.serve import codec
-from bnexport.serve.errors import PayloadTooLargeError, ServeError
-from bnexport.serve.logs import get_logger
+from bnexport.serve.core.errors import PayloadTooLargeError, ServeError
+from bnexport.serve.core.logs import get_logger
+from bnexport.serve.protocol import codec
 
 #: JSON bodies at least this large are decoded in the helper process
 DEFAULT_MIN_BYTES = 4 << 20
@@ -61,7 +61,7 @@ _ANSWER = struct.Struct("<Q")
 
 
 class DecodeProcess:
-    """A helper process running :func:`bnexport.serve.codec.decode_request`.
+    """A helper process running :func:`bnexport.serve.protocol.codec.decode_request`.
 
     Args:
         min_bytes: smallest JSON body sent to the helper (smaller ones parse in a thread).
@@ -77,7 +77,7 @@ class DecodeProcess:
     def _process(self) -> subprocess.Popen:
         if self._proc is None or self._proc.poll() is not None:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "bnexport.serve.decode_process"],
+                [sys.executable, "-m", "bnexport.serve.rest.decode_process"],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 close_fds=True,

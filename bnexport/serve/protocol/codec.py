@@ -32,10 +32,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from pydantic import ValidationError
 
-from bnexport.serve import binary
-from bnexport.serve.errors import BadRequestError
-from bnexport.serve.protocol import InferenceRequest, RequestOutput
-from bnexport.serve.tensor_limits import check_shape
+from bnexport.serve.core.errors import BadRequestError
+from bnexport.serve.protocol import binary
+from bnexport.serve.protocol.tensor_limits import check_shape
+from bnexport.serve.protocol.types import InferenceRequest, RequestOutput
 
 #: KServe datatype -> NumPy dtype
 DATATYPE_TO_NUMPY: dict[str, np.dtype] = {
@@ -270,7 +270,7 @@ def encode_response(
         binary_output: default for outputs whose parameters do not say.
 
     Returns:
-        ``(body, header_length)``; see :func:`bnexport.serve.binary.join_body`.
+        ``(body, header_length)``; see :func:`bnexport.serve.protocol.binary.join_body`.
     """
     if requested is None:
         wanted = [(name, None) for name in results]

@@ -20,7 +20,7 @@ Triton expects, and the remaining dynamic dimensions are written as ``-1``.
 ``instance_group`` (``--instances`` copies, ``KIND_AUTO`` / ``KIND_GPU`` /
 ``KIND_CPU``) follow. The file is a ``ModelConfig`` message of Triton's own
 model-config protobuf (shipped by tritonclient), printed by ``text_format`` and
-parsed back to the identical message (:mod:`bnexport.serve.triton_config`).
+parsed back to the identical message (:mod:`bnexport.serve.triton.config`).
 
 TensorRT and the FusedNorm plugin
 ---------------------------------
@@ -70,7 +70,7 @@ from bnexport_plugins.fused_norm.spec import has_fused_norm
 
 from bnexport.atomic_write import atomic_path, write_bytes_atomic
 from bnexport.errors import UsageError
-from bnexport.serve.triton_config import (
+from bnexport.serve.triton.config import (
     TensorConfig,
     check_round_trip,
     model_config,
@@ -143,7 +143,7 @@ def validate_model_name(name: str) -> str:
         UsageError: the name is empty, ``.``/``..``, or uses anything but letters, digits
             and ``_.-`` (so ``--name ../../x`` cannot write outside ``OUT_DIR``).
     """
-    from bnexport.serve.repository import _check_name
+    from bnexport.serve.core.repository import _check_name
 
     return _check_name(name, Path("--name"))
 

@@ -9,12 +9,12 @@ Endpoints (as Triton serves them, so ``tritonclient.http`` works unmodified)::
     POST /v2/repository/models/{name}/unload                unload a model     (explicit mode)
 
 Statistics bodies are Triton's ``{"model_stats": [...]}`` (see
-:mod:`bnexport.serve.statistics`); the index is a list of ``{"name", "version",
+:mod:`bnexport.serve.core.statistics`); the index is a list of ``{"name", "version",
 "state", "reason"}``; a load body may be empty or ``{"parameters": {...}}``
 (Triton's ``config`` / ``file:`` overrides are refused: the model is read from
 the repository folder as it is on disk). Load and unload answer 409 unless the
 server runs with ``--model-control explicit`` (see
-:mod:`bnexport.serve.model_control`).
+:mod:`bnexport.serve.core.model_control`).
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from bnexport.serve.errors import BadRequestError
-from bnexport.serve.model_control import load_model, unload_model
-from bnexport.serve.protocol import ErrorResponse
-from bnexport.serve.statistics import statistics_response
+from bnexport.serve.core.errors import BadRequestError
+from bnexport.serve.core.model_control import load_model, unload_model
+from bnexport.serve.core.statistics import statistics_response
+from bnexport.serve.protocol.types import ErrorResponse
 
 if TYPE_CHECKING:
-    from bnexport.serve.app import ServerState
+    from bnexport.serve.rest.app import ServerState
 
 _ERRORS: dict = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 503)}
 #: Triton extensions both protocols announce in their server metadata
