@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
-from bnexport.serve.core.errors import ListenError
 from bnexport.serve.core.repository import ServedModel
+from bnexport.serve.protocol.errors import ListenError
 from bnexport.serve.rest.http11 import protocol_class
 
 if TYPE_CHECKING:

@@ -123,7 +123,7 @@ def test_exit_codes_come_from_one_table():
     """Every expected error type gets its code from bnexport.errors.EXIT_CODES."""
     from bnexport import errors
     from bnexport.cli.main import translate
-    from bnexport.serve.core.errors import ListenError
+    from bnexport.serve.protocol.errors import ListenError
 
     cases = {
         errors.UsageError("x"): 2,

@@ -12,8 +12,8 @@ import pytest
 from support import async_wait_until
 
 from bnexport.serve.core.batcher import DynamicBatcher
-from bnexport.serve.core.errors import BadRequestError, UnavailableError
 from bnexport.serve.protocol import binary, codec
+from bnexport.serve.protocol.errors import BadRequestError, UnavailableError
 from bnexport.serve.protocol.types import InferenceResponse, RequestOutput
 
 

@@ -26,8 +26,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from bnexport.serve.core.errors import BadRequestError
 from bnexport.serve.protocol import binary, codec
+from bnexport.serve.protocol.errors import BadRequestError
 from bnexport.serve.protocol.types import RequestOutput
 
 DATATYPES = sorted(codec.DATATYPE_TO_NUMPY)

@@ -7,8 +7,8 @@ import pytest
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import serialize_byte_tensor
 
-from bnexport.serve.core.errors import BadRequestError
 from bnexport.serve.protocol import grpc_codec
+from bnexport.serve.protocol.errors import BadRequestError
 from bnexport.serve.protocol.types import RequestOutput
 
 CASES = [

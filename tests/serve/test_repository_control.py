@@ -24,8 +24,8 @@ from tritonclient.utils import InferenceServerException
 
 from bnexport.errors import InputError, UsageError
 from bnexport.runtime.io_check import TensorInfo, check_inputs
-from bnexport.serve.core.errors import BadRequestError
 from bnexport.serve.core.repository import ModelRepository, default_session_factory
+from bnexport.serve.protocol.errors import BadRequestError
 from bnexport.serve.rest.app import create_app
 
 RTOL, ATOL = 1e-4, 1e-5

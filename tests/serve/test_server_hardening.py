@@ -482,7 +482,7 @@ def test_json_over_its_limit_is_413_before_any_parse(repo_dir):
 
 
 def test_decode_process_refuses_json_over_its_limit_without_starting():
-    from bnexport.serve.core.errors import PayloadTooLargeError
+    from bnexport.serve.protocol.errors import PayloadTooLargeError
     from bnexport.serve.rest.decode_process import DecodeProcess
 
     decoder = DecodeProcess(min_bytes=16, max_bytes=100)
@@ -507,7 +507,7 @@ def test_large_response_sent_in_slices_matches(repo_dir):
 
 # -- bind errors and the printed example ---------------------------------------------------------
 def test_listen_errors_name_host_and_port():
-    from bnexport.serve.core.errors import ListenError
+    from bnexport.serve.protocol.errors import ListenError
     from bnexport.serve.server import listen_socket
 
     taken = listen_socket("127.0.0.1", 0)
@@ -524,7 +524,7 @@ def test_listen_errors_name_host_and_port():
 
 
 def test_serve_model_fails_before_printing_on_busy_port(repo_dir):
-    from bnexport.serve.core.errors import ListenError
+    from bnexport.serve.protocol.errors import ListenError
     from bnexport.serve.server import listen_socket, serve_model
 
     taken = listen_socket("127.0.0.1", 0)

@@ -24,7 +24,7 @@ import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
 
-from bnexport.serve.core.errors import OverloadedError
+from bnexport.serve.protocol.errors import OverloadedError
 
 
 @dataclasses.dataclass(eq=False)

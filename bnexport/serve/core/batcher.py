@@ -51,8 +51,8 @@ from typing import Any
 
 import numpy as np
 
-from bnexport.serve.core.errors import UnavailableError
 from bnexport.serve.core.statistics import BatchTiming, ModelStats
+from bnexport.serve.protocol.errors import UnavailableError
 
 RunFn = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 #: ``on_batch(rows, requests, seconds)`` after every model run

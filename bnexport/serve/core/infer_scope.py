@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from bnexport.errors import InputError
-from bnexport.serve.core.errors import BadRequestError, ModelRunError, ServeError
 from bnexport.serve.core.logs import get_logger
+from bnexport.serve.protocol.errors import BadRequestError, ModelRunError, ServeError
 
 
 class InferScope:

@@ -31,8 +31,8 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from bnexport.errors import BnexportError
-from bnexport.serve.core.errors import BadRequestError, ModelNotFoundError, ServeError
 from bnexport.serve.core.logs import get_logger
+from bnexport.serve.protocol.errors import BadRequestError, ModelNotFoundError, ServeError
 
 if TYPE_CHECKING:
     from bnexport.serve.core.repository import ServedModel

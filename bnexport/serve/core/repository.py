@@ -39,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,16 +47,16 @@ import numpy as np
 
 from bnexport.errors import InputError, UsageError
 from bnexport.runtime.io_check import check_inputs
-from bnexport.serve.core.errors import BadRequestError, ModelNotFoundError
 from bnexport.serve.core.statistics import ModelStats
 from bnexport.serve.protocol.codec import datatype_of
+from bnexport.serve.protocol.errors import BadRequestError, ModelNotFoundError
 from bnexport.serve.protocol.types import MetadataTensor, ModelMetadataResponse, RequestOutput
+from bnexport.serve.triton.config import check_model_name
 
 #: ``session_factory(path, **session_kwargs) -> Session-like`` (has inputs/outputs/run)
 SessionFactory = Callable[..., Any]
 
 _PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
 def default_session_factory(path: str, **kwargs: Any) -> Any:
@@ -297,7 +296,7 @@ class ModelRepository:
         if root.is_file():
             if root.suffix != ".onnx":
                 raise UsageError(f"expected an .onnx file or a repository folder: {root}")
-            name = _check_name(root.stem, root)
+            name = check_model_name(root.stem, root)
             return cls({name: _read_versions(source, name)}, source=source)
         if not root.is_dir():
             raise FileNotFoundError(f"model or repository not found: {root}")
@@ -419,7 +418,7 @@ def _sorted(versions: Mapping[str, ServedModel]) -> dict[str, ServedModel]:
 def _names_on_disk(root: Path) -> list[str]:
     """Model folder names under a repository root (hidden folders skipped), validated."""
     return [
-        _check_name(d.name, d)
+        check_model_name(d.name, d)
         for d in sorted(root.iterdir())
         if d.is_dir() and not d.name.startswith(".")
     ]
@@ -438,15 +437,6 @@ def _read_versions(source: _Source, name: str) -> dict[str, ServedModel]:
         str(v): _load(name, str(v), f, settings, kw, source.factory, source.run_options)
         for v, f in _find_versions(model_dir, settings).items()
     }
-
-
-def _check_name(name: str, where: Path) -> str:
-    if not _NAME_RE.match(name) or name in (".", ".."):
-        raise UsageError(
-            f"model name {name!r} ({where}) may only use letters, digits, '_.-' "
-            "and may not be '.' or '..'"
-        )
-    return name
 
 
 def _load(
@@ -532,7 +522,7 @@ def _read_config(model_dir: Path, defaults: ModelSettings) -> ModelSettings:
     cfg_path = model_dir / "config.pbtxt"
     if not cfg_path.is_file():
         return dataclasses.replace(defaults)
-    from bnexport.serve.triton.repo import parse_config
+    from bnexport.serve.triton.config import parse_config
 
     cfg = parse_config(cfg_path.read_text())
     settings = dataclasses.replace(defaults)

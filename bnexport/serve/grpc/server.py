@@ -122,7 +122,7 @@ class GrpcFrontend:
         Failed to add port ...``) before Python sees it; that line is caught here and its
         reason (``Address already in use``) goes into the one-line error instead.
         """
-        from bnexport.serve.core.errors import ListenError
+        from bnexport.serve.protocol.errors import ListenError
         from bnexport.stderr_capture import captured_fd2, read_captured
 
         bound, caught = 0, ""

@@ -53,17 +53,17 @@ from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from bnexport import __version__
-from bnexport.serve.core.errors import (
-    RequestTimeoutError,
-    ServeError,
-    UnauthorizedError,
-    UnavailableError,
-)
 from bnexport.serve.core.infer_scope import InferScope
 from bnexport.serve.core.logs import get_logger
 from bnexport.serve.core.model_control import load_model, unload_model
 from bnexport.serve.core.statistics import statistics_response
 from bnexport.serve.protocol import grpc_codec
+from bnexport.serve.protocol.errors import (
+    RequestTimeoutError,
+    ServeError,
+    UnauthorizedError,
+    UnavailableError,
+)
 from bnexport.serve.rest.routes_triton import EXTENSIONS
 
 if TYPE_CHECKING:
@@ -331,7 +331,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         Args:
             request: the ``ModelInferRequest``.
             deadline_s: time from admission to the answer, else
-                :class:`~bnexport.serve.core.errors.RequestTimeoutError` (DEADLINE_EXCEEDED);
+                :class:`~bnexport.serve.protocol.errors.RequestTimeoutError` (DEADLINE_EXCEEDED);
                 ``None``: no limit.
 
         Raises:

@@ -32,8 +32,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from pydantic import ValidationError
 
-from bnexport.serve.core.errors import BadRequestError
 from bnexport.serve.protocol import binary
+from bnexport.serve.protocol.errors import BadRequestError
 from bnexport.serve.protocol.tensor_limits import check_shape
 from bnexport.serve.protocol.types import InferenceRequest, RequestOutput
 

@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from bnexport.serve.core.errors import BadRequestError
 from bnexport.serve.protocol import binary
 from bnexport.serve.protocol.codec import DecodedRequest, datatype_of, numpy_dtype
+from bnexport.serve.protocol.errors import BadRequestError
 from bnexport.serve.protocol.tensor_limits import check_shape
 from bnexport.serve.protocol.types import RequestOutput
 

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from bnexport.serve.core.errors import BadRequestError
+from bnexport.serve.protocol.errors import BadRequestError
 
 #: most dimensions of a request tensor (NumPy allows 64; models rarely pass 8)
 MAX_RANK = 32

@@ -41,10 +41,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from bnexport import __version__
 from bnexport.serve.core.admission import Admission
 from bnexport.serve.core.batcher import DynamicBatcher
-from bnexport.serve.core.errors import ServeError
 from bnexport.serve.core.logs import get_logger
 from bnexport.serve.core.metrics import ServerMetrics
 from bnexport.serve.core.repository import ModelRepository, ServedModel
+from bnexport.serve.protocol.errors import ServeError
 from bnexport.serve.protocol.types import (
     ModelMetadataResponse,
     ModelReadyResponse,

@@ -48,9 +48,9 @@ from typing import IO, Any
 
 import numpy as np
 
-from bnexport.serve.core.errors import PayloadTooLargeError, ServeError
 from bnexport.serve.core.logs import get_logger
 from bnexport.serve.protocol import codec
+from bnexport.serve.protocol.errors import PayloadTooLargeError, ServeError
 
 #: JSON bodies at least this large are decoded in the helper process
 DEFAULT_MIN_BYTES = 4 << 20

@@ -28,15 +28,15 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
-from bnexport.serve.core.errors import (
+from bnexport.serve.core.infer_scope import InferScope
+from bnexport.serve.protocol import codec
+from bnexport.serve.protocol.binary import HEADER_LENGTH
+from bnexport.serve.protocol.errors import (
     BadRequestError,
     ClientGoneError,
     PayloadTooLargeError,
     ServeError,
 )
-from bnexport.serve.core.infer_scope import InferScope
-from bnexport.serve.protocol import codec
-from bnexport.serve.protocol.binary import HEADER_LENGTH
 from bnexport.serve.protocol.types import ErrorResponse, InferenceRequest, InferenceResponse
 
 if TYPE_CHECKING:

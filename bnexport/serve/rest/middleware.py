@@ -15,11 +15,11 @@ a task per request. In order, for every HTTP request:
    sends no credentials, and the page holds counters and latencies, no tensors.
 3. Body limit: a ``Content-Length`` above the limit is answered 413 before the
    body is read; a body without one (chunked) is counted while it streams, and
-   :class:`~bnexport.serve.core.errors.PayloadTooLargeError` is raised from ``receive``.
+   :class:`~bnexport.serve.protocol.errors.PayloadTooLargeError` is raised from ``receive``.
 4. Admission: a request with a body waits for room under the in-flight bound
    (:mod:`bnexport.serve.core.admission`); no room in time: 503 + ``Retry-After``.
 5. Body timeout: the whole body must arrive within ``body_timeout_s`` of the
-   first read, else :class:`~bnexport.serve.core.errors.RequestTimeoutError` (408,
+   first read, else :class:`~bnexport.serve.protocol.errors.RequestTimeoutError` (408,
    the connection closes). uvicorn has header and keep-alive timeouts but none
    for the body: a client sending one byte a minute would hold its slot forever.
 6. Access log: one JSON line per request (see :mod:`bnexport.serve.core.logs`). A
@@ -39,7 +39,7 @@ from typing import Any
 from starlette.requests import ClientDisconnect
 
 from bnexport.serve.core.admission import Admission
-from bnexport.serve.core.errors import PayloadTooLargeError, RequestTimeoutError, ServeError
+from bnexport.serve.protocol.errors import PayloadTooLargeError, RequestTimeoutError, ServeError
 
 Scope = dict[str, Any]
 _CLOSE = (b"connection", b"close")

@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from bnexport.serve.core.errors import BadRequestError
 from bnexport.serve.core.model_control import load_model, unload_model
 from bnexport.serve.core.statistics import statistics_response
+from bnexport.serve.protocol.errors import BadRequestError
 from bnexport.serve.protocol.types import ErrorResponse
 
 if TYPE_CHECKING:

@@ -17,10 +17,29 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import re
 from pathlib import Path
 from typing import Any
 
 from bnexport.errors import UsageError
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+def check_model_name(name: str, where: Path) -> str:
+    """``name`` if it can be one folder of a model repository, as Triton and ``serve`` read it.
+
+    Raises:
+        UsageError: the name is empty, ``.``/``..``, or uses anything but letters, digits
+            and ``_.-`` (``where`` says which folder or flag it came from).
+    """
+    if not _NAME_RE.match(name) or name in (".", ".."):
+        raise UsageError(
+            f"model name {name!r} ({where}) may only use letters, digits, '_.-' "
+            "and may not be '.' or '..'"
+        )
+    return name
+
 
 #: onnx.TensorProto element type name -> Triton data_type
 _ONNX_TO_TRITON = {

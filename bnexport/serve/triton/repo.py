@@ -72,6 +72,7 @@ from bnexport.atomic_write import atomic_path, write_bytes_atomic
 from bnexport.errors import UsageError
 from bnexport.serve.triton.config import (
     TensorConfig,
+    check_model_name,
     check_round_trip,
     model_config,
     model_config_pb2,
@@ -143,9 +144,7 @@ def validate_model_name(name: str) -> str:
         UsageError: the name is empty, ``.``/``..``, or uses anything but letters, digits
             and ``_.-`` (so ``--name ../../x`` cannot write outside ``OUT_DIR``).
     """
-    from bnexport.serve.core.repository import _check_name
-
-    return _check_name(name, Path("--name"))
+    return check_model_name(name, Path("--name"))
 
 
 def write_triton_repo(
