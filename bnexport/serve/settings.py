@@ -87,8 +87,8 @@ def load_app(path: str | os.PathLike, settings: ServeSettings, metrics: Any = No
     """
     from bnexport.serve.core.logs import get_logger
     from bnexport.serve.core.repository import ModelRepository
+    from bnexport.serve.core.session_options import ort_run_options, ort_session_kwargs
     from bnexport.serve.rest.app import create_app
-    from bnexport.serve.server import ort_run_options, ort_session_kwargs
 
     s = settings
     repository = ModelRepository.from_path(

@@ -194,7 +194,7 @@ def test_run_options_reach_every_session_run(tmp_path):
     import onnxruntime as ort
 
     from bnexport.serve.core.repository import default_session_factory
-    from bnexport.serve.server import ort_run_options
+    from bnexport.serve.core.session_options import ort_run_options
 
     seen: list = []
 

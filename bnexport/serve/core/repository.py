@@ -95,7 +95,7 @@ class ServedModel:
         max_batch: largest merged batch; 1 when requests are never merged.
         batch_timeout_s: batcher wait after the first request of a batch.
         run_options: an ``onnxruntime.RunOptions`` passed to every ``session.run``
-            (see :func:`bnexport.serve.server.ort_run_options`); ``None``: none passed.
+            (see :func:`bnexport.serve.core.session_options.ort_run_options`); ``None``: none passed.
         stats: Triton statistics of this version (see :mod:`bnexport.serve.core.statistics`).
     """
 
@@ -258,7 +258,7 @@ class ModelRepository:
 
         Only merged models see varying batch sizes, so only they need the arena
         shrinkage that ``run_options`` carries; a model run at one fixed size keeps
-        its arena (see :func:`bnexport.serve.server.ort_run_options`).
+        its arena (see :func:`bnexport.serve.core.session_options.ort_run_options`).
         """
         self.merged_run_options = run_options
         for model in self.all():
