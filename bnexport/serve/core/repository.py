@@ -95,7 +95,8 @@ class ServedModel:
         max_batch: largest merged batch; 1 when requests are never merged.
         batch_timeout_s: batcher wait after the first request of a batch.
         run_options: an ``onnxruntime.RunOptions`` passed to every ``session.run``
-            (see :func:`bnexport.serve.core.session_options.ort_run_options`); ``None``: none passed.
+            (see :func:`~bnexport.serve.core.session_options.ort_run_options`); ``None``:
+            none passed.
         stats: Triton statistics of this version (see :mod:`bnexport.serve.core.statistics`).
     """
 
