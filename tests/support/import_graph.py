@@ -118,7 +118,7 @@ def module_edges(
     }
 
 
-def _strongly_connected(graph: Mapping[str, set[str]]) -> list[list[str]]:
+def strongly_connected(graph: Mapping[str, set[str]]) -> list[list[str]]:
     """Tarjan's algorithm (iterative); components of more than one node, sorted."""
     index: dict[str, int] = {}
     low: dict[str, int] = {}
@@ -241,9 +241,9 @@ def summarize(root: Path = ROOT) -> ImportGraphSummary:
     return ImportGraphSummary(
         modules=len(modules),
         edges=sum(len(v) for v in edges.values()),
-        module_circles=_strongly_connected(edges),
-        package_circles=_strongly_connected(package_edges(modules, edges)),
-        layer_circles=_strongly_connected(package_edges(modules, edges, depth=2)),
+        module_circles=strongly_connected(edges),
+        package_circles=strongly_connected(package_edges(modules, edges)),
+        layer_circles=strongly_connected(package_edges(modules, edges, depth=2)),
         function_level_edges=sum(
             len(edges[name] - top)
             for name, top in module_edges(modules, top_level_only=True).items()

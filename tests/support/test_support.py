@@ -65,3 +65,45 @@ def test_run_ort_runs_unoptimized_and_op_counts_counts():
     (z,) = run_ort(model, {"x": x})
     np.testing.assert_array_equal(z, x**3)  # exact: two float32 products of small integers
     assert op_counts(model) == {"Mul": 2} and op_counts(model)["Conv"] == 0
+
+
+class _Item:
+    """What ``pytest_runtest_setup`` reads of a test item: its markers."""
+
+    def __init__(self, *markers: pytest.Mark) -> None:
+        self.nodeid = "tests/x.py::test_x"
+        self._markers = markers
+
+    def iter_markers(self, name: str):
+        return (m for m in self._markers if m.name == name)
+
+
+@pytest.fixture()
+def fake_capabilities(monkeypatch):
+    from support import capabilities
+
+    capabilities.missing.cache_clear()
+    monkeypatch.setitem(capabilities.PROBES, "here", lambda: None)
+    monkeypatch.setitem(capabilities.PROBES, "gone", lambda: "gone not installed")
+    yield
+    capabilities.missing.cache_clear()
+
+
+def test_skip_hook_names_what_is_missing_and_what_was_not_verified(fake_capabilities):
+    from conftest import pytest_runtest_setup
+
+    pytest_runtest_setup(_Item(pytest.mark.needs("here", unverified="x").mark))  # runs
+    with pytest.raises(pytest.skip.Exception, match=r"needs gone \(gone not installed\): y"):
+        pytest_runtest_setup(_Item(pytest.mark.needs("here", "gone", unverified="y").mark))
+    pytest_runtest_setup(_Item(pytest.mark.needs_absent("gone", why="error path").mark))
+    with pytest.raises(pytest.skip.Exception, match="here present; error path"):
+        pytest_runtest_setup(_Item(pytest.mark.needs_absent("here", why="error path").mark))
+
+
+def test_skip_hook_refuses_unknown_capabilities_and_missing_reasons(fake_capabilities):
+    from conftest import pytest_runtest_setup
+
+    with pytest.raises(KeyError, match="unknown capability 'tensorrtt'"):
+        pytest_runtest_setup(_Item(pytest.mark.needs("tensorrtt", unverified="z").mark))
+    with pytest.raises(pytest.UsageError, match="without unverified="):
+        pytest_runtest_setup(_Item(pytest.mark.needs("gone").mark))
