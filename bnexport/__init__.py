@@ -18,7 +18,7 @@ _LAZY: dict[str, str] = {
     "BatchNormalization": "bnexport.layers.batch_normalization",
     "SyncBatchNormalization": "bnexport.layers.batch_normalization",
     "recalibrate": "bnexport.layers.recalibrate",
-    "export": "bnexport.export.keras_export",
+    "export": "bnexport.compose",  # the exporter, then (int8=) the quantizer
     "ExportReport": "bnexport.export.report",
     "fold_batchnorm": "bnexport.export.passes.fold_batchnorm",
     "fold_batchnorm_with_report": "bnexport.export.passes.fold_batchnorm",
@@ -31,7 +31,7 @@ _LAZY: dict[str, str] = {
 __all__ = ["BnexportError", "__version__", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from bnexport.export.keras_export import export as export
+    from bnexport.compose import export as export
     from bnexport.export.passes.fold_batchnorm import fold_batchnorm as fold_batchnorm
     from bnexport.export.passes.fold_batchnorm import (
         fold_batchnorm_with_report as fold_batchnorm_with_report,
@@ -48,12 +48,22 @@ if TYPE_CHECKING:  # pragma: no cover
     from bnexport.runtime.session import Session as Session
 
 
-def __getattr__(name: str) -> Any:
+def _resolve(name: str) -> Any:
+    """The object the public name ``bnexport.<name>`` stands for, imported on first use.
+
+    The callable ``bnexport.export`` package calls ``_resolve("export")``: once a submodule
+    of ``bnexport.export`` is imported, Python binds that name to the package, and the
+    package forwards here, so both objects run the same function.
+
+    Raises:
+        AttributeError: no such public name.
+        MissingExtraError: the optional extra it needs is not installed (named).
+    """
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'bnexport' has no attribute {name!r}")
     try:
-        value = getattr(importlib.import_module(module), name)
+        return getattr(importlib.import_module(module), name)
     except ModuleNotFoundError as exc:  # an optional extra is not installed: name it
         from bnexport.extras import missing_extra_error
 
@@ -61,6 +71,10 @@ def __getattr__(name: str) -> Any:
         if error is None:
             raise
         raise error from exc
+
+
+def __getattr__(name: str) -> Any:
+    value = _resolve(name)
     globals()[name] = value
     return value
 

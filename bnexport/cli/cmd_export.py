@@ -8,6 +8,7 @@ from typing import Any
 from bnexport.cli.options import (
     add_fold_options,
     add_json,
+    add_tolerances,
     add_unsafe_load,
     console,
     parse_input_shapes,
@@ -77,25 +78,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "whole model (auto, default); or force keras / tf2onnx. The report says which ran",
     )
     parser.add_argument("--no-verify", action="store_true", help="skip the comparison run")
-    parser.add_argument(
-        "--rtol",
-        type=float,
-        default=None,
-        help="verification: relative tolerance (default: the dtype's, see bnexport.tolerance)",
-    )
-    parser.add_argument(
-        "--atol",
-        type=float,
-        default=None,
-        help="verification: absolute tolerance (default: the dtype's)",
-    )
-    parser.add_argument(
-        "--range-rtol",
-        type=float,
-        default=None,
-        help="verification: tolerance relative to each output channel's max|ref| "
-        "(default: the dtype's, float32 1e-5; 0 turns the range term off)",
-    )
+    add_tolerances(parser, note="of the verification run, which --no-verify skips")
     add_unsafe_load(parser)
     add_json(parser)
     return parser
@@ -155,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         check_writable(args.json, error=UsageError)
     calibration = _calibration(args)
 
-    from bnexport.export.keras_export import export
+    from bnexport.compose import export
 
     out = console(args)
     with StageProgress("export", enabled=wants_progress(args)) as progress:

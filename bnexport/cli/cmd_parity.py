@@ -15,16 +15,11 @@ from bnexport.cli.options import (
     add_json,
     add_model,
     add_precision,
+    add_tolerances,
     add_unsafe_load,
     console,
     verbosity,
     wants_progress,
-)
-
-_TOLERANCE_HELP = (
-    "default by precision (bnexport.tolerance): fp32 rtol 1e-4 / atol 1e-4, fp16 2e-2 / 2e-2 "
-    "(pass criterion |onnx - keras| <= atol + rtol*|keras| for every element); INT8 (QDQ) "
-    "graphs pass on top-1 agreement (--min-top1) and cosine >= 0.99 instead"
 )
 
 
@@ -62,13 +57,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         action="store_true",
         help="also check each BN layer with training=True against FusedNorm batch_stats",
     )
-    parser.add_argument("--rtol", type=float, help=f"relative tolerance ({_TOLERANCE_HELP})")
-    parser.add_argument("--atol", type=float, help="absolute tolerance (see --rtol)")
-    parser.add_argument(
-        "--range-rtol",
-        type=float,
-        help="tolerance relative to each output channel's max|ref| (default by precision: "
-        "fp32 1e-5, fp16 1e-3; 0 turns the range term off)",
+    add_tolerances(
+        parser,
+        note="INT8 (QDQ) graphs pass on top-1 agreement (--min-top1) and cosine >= 0.99 instead",
     )
     parser.add_argument(
         "--check",

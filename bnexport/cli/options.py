@@ -172,10 +172,34 @@ def add_unsafe_load(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_tolerances(parser: argparse.ArgumentParser, rtol_help: str, atol_help: str) -> None:
-    """``--rtol`` / ``--atol`` (pass criterion ``|got - ref| <= atol + rtol*|ref|``)."""
-    parser.add_argument("--rtol", type=float, default=None, help=rtol_help)
-    parser.add_argument("--atol", type=float, default=None, help=atol_help)
+#: the defaults of :mod:`bnexport.tolerance`, spelled once for every command's --help
+TOLERANCE_DEFAULTS = "float32 1e-4 / 1e-4 / 1e-5, float16 2e-2 / 2e-2 / 1e-3"
+
+
+def add_tolerances(parser: argparse.ArgumentParser, *, note: str = "") -> None:
+    """``--rtol``, ``--atol``, ``--range-rtol``: the one tolerance policy.
+
+    An element passes when ``|got - ref| <= atol + rtol*|ref| + range_rtol*max|ref|``
+    (``max|ref|`` of its output channel; :mod:`bnexport.tolerance`). Default ``None``:
+    the row of the precision the candidate ran in. ``note`` ends the ``--rtol`` help
+    (what the command compares, a different criterion it applies).
+    """
+    group = parser.add_argument_group(
+        "tolerance",
+        "an element passes when |got - ref| <= atol + rtol*|ref| + range_rtol*max|ref| "
+        "(max|ref| of its output channel). Defaults by precision (rtol / atol / "
+        f"range-rtol): {TOLERANCE_DEFAULTS}; see bnexport.tolerance",
+    )
+    group.add_argument(
+        "--rtol", type=float, default=None, help=f"relative tolerance{note and '; ' + note}"
+    )
+    group.add_argument("--atol", type=float, default=None, help="absolute tolerance")
+    group.add_argument(
+        "--range-rtol",
+        type=float,
+        default=None,
+        help="tolerance relative to each output channel's max|ref| (0 turns it off)",
+    )
 
 
 #: Python keyword spelling -> option spelling, for library messages the CLI prints

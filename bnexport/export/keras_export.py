@@ -24,15 +24,16 @@ CLI. The graph is serialized once and those bytes are checked, run and written.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from bnexport.errors import ExportError
 from bnexport.export.report import ExportReport, FoldRecord
+from bnexport.stage_timer import StageTimer, op_counts
 
 Dtype = Literal["float32", "float16"]
 FusedNorm = Literal["onnx", "plugin"]
@@ -45,7 +46,6 @@ _STAGE_TEXT = {
     "float16": "converting to float16",
     "check": "checking the graph",
     "verify": "verifying against the model",
-    "int8": "quantizing to INT8",
     "write": "writing",
 }
 
@@ -159,6 +159,26 @@ def _io_shapes(model: Any, which: str) -> dict[str, list[int | None]]:
     return shapes
 
 
+@dataclasses.dataclass(frozen=True)
+class GraphStage:
+    """A stage run on the checked (and verified) graph, before it is written.
+
+    ``run(model, records)`` gets the ``ModelProto`` and the fold records and returns the
+    ``ModelProto`` to write instead. The exporter knows nothing else about it: this is
+    how a package above it (``bnexport.export(int8=...)``, :mod:`bnexport.compose`) adds
+    quantization without the exporter importing the quantizer.
+
+    Attributes:
+        name: the key of its seconds in ``ExportReport.timings``.
+        text: what it does, for the progress callback.
+        run: the stage itself.
+    """
+
+    name: str
+    text: str
+    run: Callable[[Any, list[FoldRecord]], Any]
+
+
 def export(
     model: Any,
     path: str | os.PathLike[str],
@@ -176,16 +196,17 @@ def export(
     verify_range_rtol: float | None = None,
     seed: int = 0,
     safe_mode: bool = True,
-    int8: Any = None,
     input_shapes: dict[str, Sequence[int | None]] | None = None,
     progress: Callable[[str, int, int | None], None] | None = None,
     engine: Engine = "auto",
+    before_write: GraphStage | None = None,
 ) -> ExportReport:
     """Export ``model`` to ONNX at ``path`` with batch normalization folded.
 
     Every BN layer is exported from its own variables in inference mode
     (``scale = γ/√(var+ε)``, ``shift = β − μ·scale``, float64) and folded into a
     neighbouring Conv/ConvTranspose/Gemm/MatMul where exact, else becomes one node.
+    ``bnexport.export`` is :func:`bnexport.compose.export`: this function plus ``int8=``.
 
     Args:
         model: a Keras 3 or tf.keras model, or a path to a ``.keras``/``.h5`` file or a
@@ -211,8 +232,6 @@ def export(
         safe_mode: when ``model`` is a path, refuse a file that needs Python code to
             load (a ``Lambda`` layer) instead of running it; ``False`` only for files
             you trust (see :func:`bnexport.export.loaders.load_model`).
-        int8: calibration data (see :func:`bnexport.quantize`): export, fold, then write
-            the INT8 QDQ graph at ``path``; ``report.int8`` is its ``QuantizeReport``.
         input_shapes: ``{input name: shape}`` replacing the model's input shapes (e.g.
             ``{"image": (1, 224, 224, 3)}`` for a model built with ``(None, None, 3)``);
             ``None`` in a shape keeps that dimension dynamic. A fixed first dimension on
@@ -224,74 +243,62 @@ def export(
             the whole model through tf2onnx), ``"keras"`` or ``"tf2onnx"`` to force one
             (:mod:`bnexport.export.emitter.engine`); ``report.engine`` says which ran and
             ``report.fallback_reason`` why ``"auto"`` fell back.
+        before_write: a :class:`GraphStage` whose graph is written instead (timed and
+            announced like the others; the report describes the graph written).
 
     Returns:
         The :class:`~bnexport.export.report.ExportReport`; ``report.timings`` has the
         seconds of each stage: ``load``, ``emit`` (Keras-native engine) or ``trace``,
         ``freeze``, ``convert`` (tf2onnx), ``fold``,
-        ``layer_map``, (``float16``), ``check``, ``verify``, ``write``, and ``total``.
+        ``layer_map``, (``float16``), ``check``, ``verify``, (``before_write.name``),
+        ``write``, and ``total``.
 
     Raises:
         ExportError: bad options, unwritable path (checked before anything is done),
             invalid BN statistics or a layer tf2onnx cannot convert (named), an invalid
             graph; :class:`~bnexport.errors.VerificationError` when verification fails;
             :class:`~bnexport.errors.UnsafeModelError` for a file that would run code
-            while loading (``safe_mode=True``). Nothing is written in any of these cases.
+            while loading (``safe_mode=True``). Nothing is written in any of these cases,
+            nor when ``before_write`` raises.
     """
     io_dtype = io_dtype or dtype
     _check_options(opset, dtype, io_dtype, fused_norm, keep_float16_overflow)
     from bnexport.export.emitter.engine import check_engine
 
     check_engine(engine)
-    if int8 is not None:
-        from bnexport.quantize.export_hook import check_int8_options
-
-        check_int8_options(dtype, fused_norm)
     from bnexport.atomic_write import atomic_path, check_output_paths, check_writable
 
     if isinstance(model, str | os.PathLike):  # never overwrite the model being exported
         check_output_paths({"path": path}, {"model": model}, error=ExportError)
     out = check_writable(path, error=ExportError)
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
     plan = [
         "load",
         "convert",  # convert_model: conversion, the fold passes and the layer map
         *(["float16"] if dtype == "float16" else []),
         "check",
         *(["verify"] if verify else []),
-        *(["int8"] if int8 is not None else []),
+        *([before_write.name] if before_write is not None else []),
         "write",
     ]
-
-    def announce(stage: str) -> None:
-        if progress is not None:
-            progress(_STAGE_TEXT.get(stage, stage), plan.index(stage), len(plan))
-
-    def lap(name: str, since: float) -> float:
-        now = time.perf_counter()
-        timings[name] = round(now - since, 4)
-        if name in plan[:-1]:
-            announce(plan[plan.index(name) + 1])
-        return now
+    texts = {**_STAGE_TEXT, **({before_write.name: before_write.text} if before_write else {})}
+    timer = StageTimer(plan, progress=progress, texts=texts)
 
     from bnexport.export import layer_map
     from bnexport.export.bn_layers import find_bn_layers
     from bnexport.export.emitter.engine import convert_model
     from bnexport.export.loaders import load_model
 
-    t = time.perf_counter()
-    announce("load")
+    timer.announce("load")
     loaded = load_model(model, safe_mode=safe_mode)
     if input_shapes:
         from bnexport.export.trace import apply_input_shapes
 
         dynamic_batch = apply_input_shapes(loaded, input_shapes, dynamic_batch)
     bns = find_bn_layers(loaded.model) if loaded.is_keras else []
-    t = lap("load", t)
+    timer.lap("load")
 
     # the engine: the Keras-native emitter, or trace + tf2onnx; then the fold passes and
-    # the layer map (bnexport/export/emitter/engine.py)
+    # the layer map (bnexport/export/emitter/engine.py), which time their own parts
     converted = convert_model(
         loaded,
         bns,
@@ -300,11 +307,10 @@ def export(
         dynamic_batch=dynamic_batch,
         fused_norm=fused_norm,
         keep_float16_overflow=keep_float16_overflow,
-        timings=timings,
+        timings=timer.timings,
     )
     folded, mapping, perms = converted.model, converted.layer_outputs, converted.layer_output_perms
-    announce(plan[plan.index("convert") + 1])
-    t = time.perf_counter()
+    timer.lap("convert", record=False)
     records = _complete_records(converted.records, [bn.name for bn in bns])
     notes = []
     if not records:
@@ -326,13 +332,13 @@ def export(
                 f"{len(float32_nodes)} node(s) kept in float32 (folded weights overflow "
                 f"float16): {', '.join(float32_nodes)}"
             )
-        t = lap("float16", t)
+        timer.lap("float16")
 
     layer_map.write_metadata(folded, mapping, perms)
     folded.producer_name = "bnexport"
     serialized = folded.SerializeToString()  # once: checker, verification and file
     check_graph(folded, serialized, labels=converted.op_layers)
-    t = lap("check", t)
+    timer.lap("check")
 
     result = None
     if verify:
@@ -350,23 +356,16 @@ def export(
             atol=verify_atol,
             range_rtol=verify_range_rtol,
         )
-        t = lap("verify", t)
+        timer.lap("verify")
 
-    int8_report = None
-    if int8 is not None:
-        from bnexport.quantize.export_hook import quantize_export
-
-        folded, serialized, int8_report = quantize_export(folded, int8, records)
-        t = lap("int8", t)
+    if before_write is not None:
+        folded = before_write.run(folded, records)
+        serialized = folded.SerializeToString()
+        timer.lap(before_write.name)
 
     with atomic_path(out, error=ExportError) as tmp:
         Path(tmp).write_bytes(serialized)
-    t = lap("write", t)
-    timings["total"] = round(time.perf_counter() - t_start, 4)
-
-    op_counts: dict[str, int] = {}
-    for node in folded.graph.node:
-        op_counts[node.op_type] = op_counts.get(node.op_type, 0) + 1
+    timer.lap("write")
     return ExportReport(
         path=str(out),
         opset=opset,
@@ -382,11 +381,10 @@ def export(
         layer_output_perms=perms,
         float32_nodes=float32_nodes,
         node_count=len(folded.graph.node),
-        op_counts=op_counts,
+        op_counts=op_counts(folded),
         verify=result,
-        timings=timings,
+        timings=timer.total(),
         notes=notes,
-        int8=int8_report,
         engine=converted.engine,
         fallback_reason=converted.fallback_reason,
     )

@@ -169,6 +169,8 @@ def test_shared_options_have_one_help_text():
         "--precision": ("run", "serve", "parity"),
         "--json": ("export", "fold", "quantize", "parity"),
         "--inputs": ("run", "parity"),
+        "--atol": ("export", "parity"),
+        "--range-rtol": ("export", "parity"),
     }.items():
         helps = {sub[c]._option_string_actions[flag].help for c in commands}
         assert len(helps) == 1, (flag, helps)
@@ -182,6 +184,18 @@ def test_shared_options_have_one_help_text():
         positional = [a for a in cmd._actions if not a.option_strings and a.dest != "help"]
         if positional:
             assert positional[0].metavar == "MODEL", name
+
+
+def test_tolerance_help_states_the_policy_defaults():
+    """The defaults --help prints are the rows of bnexport.tolerance."""
+    from bnexport.cli.options import TOLERANCE_DEFAULTS
+    from bnexport.tolerance import default_tolerance
+
+    rows = []
+    for precision in ("float32", "float16"):
+        tol = default_tolerance(precision)
+        rows.append(f"{precision} {tol.rtol:.0e} / {tol.atol:.0e} / {tol.range_rtol:.0e}")
+    assert TOLERANCE_DEFAULTS == ", ".join(rows).replace("e-0", "e-")
 
 
 @pytest.mark.parametrize(
