@@ -87,18 +87,19 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "beside it)",
     )
     parser.add_argument(
-        "--keep-below-target",
-        action="store_true",
-        help="write the graph even if it misses its target agreement (exit 0, with a warning)",
-    )
-    parser.add_argument(
         "--max-exclude", type=int, default=8, help="most nodes --target-agreement may exclude"
     )
-    parser.add_argument(
-        "--allow-unfolded-bn",
-        action="store_true",
-        help="quantize even if a BN cannot fold (warns with the measured INT8 error)",
-    )
+    for flag, text in (
+        (
+            "--keep-below-target",
+            "write the graph even if it misses its target agreement (exit 0, with a warning)",
+        ),
+        (
+            "--allow-unfolded-bn",
+            "quantize even if a BN cannot fold (warns with the measured INT8 error)",
+        ),
+    ):
+        parser.add_argument(flag, action="store_true", help=text)
     parser.add_argument(
         "--batch-size", type=int, default=16, help="calibration batch size (dynamic batch)"
     )

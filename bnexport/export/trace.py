@@ -36,7 +36,6 @@ import dataclasses
 import logging
 import os
 import re
-import time
 from typing import Any
 
 import numpy as np
@@ -46,6 +45,7 @@ from bnexport.export.bn_layers import BNLayer
 from bnexport.export.loaders import LoadedModel
 from bnexport.export.patches import BN_NODE_RE, TraceState, patched_layers
 from bnexport.export.tf2onnx_compat import tf2onnx_optimizers
+from bnexport.stage_timer import StageTimer
 
 log = logging.getLogger(__name__)
 
@@ -308,8 +308,7 @@ def trace_and_convert(
     import tensorflow as tf
     from tf2onnx.convert import _convert_common, tensor_names_from_structed  # noqa: PLC2701
 
-    timings = {} if timings is None else timings
-    t0 = time.perf_counter()
+    timer = StageTimer(timings=timings)
     state = TraceState()
     function = _make_function(loaded, len(bns), state)
     specs = _signature(loaded, bns, dynamic_batch)
@@ -337,17 +336,15 @@ def trace_and_convert(
     level = tf2onnx_log.level
     tf2onnx_log.setLevel(logging.CRITICAL)  # unsupported ops are reported below, by layer
     # tf2onnx deep-copies the whole graph before each optimizer to undo a failing one and
-    # carry on silently; we want failures raised (and the conversion 2x faster)
+    # carry on silently; we want failures raised (and no copy before each optimizer)
     catch_env = os.environ.get(_CATCH_ERRORS)
     os.environ[_CATCH_ERRORS] = "FALSE"
-    t1 = time.perf_counter()
-    timings["trace"] = round(t1 - t0, 4)
+    timer.lap("trace")
     try:
         with tf.device("/cpu:0"):
             frozen = _freeze(concrete, input_names, output_names)
             _bind_params(frozen, bns)
-            t1, t2 = time.perf_counter(), t1
-            timings["freeze"] = round(t1 - t2, 4)
+            timer.lap("freeze")
             model, _ = _convert_common(
                 frozen,
                 name=getattr(loaded.model, "name", "model"),
@@ -363,7 +360,7 @@ def trace_and_convert(
     except Exception as exc:  # noqa: BLE001 - name the failing TF op's layer if we can
         raise ExportError(f"tf2onnx failed: {type(exc).__name__}: {exc}") from exc
     finally:
-        timings["convert"] = round(time.perf_counter() - t1, 4)
+        timer.lap("convert")
         tf2onnx_log.setLevel(level)
         if catch_env is None:
             os.environ.pop(_CATCH_ERRORS, None)

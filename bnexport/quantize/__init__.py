@@ -20,11 +20,11 @@ import sys
 import types
 from typing import Any
 
-from bnexport.quantize.pipeline import quantize, quantize_model
+from bnexport.quantize.pipeline import QuantizeSettings, quantize, quantize_model
 from bnexport.quantize.report import QuantizeReport
 from bnexport.quantize.verdict import BelowTargetError
 
-__all__ = ["BelowTargetError", "QuantizeReport", "quantize", "quantize_model"]
+__all__ = ["BelowTargetError", "QuantizeReport", "QuantizeSettings", "quantize", "quantize_model"]
 
 
 class _CallableModule(types.ModuleType):

@@ -22,10 +22,10 @@ Pipeline (each step in its own module):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
-import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +37,7 @@ from bnexport.quantize.calibration import DEFAULT_BATCH, CalibrationSet, make_ca
 from bnexport.quantize.qdq import DEFAULT_OP_TYPES, QdqOptions
 from bnexport.quantize.report import QuantizeReport
 from bnexport.quantize.verdict import BelowTargetError
+from bnexport.stage_timer import StageTimer, op_counts
 
 #: metadata key recording how the graph was quantized
 METADATA_KEY = "bnexport.quantize"
@@ -145,67 +146,83 @@ def _check_graph(model: Any) -> None:
     check_graph_valid(model, "quantized graph", QuantizeError)
 
 
+@dataclasses.dataclass(frozen=True)
+class QuantizeSettings:
+    """The keyword options of :func:`quantize` and :func:`quantize_model`, in one place.
+
+    Each field is the argument of the same name of :func:`quantize` (documented there),
+    with its default.
+    """
+
+    method: str = "minmax"
+    per_channel: bool = True
+    exclude: Sequence[str] = ()
+    op_types: Sequence[str] = DEFAULT_OP_TYPES
+    percentile: float = 99.999
+    target: str = "tensorrt"
+    validation: Any = None
+    target_agreement: float | str | None = "auto"
+    max_exclude: int = 8
+    allow_unfolded_bn: bool = False
+    batch_size: int = DEFAULT_BATCH
+    keep_below_target: bool = False
+    full_range_weights: bool = False
+
+
 def quantize_model(
     model: Any,
     calibration: Any,
     *,
-    method: str = "minmax",
-    per_channel: bool = True,
-    exclude: Sequence[str] = (),
-    op_types: Sequence[str] = DEFAULT_OP_TYPES,
-    percentile: float = 99.999,
-    target: str = "tensorrt",
-    validation: Any = None,
-    target_agreement: float | str | None = "auto",
-    max_exclude: int = 8,
-    allow_unfolded_bn: bool = False,
-    batch_size: int = DEFAULT_BATCH,
-    keep_below_target: bool = False,
-    full_range_weights: bool = False,
     fold_records: Sequence[FoldRecord] | None = None,
     source: str = "<in-memory>",
+    **options: Any,
 ) -> tuple[Any, QuantizeReport]:
     """Quantize an in-memory float32 ``onnx.ModelProto``; return ``(int8 model, report)``.
 
-    Arguments as :func:`quantize` (without the paths); ``fold_records`` are the records of
-    an earlier fold of this graph (the exporter's), reported instead of this call's when
-    this call finds nothing left to fold.
+    ``options`` are the keyword arguments of :func:`quantize` (:class:`QuantizeSettings`);
+    ``fold_records`` are the records of an earlier fold of this graph (the exporter's),
+    reported instead of this call's when this call finds nothing left to fold.
+
+    Raises:
+        TypeError: an unknown option.
     """
     from bnexport.quantize import compare, qdq, sensitivity, verdict
 
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
+    settings = QuantizeSettings(**options)
 
-    def lap(name: str, since: float) -> float:
-        now = time.perf_counter()
-        timings[name] = round(now - since, 4)
-        return now
-
-    options = QdqOptions(
-        method, per_channel, tuple(op_types), percentile, target, full_range_weights
+    timer = StageTimer()
+    qdq_options = QdqOptions(
+        settings.method,
+        settings.per_channel,
+        tuple(settings.op_types),
+        settings.percentile,
+        settings.target,
+        settings.full_range_weights,
     )
-    options.check()
-    _check_numbers(target_agreement, max_exclude)
+    qdq_options.check()
+    _check_numbers(settings.target_agreement, settings.max_exclude)
     qdq.check_no_quantization(model)
     qdq.check_float32(model)
 
-    t = time.perf_counter()
-    folded, records, unfolded = _fold(model, allow_unfolded_bn)
+    timer.restart()  # the checks above are not a stage
+    folded, records, unfolded = _fold(model, settings.allow_unfolded_bn)
     if fold_records is not None and not any(r.action != "kept" for r in records):
         records = list(fold_records)
-    excluded = _check_exclude(folded, exclude)
+    excluded = _check_exclude(folded, settings.exclude)
     infos = _model_inputs(folded)
-    calib: CalibrationSet = make_calibration_set(calibration, infos, batch_size=batch_size)
+    calib: CalibrationSet = make_calibration_set(calibration, infos, batch_size=settings.batch_size)
     evaluation = calib
-    if validation is not None:
-        evaluation = make_calibration_set(validation, infos, batch_size=batch_size)
-    t = lap("fold", t)
+    if settings.validation is not None:
+        evaluation = make_calibration_set(
+            settings.validation, infos, batch_size=settings.batch_size
+        )
+    timer.lap("fold")
 
     with tempfile.TemporaryDirectory(prefix="bnexport-quantize-") as tmp:
         workdir = Path(tmp)
         prepared = qdq.preprocess(folded, workdir)
         cache = workdir / "calibration.json"
-        t = lap("prepare", t)
+        timer.lap("prepare")
         fp32_session = compare.make_session(folded)
         reference = compare.run_batches(fp32_session, evaluation.batches)
         del fp32_session
@@ -219,7 +236,7 @@ def quantize_model(
         def quantize_excluding(names: Sequence[str]) -> tuple[Any, list[Any]]:
             try:
                 int8 = qdq.run_quantize_static(
-                    prepared, calib.reader, options, exclude=names, cache=cache, workdir=workdir
+                    prepared, calib.reader, qdq_options, exclude=names, cache=cache, workdir=workdir
                 )
             except QuantizeError:
                 raise
@@ -230,18 +247,20 @@ def quantize_model(
             return int8, measure(int8)
 
         int8, metrics = quantize_excluding(excluded)
-        t = lap("quantize", t)
+        timer.lap("quantize")
         ranking: dict[str, float] = {}
         steps: list[Any] = []
         auto: list[str] = []
         agreement = compare.primary_agreement(metrics)
-        search = target_agreement not in (None, "auto")
-        if search and (agreement is None or agreement < float(target_agreement)):
-            candidates = [name for name in qdq.qdq_summary(int8, options.op_types).quantized_nodes]
+        search = settings.target_agreement not in (None, "auto")
+        if search and (agreement is None or agreement < float(settings.target_agreement)):
+            candidates = [
+                name for name in qdq.qdq_summary(int8, qdq_options.op_types).quantized_nodes
+            ]
 
             def single(node: str) -> list[Any]:
                 one = qdq.run_quantize_static(
-                    prepared, calib.reader, options, only=[node], cache=cache, workdir=workdir
+                    prepared, calib.reader, qdq_options, only=[node], cache=cache, workdir=workdir
                 )
                 return measure(one)
 
@@ -250,77 +269,74 @@ def quantize_model(
                 quantize_excluding,
                 list(ranking),
                 base_exclude=excluded,
-                target=float(target_agreement),
-                max_exclude=max_exclude,
-                keep_best=keep_below_target,
+                target=float(settings.target_agreement),
+                max_exclude=settings.max_exclude,
+                keep_best=settings.keep_below_target,
             )
             excluded = [*excluded, *auto]
-            t = lap("search", t)
+            timer.lap("search")
         elif search:
             steps = [sensitivity.SearchStep(0, [], agreement, compare.mean_nmse(metrics))]
         kernel = verdict.measure_kernels(int8, evaluation.batches, reference)
-        t = lap("kernels", t)
+        timer.lap("kernels")
 
-    summary = qdq.qdq_summary(int8, options.op_types)
+    summary = qdq.qdq_summary(int8, qdq_options.op_types)
     info = {
-        "method": method,
-        "per_channel": per_channel,
-        "op_types": list(op_types),
+        "method": settings.method,
+        "per_channel": settings.per_channel,
+        "op_types": list(settings.op_types),
         "excluded": excluded,
-        "target": target,
+        "target": settings.target,
         "activations": "int8 symmetric per-tensor"
-        if target == "tensorrt"
+        if settings.target == "tensorrt"
         else "uint8 asymmetric per-tensor",
-        "weights": ("7-bit (reduce_range) " if options.reduce_range else "")
+        "weights": ("7-bit (reduce_range) " if qdq_options.reduce_range else "")
         + "int8 symmetric "
-        + ("per-channel" if per_channel else "per-tensor"),
+        + ("per-channel" if settings.per_channel else "per-tensor"),
     }
     _finalize(int8, model.metadata_props, info)
     _check_graph(int8)
-    op_counts: dict[str, int] = {}
-    for node in int8.graph.node:
-        op_counts[node.op_type] = op_counts.get(node.op_type, 0) + 1
     report = QuantizeReport(
         source=source,
         path=None,
-        method=method,
-        per_channel=per_channel,
-        op_types=list(op_types),
-        target=target,
+        method=settings.method,
+        per_channel=settings.per_channel,
+        op_types=list(settings.op_types),
+        target=settings.target,
         fold_records=list(records),
         bn_unfolded=unfolded,
         calibration_samples=calib.num_samples,
         calibration_batches=len(calib.batches),
         eval_samples=evaluation.num_samples,
-        eval_data="validation" if validation is not None else "calibration",
+        eval_data="validation" if settings.validation is not None else "calibration",
         quantized_nodes=summary.quantized_nodes,
         float_nodes=summary.float_nodes,
         excluded=excluded,
         auto_excluded=auto,
         sensitivity=ranking,
         search=steps,
-        target_agreement=target_agreement if search else None,
+        target_agreement=settings.target_agreement if search else None,
         outputs=metrics,
         kernel_outputs=kernel.outputs,
         kernel_source=kernel.source,
         kernel_emulated=kernel.emulated,
         cpu=kernel.cpu,
-        reduce_range=options.reduce_range,
+        reduce_range=qdq_options.reduce_range,
         weights=summary.weights,
         tensorrt_ready=summary.tensorrt_ready,
         tensorrt_problems=summary.problems,
         node_counts={"float32": len(folded.graph.node), "int8": len(int8.graph.node)},
-        op_counts=op_counts,
+        op_counts=op_counts(int8),
         sizes={"float32": folded.ByteSize(), "int8": int8.ByteSize()},
     )
-    if validation is None:
+    if settings.validation is None:
         report.notes.append(
             "agreement measured on the calibration data (optimistic); pass validation= "
             "for held-out data"
         )
     if not summary.quantized_nodes:
         report.warnings.append(
-            f"no node was quantized (no {'/'.join(op_types)} with constant weights, "
+            f"no node was quantized (no {'/'.join(settings.op_types)} with constant weights, "
             "or all excluded)"
         )
     if unfolded:
@@ -335,9 +351,10 @@ def quantize_model(
         )
         report.warnings.append(message)
         warnings.warn(message, UserWarning, stacklevel=3)
-    _judge(report, int8, target_agreement, target, keep_below_target, kernel)
-    timings["total"] = round(time.perf_counter() - t_start, 4)
-    report.timings = timings
+    _judge(
+        report, int8, settings.target_agreement, settings.target, settings.keep_below_target, kernel
+    )
+    report.timings = timer.total()
     return int8, report
 
 
@@ -379,20 +396,7 @@ def quantize(
     src: str | os.PathLike[str] | Any,
     dst: str | os.PathLike[str],
     calibration: Any,
-    *,
-    method: str = "minmax",
-    per_channel: bool = True,
-    exclude: Sequence[str] = (),
-    op_types: Sequence[str] = DEFAULT_OP_TYPES,
-    percentile: float = 99.999,
-    target: str = "tensorrt",
-    validation: Any = None,
-    target_agreement: float | str | None = "auto",
-    max_exclude: int = 8,
-    allow_unfolded_bn: bool = False,
-    batch_size: int = DEFAULT_BATCH,
-    keep_below_target: bool = False,
-    full_range_weights: bool = False,
+    **options: Any,
 ) -> QuantizeReport:
     """Fold, calibrate and quantize a float32 ONNX graph to an INT8 QDQ graph at ``dst``.
 
@@ -412,6 +416,7 @@ def quantize(
         dst: the INT8 file to write (atomically; not ``src``).
         calibration: an array (single-input model), a dict ``{input name: array}``, or an
             iterable of those (batches); see :mod:`bnexport.quantize.calibration`.
+        **options: the keyword options that follow (:class:`QuantizeSettings`).
         method: ``"minmax"``, ``"entropy"`` or ``"percentile"`` calibration.
         per_channel: per-output-channel weight scales.
         exclude: node names kept in float32 (e.g. the worst layers of
@@ -449,33 +454,18 @@ def quantize(
             already-quantized graph, an unmet ``target_agreement``
             (:class:`~bnexport.quantize.verdict.BelowTargetError`, with the report, unless
             ``keep_below_target``). Nothing is written.
+        TypeError: an unknown keyword option (before any work).
     """
     from bnexport.atomic_write import check_output_paths, check_writable, write_bytes_atomic
 
+    QuantizeSettings(**options)  # an unknown option fails before any work
     src_path = src if isinstance(src, (str, os.PathLike)) else None
     check_output_paths({"dst": dst}, {"src": src_path})
     model, source = _load(src)
     out = check_writable(dst, error=QuantizeError)
-    int8, report = quantize_model(
-        model,
-        calibration,
-        method=method,
-        per_channel=per_channel,
-        exclude=exclude,
-        op_types=op_types,
-        percentile=percentile,
-        target=target,
-        validation=validation,
-        target_agreement=target_agreement,
-        max_exclude=max_exclude,
-        allow_unfolded_bn=allow_unfolded_bn,
-        batch_size=batch_size,
-        keep_below_target=keep_below_target,
-        full_range_weights=full_range_weights,
-        source=source,
-    )
-    t = time.perf_counter()
+    int8, report = quantize_model(model, calibration, source=source, **options)
+    timer = StageTimer(timings=report.timings)
     write_bytes_atomic(out, int8.SerializeToString(), error=QuantizeError)
-    report.timings["write"] = round(time.perf_counter() - t, 4)
+    timer.lap("write")
     report.path = str(out)
     return report

@@ -17,11 +17,11 @@ engine.
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Any, Literal
 
 from bnexport.errors import ExportError
 from bnexport.export.report import FoldRecord
+from bnexport.stage_timer import StageTimer
 
 Engine = Literal["auto", "keras", "tf2onnx"]
 ENGINES = ("auto", "keras", "tf2onnx")
@@ -91,18 +91,25 @@ def convert_model(
     from bnexport.export.emitter.registry import UnsupportedLayer
 
     check_engine(engine)
-    timings = {} if timings is None else timings
+    job = _Job(
+        loaded,
+        bns,
+        opset,
+        dynamic_batch,
+        fused_norm,
+        keep_float16_overflow,
+        input_shapes,
+        {} if timings is None else timings,
+    )
     backend = keras_backend() if loaded.kind == "keras" else "tensorflow"
     if engine == "tf2onnx":
         if backend != "tensorflow":
             raise ExportError(
                 f"engine='tf2onnx' needs Keras's TensorFlow backend (KERAS_BACKEND={backend})"
             )
-        return _via_tf2onnx(loaded, bns, opset, dynamic_batch, fused_norm,
-                            keep_float16_overflow, input_shapes, timings, "")  # fmt: skip
+        return _via_tf2onnx(job, "")
     try:
-        return _via_emitter(loaded, bns, opset, dynamic_batch, fused_norm,
-                            keep_float16_overflow, input_shapes, timings)  # fmt: skip
+        return _via_emitter(job)
     except UnsupportedLayer as exc:
         if engine == "keras":
             raise
@@ -112,8 +119,7 @@ def convert_model(
                 f"fallback needs the TensorFlow backend (KERAS_BACKEND={backend})"
             ) from None
         reason = str(exc)
-    return _via_tf2onnx(loaded, bns, opset, dynamic_batch, fused_norm,
-                        keep_float16_overflow, input_shapes, timings, reason)  # fmt: skip
+    return _via_tf2onnx(job, reason)
 
 
 def _fold(model: Any, bn_nodes: dict[str, str], fused_norm: str, keep: str) -> tuple[Any, list]:
@@ -144,59 +150,63 @@ def _fold_ir(model: Any, bn_nodes: dict[str, str], fused_norm: str, keep: str) -
     return ir.serde.serialize_model(model), records
 
 
-def _via_emitter(
-    loaded: Any,
-    bns: list[Any],
-    opset: int,
-    dynamic_batch: bool,
-    fused_norm: str,
-    keep: str,
-    input_shapes: dict[str, Any] | None,
-    timings: dict[str, float],
-) -> Converted:
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """What :func:`convert_model` asks of either engine."""
+
+    loaded: Any
+    bns: list[Any]
+    opset: int
+    dynamic_batch: bool
+    fused_norm: str
+    keep_float16_overflow: str
+    input_shapes: dict[str, Any] | None
+    timings: dict[str, float]
+
+
+def _via_emitter(job: _Job) -> Converted:
     from bnexport.export.emitter import emit_model, layer_outputs
 
-    t = time.perf_counter()
+    timer = StageTimer(timings=job.timings)
     emitted = emit_model(
-        loaded, bns, opset=opset, dynamic_batch=dynamic_batch, input_shapes=input_shapes
+        job.loaded,
+        job.bns,
+        opset=job.opset,
+        dynamic_batch=job.dynamic_batch,
+        input_shapes=job.input_shapes,
     )
-    timings["emit"] = round(time.perf_counter() - t, 4)
-    t = time.perf_counter()
-    folded, pass_records = _fold_ir(emitted.model, emitted.bn_nodes, fused_norm, keep)
+    timer.lap("emit")
+    folded, pass_records = _fold_ir(
+        emitted.model, emitted.bn_nodes, job.fused_norm, job.keep_float16_overflow
+    )
     records = [*emitted.records, *pass_records]
-    timings["fold"] = round(time.perf_counter() - t, 4)
-    t = time.perf_counter()
+    timer.lap("fold")
     mapping, perms = layer_outputs(folded, emitted, records)
-    timings["layer_map"] = round(time.perf_counter() - t, 4)
+    timer.lap("layer_map")
     return Converted(folded, records, mapping, perms, emitted.node_layers, "keras")
 
 
-def _via_tf2onnx(
-    loaded: Any,
-    bns: list[Any],
-    opset: int,
-    dynamic_batch: bool,
-    fused_norm: str,
-    keep: str,
-    input_shapes: dict[str, Any] | None,
-    timings: dict[str, float],
-    reason: str,
-) -> Converted:
+def _via_tf2onnx(job: _Job, reason: str) -> Converted:
     from bnexport.export import layer_map
     from bnexport.export.passes.layout import sink_layout_ops
     from bnexport.export.trace import trace_and_convert
 
-    stages: dict[str, float] = {}
-    extra = {"input_shapes": input_shapes} if input_shapes else {}
-    traced = trace_and_convert(
-        loaded, bns, opset=opset, dynamic_batch=dynamic_batch, timings=stages, **extra
+    loaded = job.loaded
+    extra = {"input_shapes": job.input_shapes} if job.input_shapes else {}
+    traced = trace_and_convert(  # times its own trace, freeze and convert stages
+        loaded,
+        job.bns,
+        opset=job.opset,
+        dynamic_batch=job.dynamic_batch,
+        timings=job.timings,
+        **extra,
     )
-    timings.update(stages)
-    t = time.perf_counter()
+    timer = StageTimer(timings=job.timings)
     traced.model = sink_layout_ops(traced.model, traced.bn_nodes)
-    folded, records = _fold(traced.model, traced.bn_nodes, fused_norm, keep)
-    timings["fold"] = round(time.perf_counter() - t, 4)
-    t = time.perf_counter()
+    folded, records = _fold(
+        traced.model, traced.bn_nodes, job.fused_norm, job.keep_float16_overflow
+    )
+    timer.lap("fold")
     input_layers, output_layers = {}, {}
     if loaded.is_keras:
         input_layers = {i.name: i.name for i in loaded.inputs}
@@ -204,5 +214,5 @@ def _via_tf2onnx(
     mapping, perms = layer_map.layer_outputs(
         folded, traced.layer_tensors, traced.layer_shapes, records, input_layers, output_layers
     )
-    timings["layer_map"] = round(time.perf_counter() - t, 4)
+    timer.lap("layer_map")
     return Converted(folded, records, mapping, perms, dict(traced.op_layers), "tf2onnx", reason)
