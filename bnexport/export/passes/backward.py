@@ -31,10 +31,6 @@ import onnx_ir as ir
 from bnexport.export.fold_math import fold_into_consumer_weights
 from bnexport.export.passes.context import AffineSpec, FoldContext, FoldRulePass, spec_of
 from bnexport.export.passes.graph_utils import (
-    attr_float,
-    attr_int,
-    attr_ints,
-    attr_str,
     single_consumer,
     static_dim,
     transpose_perm,
@@ -51,16 +47,16 @@ TARGET_OPS = ("Conv", "Gemm", "MatMul")
 
 def conv_padding_is_zero(conv: ir.Node, x: ir.Value, weight: np.ndarray) -> bool:
     """Whether ``conv`` reads no padded element (explicit, VALID, or SAME that needs none)."""
-    auto_pad = attr_str(conv, "auto_pad", "NOTSET")
+    auto_pad = conv.attributes.get_string("auto_pad", "NOTSET")
     if auto_pad == "VALID":
         return True
     if auto_pad == "NOTSET":
-        pads = attr_ints(conv, "pads")
+        pads = conv.attributes.get_ints("pads")
         return pads is None or all(p == 0 for p in pads)
     spatial = weight.ndim - 2
-    kernel = attr_ints(conv, "kernel_shape") or weight.shape[2:]
-    strides = attr_ints(conv, "strides") or (1,) * spatial
-    dilations = attr_ints(conv, "dilations") or (1,) * spatial
+    kernel = conv.attributes.get_ints("kernel_shape") or weight.shape[2:]
+    strides = conv.attributes.get_ints("strides") or (1,) * spatial
+    dilations = conv.attributes.get_ints("dilations") or (1,) * spatial
     for d in range(spatial):
         size = static_dim(x, 2 + d)
         if size is None:
@@ -98,7 +94,7 @@ def _conv_fold(
     (weight, bias), name = params, conv.name
     if axis != 1 - weight.ndim:
         return f"normalized axis is not Conv '{name}''s input channel axis"
-    groups = attr_int(conv, "group", 1)
+    groups = conv.attributes.get_int("group", 1)
     if weight.shape[1] * groups != spec.channels:
         return f"Conv '{name}' has {weight.shape[1] * groups} input channels"
     if spec.shift.any() and not conv_padding_is_zero(conv, y, weight):
@@ -115,10 +111,10 @@ def _matrix_fold(
     (weight, bias), op, name = params, node.op_type, node.name
     if weight.ndim != 2:
         return f"W of {op} '{name}' is not 2-D"
-    trans_a = op == "Gemm" and attr_int(node, "transA", 0) == 1
+    trans_a = op == "Gemm" and node.attributes.get_int("transA", 0) == 1
     if axis != (-2 if trans_a else -1) or spec.rank < 2:
         return f"normalized axis is not the reduced (K) axis of {op} '{name}'"
-    in_axis, out_axis = (1, 0) if op == "Gemm" and attr_int(node, "transB", 0) else (0, 1)
+    in_axis, out_axis = (1, 0) if op == "Gemm" and node.attributes.get_int("transB", 0) else (0, 1)
     if weight.shape[in_axis] != spec.channels:
         return f"{op} '{name}' has K={weight.shape[in_axis]}, BN {spec.channels} channels"
     w, added = fold_into_consumer_weights(
@@ -126,7 +122,7 @@ def _matrix_fold(
     )
     if op == "MatMul":
         return w, added
-    return w, gemm_bias(node, bias) + attr_float(node, "alpha", 1.0) * added
+    return w, gemm_bias(node, bias) + node.attributes.get_float("alpha", 1.0) * added
 
 
 def check(ph: ir.Node, spec: AffineSpec) -> WeightFold | str:

@@ -28,7 +28,6 @@ import onnx_ir as ir
 from bnexport.export.fold_math import fold_into_producer_weights
 from bnexport.export.passes.context import AffineSpec, FoldContext, FoldRulePass, spec_of
 from bnexport.export.passes.graph_utils import (
-    attr_int,
     const_array,
     rank_of,
     single_consumer,
@@ -94,7 +93,7 @@ def check(ph: ir.Node, spec: AffineSpec) -> WeightFold | str:
     if op in ("Conv", "ConvTranspose"):
         if (err := _axis_error(producer, axis, 1 - weight.ndim)) is not None:
             return err
-        groups = attr_int(producer, "group", 1)
+        groups = producer.attributes.get_int("group", 1)
         out_axis = 0 if op == "Conv" else 1
         channels = weight.shape[out_axis] * (groups if op == "ConvTranspose" else 1)
         if channels != spec.channels:
@@ -108,7 +107,7 @@ def check(ph: ir.Node, spec: AffineSpec) -> WeightFold | str:
         return f"W of {op} '{producer.name}' is not 2-D"
     if (err := _axis_error(producer, axis, -1)) is not None:
         return err
-    out_axis = 0 if op == "Gemm" and attr_int(producer, "transB", 0) else 1
+    out_axis = 0 if op == "Gemm" and producer.attributes.get_int("transB", 0) else 1
     if weight.shape[out_axis] != spec.channels:
         return f"{op} '{producer.name}' has {weight.shape[out_axis]} outputs, BN {spec.channels}"
     w, _ = fold_into_producer_weights(weight, None, spec.scale, spec.shift, out_axis=out_axis)

@@ -35,7 +35,6 @@ from bnexport.export.passes.context import (
 )
 from bnexport.export.passes.graph_utils import (
     add_initializer,
-    attr_float,
     const_array,
     single_consumer,
     take_over,
@@ -85,7 +84,7 @@ def find_activation(y: ir.Value) -> Activation | None:
             return Activation("sigmoid", 0.01, [node], node.outputs[0])
         if op == "LeakyRelu":
             return Activation(
-                "leaky_relu", attr_float(node, "alpha", 0.01), [node], node.outputs[0]
+                "leaky_relu", node.attributes.get_float("alpha", 0.01), [node], node.outputs[0]
             )
         if op == "Clip" and node.inputs[0] is y and _clip_bounds(node) == (0.0, 6.0):
             return Activation("relu6", 0.01, [node], node.outputs[0])

@@ -63,33 +63,9 @@ def static_dim(value: ir.Value, axis: int) -> int | None:
     return dim if isinstance(dim, int) else None
 
 
-def attr_int(node: ir.Node, name: str, default: int) -> int:
-    """Integer attribute ``name`` of ``node`` or ``default``."""
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.as_int()
-
-
-def attr_float(node: ir.Node, name: str, default: float) -> float:
-    """Float attribute ``name`` of ``node`` or ``default``."""
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.as_float()
-
-
-def attr_ints(node: ir.Node, name: str) -> tuple[int, ...] | None:
-    """Integer-list attribute ``name`` of ``node`` or ``None``."""
-    attr = node.attributes.get(name)
-    return None if attr is None else tuple(attr.as_ints())
-
-
-def attr_str(node: ir.Node, name: str, default: str) -> str:
-    """String attribute ``name`` of ``node`` or ``default``."""
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.as_string()
-
-
 def transpose_perm(node: ir.Node, rank: int) -> list[int]:
     """The ``perm`` of a ``Transpose`` node (default: reversed axes)."""
-    perm = attr_ints(node, "perm")
+    perm = node.attributes.get_ints("perm")
     return list(perm) if perm is not None else list(reversed(range(rank)))
 
 

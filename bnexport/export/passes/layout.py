@@ -42,7 +42,6 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from bnexport.export.passes.graph_utils import (
     Namer,
     add_initializer,
-    attr_ints,
     const_array,
     rank_of,
     single_consumer,
@@ -127,7 +126,7 @@ class SinkTransposesPass(_LayoutPass):
         if not _chain_link(mul, "Mul", self.bn_nodes) or (mul_split := _split_const(mul)) is None:
             return None
         x = mul_split[0]
-        perm = attr_ints(node, "perm")
+        perm = node.attributes.get_ints("perm")
         rank = len(perm) if perm is not None else rank_of(x)
         if rank is None:
             return None
@@ -159,7 +158,7 @@ def _squeeze_axes(node: ir.Node) -> list[int] | None:
     if len(node.inputs) > 1 and node.inputs[1] is not None:
         axes = const_array(node.inputs[1])
         return None if axes is None else [int(a) for a in axes.reshape(-1)]
-    return None if (axes := attr_ints(node, "axes")) is None else list(axes)
+    return None if (axes := node.attributes.get_ints("axes")) is None else list(axes)
 
 
 def _static(value: ir.Value) -> list[int | None] | None:

@@ -37,8 +37,6 @@ import numpy as np
 import onnx_ir as ir
 
 from bnexport.export.passes.graph_utils import (
-    attr_ints,
-    attr_str,
     const_array,
     rank_of,
     single_consumer,
@@ -55,7 +53,7 @@ def _conv_rank(conv: ir.Node) -> int | None:
     weight = const_array(conv.inputs[1]) if len(conv.inputs) > 1 else None
     if weight is not None:
         return int(weight.ndim)
-    kernel = attr_ints(conv, "kernel_shape")
+    kernel = conv.attributes.get_ints("kernel_shape")
     if kernel is not None:
         return len(kernel) + 2
     return rank_of(conv.inputs[0])
@@ -93,12 +91,12 @@ def _is_zero(value: ir.Value | None) -> bool | None:
 def _pad_amounts(pad: ir.Node, rank: int) -> tuple[list[int], list[int]] | str:
     """``(begins, ends)`` per axis of a constant zero Pad of a rank-``rank`` tensor, or why not."""
     name = pad.name
-    mode = attr_str(pad, "mode", "constant")
+    mode = pad.attributes.get_string("mode", "constant")
     if mode != "constant":
         return f"Pad '{name}' has mode={mode!r}"
     inputs = list(pad.inputs) + [None] * (4 - len(pad.inputs))
     axes: list[int] | None = None
-    if (attr_pads := attr_ints(pad, "pads")) is not None:  # opset < 11: attributes
+    if (attr_pads := pad.attributes.get_ints("pads")) is not None:  # opset < 11: attributes
         pads = np.asarray(attr_pads, np.int64)
         attr = pad.attributes.get("value")
         if attr is not None and attr.as_float() != 0:
@@ -150,11 +148,15 @@ def check(pad: ir.Node) -> tuple[ir.Node, ir.Node | None, list[int]] | str:
         begins, ends = [begins[p] for p in perm], [ends[p] for p in perm]
     if begins[0] or begins[1] or ends[0] or ends[1]:
         return f"Pad '{pad.name}' pads the batch or channel axis of Conv '{conv.name}'"
-    auto_pad = attr_str(conv, "auto_pad", "NOTSET")
+    auto_pad = conv.attributes.get_string("auto_pad", "NOTSET")
     if auto_pad not in ("NOTSET", "VALID"):
         return f"Conv '{conv.name}' has auto_pad={auto_pad}"
     n = rank - 2
-    old = [0] * (2 * n) if auto_pad == "VALID" else list(attr_ints(conv, "pads") or [0] * (2 * n))
+    old = (
+        [0] * (2 * n)
+        if auto_pad == "VALID"
+        else list(conv.attributes.get_ints("pads") or [0] * (2 * n))
+    )
     if len(old) != 2 * n:
         return f"Conv '{conv.name}' has {len(old)} pads for {n} spatial axes"
     new = [old[i] + begins[2 + i] for i in range(n)] + [old[n + i] + ends[2 + i] for i in range(n)]

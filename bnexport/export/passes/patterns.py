@@ -36,8 +36,6 @@ from bnexport.export.passes.context import (
 )
 from bnexport.export.passes.graph_utils import (
     FLOAT_TYPES,
-    attr_float,
-    attr_int,
     const_array,
     rank_of,
     single_consumer,
@@ -64,7 +62,7 @@ class Element:
 
 def is_training_bn(node: ir.Node) -> bool:
     """A ``BatchNormalization`` with ``training_mode=1``."""
-    return is_bn(node) and attr_int(node, "training_mode", 0) == 1
+    return is_bn(node) and node.attributes.get_int("training_mode", 0) == 1
 
 
 def is_bn(node: ir.Node) -> bool:
@@ -75,7 +73,7 @@ def is_bn(node: ir.Node) -> bool:
 def match_bn(node: ir.Node, ctx: FoldContext) -> Element | str:
     """Match an inference-mode BN; return the element or why it cannot be folded."""
     x = node.inputs[0]
-    if attr_int(node, "spatial", 1) == 0:
+    if node.attributes.get_int("spatial", 1) == 0:
         return "BN has spatial=0 (per-element statistics)"
     if any(v.uses() or v.is_graph_output() for v in node.outputs[1:]):
         return "BN's secondary outputs (mean/var) are consumed"
@@ -94,7 +92,7 @@ def match_bn(node: ir.Node, ctx: FoldContext) -> Element | str:
         return f"BN input rank is unknown{failed}"
     if rank < 2:
         return f"BN input rank is {rank}, need >= 2"
-    epsilon = attr_float(node, "epsilon", 1e-5)
+    epsilon = node.attributes.get_float("epsilon", 1e-5)
     scale, shift = bn_scale_shift(*params, epsilon, name=ctx.node_label(node))
     channels = static_dim(x, 1)
     if channels is not None and channels != scale.shape[0]:

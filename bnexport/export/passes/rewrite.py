@@ -12,7 +12,6 @@ from bnexport.export.passes.graph_utils import (
     Namer,
     add_initializer,
     append_to,
-    attr_float,
     const_array,
     single_consumer,
     take_over,
@@ -76,7 +75,7 @@ def constant_weights(node: ir.Node) -> tuple[np.ndarray, np.ndarray | None] | st
 
 def gemm_bias(gemm: ir.Node, bias: np.ndarray | None) -> np.ndarray:
     """The ``β·C`` term of ``Y = α·A'·B' + β·C`` in float64 (0 without ``C`` or with β = 0)."""
-    beta = attr_float(gemm, "beta", 1.0)
+    beta = gemm.attributes.get_float("beta", 1.0)
     if bias is None or beta == 0:
         return np.float64(0.0)
     return beta * bias.astype(np.float64)

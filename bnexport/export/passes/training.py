@@ -18,7 +18,7 @@ import onnx_ir as ir
 
 from bnexport.export.passes.context import FoldContext, FoldPass
 from bnexport.export.passes.fuse import find_activation, fused_norm_node, take_over_activation
-from bnexport.export.passes.graph_utils import add_initializer, attr_float, const_array, take_over
+from bnexport.export.passes.graph_utils import add_initializer, const_array, take_over
 from bnexport.export.passes.islands import cast_node
 from bnexport.export.passes.patterns import is_training_bn
 
@@ -36,8 +36,8 @@ def map_training_bn(graph: ir.Graph, node: ir.Node, ctx: FoldContext) -> tuple[s
     stats_used = [_used(v) for v in node.outputs[1:3]]
     if any(stats_used) and any(c is None for c in consts[2:4]):
         return "running statistics are consumed but input mean/var are not constant"
-    epsilon = attr_float(node, "epsilon", 1e-5)
-    momentum = attr_float(node, "momentum", 0.9)
+    epsilon = node.attributes.get_float("epsilon", 1e-5)
+    momentum = node.attributes.get_float("momentum", 0.9)
     y = node.outputs[0]
     act = find_activation(y) if not any(stats_used) else None
     attrs: dict[str, int | float | str] = {
