@@ -25,6 +25,9 @@ import dataclasses
 from collections.abc import AsyncIterator
 
 from bnexport.serve.protocol.errors import OverloadedError
+from bnexport.serve.settings import ServeSettings
+
+_DEFAULTS = ServeSettings()
 
 
 @dataclasses.dataclass(eq=False)
@@ -49,7 +52,7 @@ class Admission:
         max_bytes: int,
         max_requests: int,
         *,
-        max_wait_s: float = 10.0,
+        max_wait_s: float = _DEFAULTS.admission_wait_s,
         max_waiting: int = 1024,
         retry_after_s: int = 1,
     ) -> None:

@@ -2,7 +2,9 @@
 
 Each record carries ``ts`` (UTC, ISO 8601), ``level``, ``logger``, ``event`` (the
 message) and the fields passed as ``extra={"fields": {...}}``. Access records use
-``event="request"`` with ``method``, ``path``, ``status``, ``ms`` and ``client``.
+``event="request"`` with ``method``, ``path``, ``status``, ``ms`` and ``client`` (and
+``error`` when the request failed before an endpoint answered); every transport writes
+them through :func:`log_access`, so HTTP, the h11 guard and gRPC log alike.
 Nothing is configured at import: :func:`configure_logging` is called by
 ``bnexport serve`` / :func:`bnexport.serve.serve_model`.
 """
@@ -13,6 +15,7 @@ import datetime as _dt
 import json
 import logging
 import sys
+import time
 from typing import Any, TextIO
 
 LOGGER_NAME = "bnexport.serve"
@@ -53,3 +56,40 @@ def configure_logging(level: str = "info", stream: TextIO | None = None) -> None
 def get_logger() -> logging.Logger:
     """The server's logger."""
     return logging.getLogger(LOGGER_NAME)
+
+
+def log_access(
+    logger: logging.Logger,
+    *,
+    method: str | None,
+    path: str | None,
+    status: int | str,
+    start: float | None,
+    client: str | None,
+    error: str | None = None,
+) -> None:
+    """Write one access record (``event="request"``) at ``INFO``, if that level is on.
+
+    Args:
+        logger: the server's logger (:func:`get_logger`).
+        method: HTTP method, ``"grpc"`` for an RPC, ``None`` when no request line was read.
+        path: request path (``/inference.GRPCInferenceService/<RPC>`` for gRPC).
+        status: HTTP status, or the gRPC status code's name.
+        start: ``time.perf_counter()`` at arrival; ``None``: no duration (``ms`` left out).
+        client: ``host:port`` of the peer.
+        error: why the request ended before an endpoint answered.
+    """
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    fields: dict[str, Any] = {"method": method, "path": path, "status": status}
+    if start is not None:
+        fields["ms"] = round((time.perf_counter() - start) * 1000, 3)
+    fields["client"] = client
+    if error is not None:
+        fields["error"] = error
+    logger.info("request", extra={"fields": fields})
+
+
+def peer(client: tuple[str, int] | list | None) -> str | None:
+    """``host:port`` of an ASGI ``scope["client"]`` (``None`` when unknown)."""
+    return f"{client[0]}:{client[1]}" if client else None

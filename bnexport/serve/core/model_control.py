@@ -36,7 +36,7 @@ from bnexport.serve.protocol.errors import BadRequestError, ModelNotFoundError, 
 
 if TYPE_CHECKING:
     from bnexport.serve.core.repository import ServedModel
-    from bnexport.serve.rest.app import ServerState
+    from bnexport.serve.core.state import ServerState
 
 MODES = ("none", "explicit")
 

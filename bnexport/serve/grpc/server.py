@@ -30,16 +30,19 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from bnexport.serve.core.logs import get_logger
+from bnexport.serve.settings import ServeSettings
 
 if TYPE_CHECKING:
-    from bnexport.serve.rest.app import ServerState
+    from bnexport.serve.core.state import ServerState
+
+_DEFAULTS = ServeSettings()
 
 
 class GrpcFrontend:
     """``inference.GRPCInferenceService`` on ``host:port``, serving ``state``.
 
     Args:
-        state: the HTTP app's shared state (``app.state``).
+        state: the server's shared state (the HTTP app's ``app.state``).
         host: bind address.
         port: TCP port; 0 picks a free one (read :attr:`port` after :meth:`start`).
         token: bearer token (``authorization`` metadata), ``None`` for none.
@@ -59,7 +62,7 @@ class GrpcFrontend:
         port: int,
         *,
         token: str | None = None,
-        max_message_bytes: int = 64 << 20,
+        max_message_bytes: int = _DEFAULTS.max_body_bytes,
         admission: Any = None,
         max_concurrent_rpcs: int | None = None,
         request_timeout_s: float | None = None,

@@ -12,19 +12,16 @@ ModelConfig, ModelInfer, ModelStreamInfer, ModelStatistics, RepositoryIndex,
 RepositoryModelLoad, RepositoryModelUnload. The shared-memory, trace and log
 settings RPCs answer UNIMPLEMENTED (the base class).
 
-Errors end the RPC with a status code and a one-line message, as Triton does::
+Every RPC is answered by the data plane (:mod:`bnexport.serve.core.dataplane`), the one
+the HTTP routes call: this module only turns messages into its calls and back.
 
-    400 malformed / wrong input         -> INVALID_ARGUMENT
-    401 missing or wrong token          -> UNAUTHENTICATED
-    404 unknown model or version        -> NOT_FOUND
-    408 no answer within the deadline   -> DEADLINE_EXCEEDED
-    413 message over --max-body-mb      -> RESOURCE_EXHAUSTED (grpc's own check)
-    503 in-flight bound reached         -> RESOURCE_EXHAUSTED
-    more RPCs than the in-flight bound  -> RESOURCE_EXHAUSTED (grpc's own check, see
-                                           :mod:`bnexport.serve.grpc.server`)
-    503 shutting down                   -> UNAVAILABLE
-    500 the model failed on the request -> INTERNAL
-    model control not enabled           -> FAILED_PRECONDITION
+Errors end the RPC with a status code and a one-line message, as Triton does; the
+code comes from the table in :mod:`bnexport.serve.protocol.errors`, next to the HTTP
+status of the same error (400 -> INVALID_ARGUMENT, 404 -> NOT_FOUND, 408 ->
+DEADLINE_EXCEEDED, 503 in-flight bound -> RESOURCE_EXHAUSTED, 503 shutting down ->
+UNAVAILABLE, ...). grpc itself answers RESOURCE_EXHAUSTED to a message over
+``--max-body-mb`` and to an RPC beyond ``maximum_concurrent_rpcs`` (see
+:mod:`bnexport.serve.grpc.server`).
 
 Deadline: an infer request whose call carries no deadline gets the server's
 (``request_timeout_s``; ``bnexport serve`` passes ``--body-timeout-s``, the time an
@@ -34,69 +31,39 @@ with its own deadline keeps it (grpc cancels the handler when it passes).
 
 Auth: with a token, every RPC but ServerLive and ServerReady (the health
 checks, open like ``/v2/health/*``) needs the metadata ``authorization: Bearer
-<token>`` (scheme case-insensitive, token compared in constant time).
+<token>``, checked by :mod:`bnexport.serve.core.auth` as the HTTP header is.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
-import hmac
-import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf import json_format
-from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from bnexport import __version__
-from bnexport.serve.core.infer_scope import InferScope
-from bnexport.serve.core.logs import get_logger
-from bnexport.serve.core.model_control import load_model, unload_model
-from bnexport.serve.core.statistics import statistics_response
+from bnexport.serve.core.auth import BearerToken
+from bnexport.serve.core.dataplane import DataPlane
+from bnexport.serve.core.logs import get_logger, log_access
 from bnexport.serve.protocol import grpc_codec
-from bnexport.serve.protocol.errors import (
-    RequestTimeoutError,
-    ServeError,
-    UnauthorizedError,
-    UnavailableError,
-)
-from bnexport.serve.rest.routes_triton import EXTENSIONS
+from bnexport.serve.protocol.codec import DecodedRequest
+from bnexport.serve.protocol.errors import ModelNotFoundError, ServeError, grpc_code_name
 
 if TYPE_CHECKING:
-    from bnexport.serve.rest.app import ServerState
+    from bnexport.serve.core.state import ServerState
 
 #: RPCs that need no token (health checks)
 _OPEN = frozenset({"ServerLive", "ServerReady"})
-
-_CODES = {
-    400: grpc.StatusCode.INVALID_ARGUMENT,
-    401: grpc.StatusCode.UNAUTHENTICATED,
-    403: grpc.StatusCode.PERMISSION_DENIED,
-    404: grpc.StatusCode.NOT_FOUND,
-    408: grpc.StatusCode.DEADLINE_EXCEEDED,
-    409: grpc.StatusCode.FAILED_PRECONDITION,
-    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    415: grpc.StatusCode.INVALID_ARGUMENT,
-    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    499: grpc.StatusCode.CANCELLED,
-    500: grpc.StatusCode.INTERNAL,
-    503: grpc.StatusCode.UNAVAILABLE,
-}
+_SERVICE = "/inference.GRPCInferenceService/"
 
 
-def status_code(exc: ServeError) -> grpc.StatusCode:
-    """The gRPC status of a server error (see the module docstring).
-
-    A 503 that is not :class:`UnavailableError` (shutting down) is the in-flight bound
-    (``OverloadedError``): RESOURCE_EXHAUSTED, as grpc answers an over-limit call.
-    """
-    if exc.status_code == 503 and not isinstance(exc, UnavailableError):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED
-    return _CODES.get(exc.status_code, grpc.StatusCode.UNKNOWN)
+def status_code(exc: BaseException) -> grpc.StatusCode:
+    """The gRPC status of an error (the table of :mod:`bnexport.serve.protocol.errors`)."""
+    return grpc.StatusCode[grpc_code_name(exc)]
 
 
 def _rpc(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
@@ -134,7 +101,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     """``inference.GRPCInferenceService`` answering from ``state`` (shared with HTTP).
 
     Args:
-        state: the HTTP app's :class:`~bnexport.serve.rest.app.ServerState`.
+        state: the server's :class:`~bnexport.serve.core.state.ServerState` (the HTTP
+            app's ``app.state``).
         token: bearer token required on every RPC but ServerLive/ServerReady.
         admission: the HTTP app's :class:`~bnexport.serve.core.admission.Admission` (in-flight
             bound, shared by both protocols); a request over it gets RESOURCE_EXHAUSTED.
@@ -150,107 +118,97 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         request_timeout_s: float | None = None,
     ) -> None:
         self.state = state
-        self.admission = admission
-        self.request_timeout_s = request_timeout_s
-        self._token = token.encode() if token else None
+        self.dataplane = DataPlane(state, admission, request_timeout_s)
+        self._token = BearerToken(token)
         self._log = get_logger()
         self._rpc_counter = state.metrics.grpc_requests
+
+    @property
+    def admission(self) -> Any:
+        """The in-flight bound shared with HTTP (``None``: none)."""
+        return self.dataplane.admission
+
+    @property
+    def request_timeout_s(self) -> float | None:
+        """The deadline of an infer request whose call carries none."""
+        return self.dataplane.request_timeout_s
 
     # -- shared plumbing --------------------------------------------------------------------------
     def check_token(self, context: Any) -> None:
         """Raise ``UnauthorizedError`` unless ``authorization: Bearer <token>`` is sent."""
-        if self._token is None:
+        if not self._token.required:
             return
-        given = b""
-        for key, value in context.invocation_metadata() or ():
-            if key.lower() == "authorization":
-                given = value.encode() if isinstance(value, str) else bytes(value)
-                break
-        scheme, _, credential = given.strip().partition(b" ")
-        ok = scheme.lower() == b"bearer" and hmac.compare_digest(credential.strip(), self._token)
-        if not ok:
-            raise UnauthorizedError(
-                "missing or invalid bearer token (metadata 'authorization: Bearer <token>')"
-            )
+        given = next(
+            (v for k, v in context.invocation_metadata() or () if k.lower() == "authorization"),
+            None,
+        )
+        self._token.check(given, "metadata 'authorization: Bearer <token>'")
 
     def record(self, rpc: str, code: grpc.StatusCode, start: float, context: Any) -> None:
         """Access log line and RPC counter of one finished RPC."""
         self._rpc_counter.labels(rpc, code.name).inc()
-        if self._log.isEnabledFor(logging.INFO):
-            self._log.info(
-                "request",
-                extra={
-                    "fields": {
-                        "method": "grpc",
-                        "path": f"/inference.GRPCInferenceService/{rpc}",
-                        "status": code.name,
-                        "ms": round((time.perf_counter() - start) * 1000, 3),
-                        "client": context.peer(),
-                    }
-                },
-            )
+        log_access(
+            self._log,
+            method="grpc",
+            path=_SERVICE + rpc,
+            status=code.name,
+            start=start,
+            client=context.peer(),
+        )
 
     # -- health and metadata ----------------------------------------------------------------------
     @_rpc
     async def ServerLive(self, request: Any, context: Any) -> Any:  # noqa: N802, D102
-        return service_pb2.ServerLiveResponse(live=True)
+        return service_pb2.ServerLiveResponse(live=self.dataplane.live())
 
     @_rpc
     async def ServerReady(self, request: Any, context: Any) -> Any:  # noqa: N802, D102
-        return service_pb2.ServerReadyResponse(ready=self.state.ready)
+        return service_pb2.ServerReadyResponse(ready=self.dataplane.ready())
 
     @_rpc
     async def ModelReady(self, request: Any, context: Any) -> Any:  # noqa: N802, D102
         try:
-            self.state.repository.get(request.name, request.version or None)
-        except ServeError:
-            return service_pb2.ModelReadyResponse(ready=False)
-        return service_pb2.ModelReadyResponse(ready=self.state.ready)
+            ready = self.dataplane.model_ready(request.name, request.version)
+        except ModelNotFoundError:
+            ready = False  # Triton answers an unknown model "not ready", not NOT_FOUND
+        return service_pb2.ModelReadyResponse(ready=ready)
 
     @_rpc
     async def ServerMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802, D102
-        return service_pb2.ServerMetadataResponse(
-            name="bnexport", version=__version__, extensions=EXTENSIONS
-        )
+        return service_pb2.ServerMetadataResponse(**self.dataplane.server_metadata())
 
     @_rpc
     async def ModelMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802, D102
-        repo = self.state.repository
-        model = repo.get(request.name, request.version or None)
-        versions = repo.versions(request.name) if not request.version else [model.version]
-        meta = model.metadata(versions).model_dump(exclude_none=True)
-        return json_format.ParseDict(meta, service_pb2.ModelMetadataResponse())
+        meta = self.dataplane.model_metadata(request.name, request.version)
+        return json_format.ParseDict(
+            meta.model_dump(exclude_none=True), service_pb2.ModelMetadataResponse()
+        )
 
     @_rpc
     async def ModelConfig(self, request: Any, context: Any) -> Any:  # noqa: N802, D102
-        from bnexport.serve.rest.app import _config_json
-
-        model = self.state.repository.get(request.name, request.version or None)
-        config = json_format.ParseDict(_config_json(model), model_config_pb2.ModelConfig())
+        config = self.dataplane.model_config(request.name, request.version)
         return service_pb2.ModelConfigResponse(config=config)
 
     # -- statistics and repository ----------------------------------------------------------------
     @_rpc
     async def ModelStatistics(self, request: Any, context: Any) -> Any:  # noqa: N802, D102
-        body = statistics_response(self.state.repository, request.name, request.version)
+        body = self.dataplane.statistics(request.name, request.version)
         return json_format.ParseDict(body, service_pb2.ModelStatisticsResponse())
 
     @_rpc
     async def RepositoryIndex(self, request: Any, context: Any) -> Any:  # noqa: N802, D102
-        rows = self.state.repository.index()
-        if request.ready:
-            rows = [r for r in rows if r["state"] == "READY"]
+        rows = self.dataplane.repository_index(request.ready)
         return json_format.ParseDict({"models": rows}, service_pb2.RepositoryIndexResponse())
 
     @_rpc
     async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:  # noqa: N802, D102
         params = grpc_codec.parameters(request.parameters)
-        await load_model(self.state, request.model_name, params)
+        await self.dataplane.load(request.model_name, params)
         return service_pb2.RepositoryModelLoadResponse()
 
     @_rpc
     async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:  # noqa: N802, D102
-        await unload_model(self.state, request.model_name)
+        await self.dataplane.unload(request.model_name)
         return service_pb2.RepositoryModelUnloadResponse()
 
     # -- inference --------------------------------------------------------------------------------
@@ -314,71 +272,44 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     def _deadline(self, context: Any) -> float | None:
         """The server's deadline for the call's requests: none when the call has its own."""
-        if self.request_timeout_s is None:
-            return None
         remaining = getattr(context, "time_remaining", None)  # absent on Ray's context
         if remaining is not None and remaining() is not None:
             return None
-        return self.request_timeout_s
+        return self.dataplane.request_timeout_s
 
     async def infer(self, request: Any, deadline_s: float | None = None) -> Any:
-        """Answer one ``ModelInferRequest`` through the model's batcher.
+        """Answer one ``ModelInferRequest`` through the data plane (as HTTP's endpoint does).
 
-        Mirrors the HTTP endpoint: look the model up, announce the request to the
-        batcher, decode and validate, submit, encode. Counted in the Prometheus
-        request metrics with the HTTP status it maps to.
+        The request holds its message size under the admission bound while it runs, and
+        is counted in the Prometheus request metrics with the HTTP status it maps to.
 
         Args:
             request: the ``ModelInferRequest``.
-            deadline_s: time from admission to the answer, else
+            deadline_s: time from arrival to the answer, else
                 :class:`~bnexport.serve.protocol.errors.RequestTimeoutError` (DEADLINE_EXCEEDED);
                 ``None``: no limit.
 
         Raises:
             ServeError: whatever ends the request (mapped to a status by the caller).
         """
-        with InferScope(self.state) as scope:
-            async with _admitted(self.admission, request):
-                model = scope.open(request.model_name, request.model_version or None)
-                if deadline_s is None:
-                    response = await self._answer(scope, model, request)
-                else:
-                    try:
-                        response = await asyncio.wait_for(
-                            self._answer(scope, model, request), deadline_s
-                        )
-                    except asyncio.TimeoutError:
-                        raise RequestTimeoutError(
-                            f"model '{model.name}' version {model.version}: no answer within "
-                            f"{deadline_s:g} s, the server's deadline for calls without one "
-                            "(bnexport serve --body-timeout-s); set a deadline on the call "
-                            "to choose another"
-                        ) from None
-            scope.succeeded()
-            return response
 
-    @staticmethod
-    async def _answer(scope: InferScope, model: Any, request: Any) -> Any:
-        """Decode and check ``request``, run it through ``scope``, encode the response."""
-        if grpc_codec.typed_elements(request) > grpc_codec.OFFLOAD_ELEMENTS:
-            req = await asyncio.to_thread(grpc_codec.decode_request, request)
-        else:
-            req = grpc_codec.decode_request(request)
-        rows = model.check_inputs(req.inputs)
-        model.check_outputs(req.outputs)
-        results = await scope.run(req.inputs, rows)
-        return grpc_codec.encode_response(
-            service_pb2.ModelInferResponse,
-            model.name,
-            model.version,
-            req.id,
-            results,
-            req.outputs,
+        async def decode() -> DecodedRequest:
+            if grpc_codec.typed_elements(request) > grpc_codec.OFFLOAD_ELEMENTS:
+                return await asyncio.to_thread(grpc_codec.decode_request, request)
+            return grpc_codec.decode_request(request)
+
+        return await self.dataplane.infer(
+            request.model_name,
+            request.model_version,
+            decode,
+            _encode,
+            cost=request.ByteSize(),
+            deadline_s=deadline_s,
         )
 
 
-def _admitted(admission: Any, request: Any) -> Any:
-    """The server's admission bound (when it has one) for a request of its message size."""
-    if admission is None:
-        return contextlib.nullcontext()
-    return admission.admit(request.ByteSize())
+def _encode(model: Any, req: DecodedRequest, results: dict) -> Any:
+    """The ``ModelInferResponse`` of one answered request (outputs as raw bytes)."""
+    return grpc_codec.encode_response(
+        service_pb2.ModelInferResponse, model.name, model.version, req.id, results, req.outputs
+    )

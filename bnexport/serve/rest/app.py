@@ -21,10 +21,13 @@ request body may be ``gzip``/``deflate`` encoded (``Content-Encoding``), as
 ``tritonclient`` sends it with ``request_compression_algorithm``; the decoded
 size counts against the limit.
 
-:func:`create_app` only assembles: the shared :class:`ServerState`, the error
-handlers, one router per group of endpoints (health and metadata here,
-inference in :mod:`bnexport.serve.rest.infer`), and the ASGI guard in front
-(:mod:`bnexport.serve.rest.middleware`).
+:func:`create_app` only assembles: the shared
+:class:`~bnexport.serve.core.state.ServerState`, the data plane over it
+(:mod:`bnexport.serve.core.dataplane`, which answers every endpoint here and over
+gRPC), the error handlers, one router per group of endpoints (health and metadata
+here, inference in :mod:`bnexport.serve.rest.infer`), and the ASGI guard in front
+(:mod:`bnexport.serve.rest.middleware`). Its defaults are
+:class:`~bnexport.serve.settings.ServeSettings`'s.
 """
 
 from __future__ import annotations
@@ -40,10 +43,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bnexport import __version__
 from bnexport.serve.core.admission import Admission
-from bnexport.serve.core.batcher import DynamicBatcher
+from bnexport.serve.core.dataplane import DataPlane
 from bnexport.serve.core.logs import get_logger
 from bnexport.serve.core.metrics import ServerMetrics
-from bnexport.serve.core.repository import ModelRepository, ServedModel
+from bnexport.serve.core.repository import ModelRepository
+from bnexport.serve.core.state import ServerState
 from bnexport.serve.protocol.errors import ServeError
 from bnexport.serve.protocol.types import (
     ModelMetadataResponse,
@@ -53,79 +57,19 @@ from bnexport.serve.protocol.types import (
     ServerReadyResponse,
 )
 from bnexport.serve.rest.decode_process import DEFAULT_MAX_BYTES, DEFAULT_MIN_BYTES, DecodeProcess
-from bnexport.serve.rest.infer import _ERRORS, add_infer_routes, error_response, read_body
+from bnexport.serve.rest.infer import add_infer_routes, read_body
 from bnexport.serve.rest.middleware import GuardMiddleware
-from bnexport.serve.rest.routes_triton import EXTENSIONS as TRITON_EXTENSIONS
+from bnexport.serve.rest.responses import ERRORS, error_response, serve_error_response
 from bnexport.serve.rest.routes_triton import triton_router
+from bnexport.serve.settings import INFLIGHT_BODIES, ServeSettings
+from bnexport.serve.triton.config import config_json
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "ServerState", "create_app", "error_response", "read_body"]
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "create_app", "error_response", "read_body"]
 
-DEFAULT_MAX_BODY_BYTES = 64 << 20
-#: requests with a body processed at once (more wait, then 503)
-DEFAULT_MAX_INFLIGHT_REQUESTS = 256
-#: body bytes processed at once, as a multiple of the body limit (more wait, then 503)
-DEFAULT_INFLIGHT_BODIES = 4
-#: time to receive a whole request body (408 after)
-DEFAULT_BODY_TIMEOUT_S = 60.0
-#: models whose runs average less than this run on the event loop (no thread handoff)
-INLINE_BELOW_S = 200e-6
-
-
-class ServerState:
-    """Everything the endpoints share: models, batchers, metrics, readiness."""
-
-    def __init__(
-        self,
-        repository: ModelRepository,
-        metrics: ServerMetrics,
-        instances: int,
-        batch_policy: str = "adaptive",
-        decoder: DecodeProcess | None = None,
-    ):
-        self.repository = repository
-        self.decoder = decoder or DecodeProcess()
-        self.batch_policy = batch_policy
-        self.metrics = metrics
-        self.instances = instances
-        self.ready = True
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self._batchers: dict[tuple[str, str], DynamicBatcher] = {}
-
-    def batcher(self, model: ServedModel) -> DynamicBatcher:
-        """The batcher of ``model``, created on first use in the running loop."""
-        key = (model.name, model.version)
-        batcher = self._batchers.get(key)
-        if batcher is None:
-            batcher = DynamicBatcher(
-                model.run,
-                max_batch=model.max_batch,
-                timeout_s=model.batch_timeout_s,
-                workers=self.instances,
-                on_batch=self.metrics.batch_hook(*key),
-                on_queue=self.metrics.queue_hook(*key),
-                policy=self.batch_policy,
-                inline_below_s=INLINE_BELOW_S,
-                stats=model.stats,
-            )
-            self._batchers[key] = batcher
-        return batcher
-
-    def release(self, model: ServedModel) -> DynamicBatcher | None:
-        """Forget the batcher of ``model`` (unloaded or replaced); the caller closes it."""
-        return self._batchers.pop((model.name, model.version), None)
-
-    def begin_drain(self) -> None:
-        """Shutdown has begun: report not ready, run queued batches without waiting."""
-        self.ready = False
-        for batcher in self._batchers.values():
-            batcher.flush()
-
-    async def drain(self) -> None:
-        """Stop being ready; run every queued request; stop the batchers."""
-        self.ready = False
-        for batcher in list(self._batchers.values()):
-            await batcher.close()
-        await asyncio.to_thread(self.decoder.close)
+_DEFAULTS = ServeSettings()
+DEFAULT_MAX_BODY_BYTES = _DEFAULTS.max_body_bytes
+#: extensions only the HTTP protocol has (both have the data plane's)
+HTTP_EXTENSIONS = ("binary_tensor_data",)
 
 
 def create_app(
@@ -133,16 +77,17 @@ def create_app(
     *,
     token: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-    instances: int = 1,
-    batch_policy: str = "adaptive",
+    instances: int = _DEFAULTS.instances,
+    batch_policy: str = _DEFAULTS.batch_policy,
     metrics: ServerMetrics | None = None,
     max_inflight_bytes: int | None = None,
-    max_inflight_requests: int = DEFAULT_MAX_INFLIGHT_REQUESTS,
-    admission_wait_s: float = 10.0,
-    body_timeout_s: float | None = DEFAULT_BODY_TIMEOUT_S,
+    max_inflight_requests: int = _DEFAULTS.max_inflight_requests,
+    admission_wait_s: float = _DEFAULTS.admission_wait_s,
+    body_timeout_s: float | None = _DEFAULTS.body_timeout_s,
     json_process_min_bytes: int = DEFAULT_MIN_BYTES,
-    open_metrics: bool = False,
+    open_metrics: bool = _DEFAULTS.open_metrics,
     json_max_bytes: int = DEFAULT_MAX_BYTES,
+    request_timeout_s: float | None = None,
 ) -> Any:
     """Build the ASGI app serving ``repository``.
 
@@ -165,13 +110,15 @@ def create_app(
             Prometheus scraping sends none; see :mod:`bnexport.serve.rest.middleware`).
         json_max_bytes: largest JSON text decoded (a parse peaks near 20x it), else 413;
             binary tensors are bounded by ``max_body_bytes`` alone.
+        request_timeout_s: deadline of an infer request from arrival to answer, else 408
+            (a model that never returns gives its slot back); ``None``: none. gRPC's
+            frontend takes the same value for calls without a deadline.
 
     Returns:
         The ASGI app (FastAPI wrapped in :class:`GuardMiddleware`); the FastAPI
-        instance is ``app.fastapi`` and the shared state ``app.state``.
+        instance is ``app.fastapi``, the shared state ``app.state``, the in-flight bound
+        ``app.admission`` and the data plane ``app.dataplane``.
     """
-    if batch_policy not in ("adaptive", "window"):
-        raise ValueError(f"batch_policy must be 'adaptive' or 'window'. Received: {batch_policy!r}")
     state = ServerState(
         repository,
         metrics or ServerMetrics(),
@@ -180,7 +127,7 @@ def create_app(
         decoder=DecodeProcess(json_process_min_bytes, json_max_bytes),
     )
     admission = Admission(
-        max_inflight_bytes or DEFAULT_INFLIGHT_BODIES * max_body_bytes,
+        max_inflight_bytes or INFLIGHT_BODIES * max_body_bytes,
         max_inflight_requests,
         max_wait_s=admission_wait_s,
     )
@@ -190,12 +137,13 @@ def create_app(
         description="KServe v2 / Open Inference Protocol over HTTP/REST.",
         lifespan=_lifespan(state),
     )
+    dataplane = DataPlane(state, admission, request_timeout_s)
     _add_error_handlers(api)
     # -- routers: one line per group of endpoints --------------------------------------------
-    add_infer_routes(api, state, max_body_bytes)  # on the app itself: the hot path matches first
-    api.include_router(health_router(state))
-    api.include_router(triton_router(state))  # before metadata: /v2/models/stats
-    api.include_router(metadata_router(state))
+    add_infer_routes(api, dataplane, max_body_bytes)  # on the app itself: matched first
+    api.include_router(health_router(dataplane))
+    api.include_router(triton_router(dataplane))  # before metadata: /v2/models/stats
+    api.include_router(metadata_router(dataplane))
     # ------------------------------------------------------------------------------------------
     app = GuardMiddleware(
         api,
@@ -209,6 +157,7 @@ def create_app(
     app.fastapi = api  # type: ignore[attr-defined]
     app.state = state  # type: ignore[attr-defined]
     app.admission = admission  # type: ignore[attr-defined]
+    app.dataplane = dataplane  # type: ignore[attr-defined]
     return app
 
 
@@ -234,7 +183,7 @@ async def warm_routes(api: FastAPI) -> None:
 
     FastAPI builds the matching state of an included router (pydantic schemas of every
     route) on the first request that reaches it, and inspects an endpoint's source on
-    its first call: 150+ ms on the event loop, which would land on the first client
+    its first call: a long stall of the event loop, which would land on the first client
     request, or on a health probe next to it. Nothing here is logged or counted.
     """
 
@@ -266,105 +215,76 @@ def _add_error_handlers(api: FastAPI) -> None:
     """Every error leaves as a KServe error body ``{"error": "..."}``."""
 
     @api.exception_handler(ServeError)
-    async def _serve_error(_: Request, exc: ServeError) -> JSONResponse:
-        return error_response(exc.status_code, str(exc), exc.headers or None)
+    async def _serve_error(_: Request, exc: ServeError) -> Response:
+        return serve_error_response(exc)
 
     @api.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
         return error_response(exc.status_code, str(exc.detail))
 
     @api.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation_error(_: Request, exc: RequestValidationError) -> Response:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         where = ".".join(str(p) for p in first["loc"])
         return error_response(400, f"{where}: {first['msg']}")
 
 
-def health_router(state: ServerState) -> APIRouter:
+def _ready(ok: bool, body: dict) -> JSONResponse:
+    """A readiness answer: 200 when ready, 400 when not (the KServe v2 rule)."""
+    return JSONResponse(body, status_code=200 if ok else 400)
+
+
+def health_router(dataplane: DataPlane) -> APIRouter:
     """``/v2/health/live`` and ``/v2/health/ready``: answered on the event loop, no I/O."""
     router = APIRouter()
 
     @router.get("/v2/health/live", response_model=ServerLiveResponse)
     async def live() -> dict:
-        return {"live": True}
+        return {"live": dataplane.live()}
 
-    @router.get("/v2/health/ready", response_model=ServerReadyResponse, responses=_ERRORS)
+    @router.get("/v2/health/ready", response_model=ServerReadyResponse, responses=ERRORS)
     async def ready() -> JSONResponse:
-        return JSONResponse({"ready": state.ready}, status_code=200 if state.ready else 400)
+        ok = dataplane.ready()
+        return _ready(ok, {"ready": ok})
 
     return router
 
 
-def metadata_router(state: ServerState) -> APIRouter:
+def metadata_router(dataplane: DataPlane) -> APIRouter:
     """Server and model metadata, model readiness and config, Prometheus metrics."""
     router = APIRouter()
-    repository = state.repository
+    metrics = dataplane.state.metrics
 
     @router.get("/v2", response_model=ServerMetadataResponse)
     async def server_metadata() -> dict:
-        extensions = ["binary_tensor_data", *TRITON_EXTENSIONS]
-        return {"name": "bnexport", "version": __version__, "extensions": extensions}
+        return dataplane.server_metadata(HTTP_EXTENSIONS)
 
-    @router.get("/v2/models/{name}", response_model=ModelMetadataResponse, responses=_ERRORS)
+    @router.get("/v2/models/{name}", response_model=ModelMetadataResponse, responses=ERRORS)
     @router.get(
         "/v2/models/{name}/versions/{version}",
         response_model=ModelMetadataResponse,
-        responses=_ERRORS,
+        responses=ERRORS,
     )
     async def model_metadata(name: str, version: str | None = None) -> Any:
-        model = repository.get(name, version)
-        return model.metadata(repository.versions(name) if version is None else [model.version])
+        return dataplane.model_metadata(name, version)
 
-    @router.get("/v2/models/{name}/ready", response_model=ModelReadyResponse, responses=_ERRORS)
+    @router.get("/v2/models/{name}/ready", response_model=ModelReadyResponse, responses=ERRORS)
     @router.get(
         "/v2/models/{name}/versions/{version}/ready",
         response_model=ModelReadyResponse,
-        responses=_ERRORS,
+        responses=ERRORS,
     )
     async def model_ready(name: str, version: str | None = None) -> JSONResponse:
-        model = repository.get(name, version)
-        ok = state.ready
-        return JSONResponse({"name": model.name, "ready": ok}, status_code=200 if ok else 400)
+        ok = dataplane.model_ready(name, version)
+        return _ready(ok, {"name": name, "ready": ok})
 
-    @router.get("/v2/models/{name}/config", responses=_ERRORS)
-    @router.get("/v2/models/{name}/versions/{version}/config", responses=_ERRORS)
+    @router.get("/v2/models/{name}/config", responses=ERRORS)
+    @router.get("/v2/models/{name}/versions/{version}/config", responses=ERRORS)
     async def model_config(name: str, version: str | None = None) -> dict:
-        return _config_json(repository.get(name, version))
+        return config_json(dataplane.model_config(name, version))
 
     @router.get("/metrics")
     async def prometheus() -> Response:
-        return Response(state.metrics.render(), media_type=state.metrics.content_type)
+        return Response(metrics.render(), media_type=metrics.content_type)
 
     return router
-
-
-def _config_json(model: ServedModel) -> dict:
-    """Triton-style model configuration (as JSON) of a served model."""
-    from bnexport.serve.protocol.codec import datatype_of
-
-    batched = model.batchable and model.max_batch > 1
-
-    def tensors(infos: list) -> list[dict]:
-        out = []
-        for t in infos:
-            dims = [-1 if d is None else int(d) for d in t.shape]
-            dt = datatype_of(t.dtype)
-            out.append(
-                {
-                    "name": t.name,
-                    "data_type": "TYPE_STRING" if dt == "BYTES" else f"TYPE_{dt}",
-                    "dims": dims[1:] if batched else dims,
-                }
-            )
-        return out
-
-    cfg: dict = {
-        "name": model.name,
-        "platform": model.platform,
-        "max_batch_size": model.max_batch if batched else 0,
-        "input": tensors(model.inputs),
-        "output": tensors(model.outputs),
-    }
-    if batched:
-        cfg["dynamic_batching"] = {"max_queue_delay_microseconds": int(model.batch_timeout_s * 1e6)}
-    return cfg

@@ -1,14 +1,13 @@
 """Decode large JSON request bodies in a helper process.
 
 Parsing JSON is one C call that holds the GIL from the first byte to the last
-(pydantic-core, like ``json.loads``): about 5 ms per MiB here, so a 64 MiB body
-would stop the event loop, and every ``/v2/health/*`` probe with it, for a third
-of a second even from a worker thread. Bodies of ``min_bytes`` or more are
-therefore parsed by a helper process, ``python -m bnexport.serve.rest.decode_process``,
-which answers with the decoded request (NumPy arrays). The helper is a plain
-subprocess, not a ``multiprocessing`` pool: a ``spawn`` pool re-imports the
-parent's ``__main__`` script, which in a user's unguarded script would start a
-second server.
+(pydantic-core, like ``json.loads``), so a large body would stop the event loop, and
+every ``/v2/health/*`` probe with it, for the whole parse, even from a worker thread.
+Bodies of ``min_bytes`` or more are therefore parsed by a helper process,
+``python -m bnexport.serve.rest.decode_process``, which answers with the decoded
+request (NumPy arrays). The helper is a plain subprocess, not a ``multiprocessing``
+pool: a ``spawn`` pool re-imports the parent's ``__main__`` script, which in a user's
+unguarded script would start a second server.
 
 Wire format on the helper's stdin / stdout (little-endian)::
 
@@ -18,21 +17,20 @@ Wire format on the helper's stdin / stdout (little-endian)::
 
 Moving the body there and the arrays back is a copy each way, done by the pipe
 with the GIL released: the arrays travel as pickle-5 out-of-band buffers, read
-straight into the memory the server's arrays then use. The parse also leaves
-the server's memory: a JSON body's Python objects take ~15-20x its size while
-it is parsed (a 15 MB body raised the server's peak RSS by 226 MB); they now
-live, briefly, in the helper (measured: 388 MB peak for a 16 MiB body, 1.4 GB
-for 64 MiB; its RSS falls back to ~70 MB afterwards).
-One body is parsed at a time. If the helper dies (killed for memory, say) the
-request gets 503 and the next large body starts a new helper.
+straight into the memory the server's arrays then use. The parse's memory leaves
+the server too: a JSON body's Python objects take many times its size while it is
+parsed, and they now live, briefly, in the helper (``benchmarks/serve_stall_bench.py``
+measures the server's and the helper's peak RSS). One body is parsed at a time. If
+the helper dies (killed for memory, say) the request gets 503 and the next large body
+starts a new helper.
 
-Memory bound: since a JSON body costs ~15-20x its size while it is parsed, JSON
-bodies have their own size limit, ``max_bytes`` (:data:`DEFAULT_MAX_BYTES`: 64 MiB, the
-default body limit): a larger JSON body is answered 413 before it is handed to the
-helper or a thread (:meth:`DecodeProcess.check_size`), whatever ``--max-body-mb``
-allows for binary tensors, so the helper's peak stays near ``20 x max_bytes``. A
-limit on the helper's address space (``RLIMIT_AS``) would not do: NumPy's import
-alone reserves more virtual memory than any useful limit.
+Memory bound: since a JSON parse peaks near 20x the body, JSON bodies have their own
+size limit, ``max_bytes`` (:data:`DEFAULT_MAX_BYTES`, the default body limit): a larger
+JSON text is answered 413 before it is handed to the helper or a thread
+(:meth:`DecodeProcess.check_size`), whatever ``--max-body-mb`` allows for binary
+tensors, so the helper's peak stays near ``20 x max_bytes``. A limit on the helper's
+address space (``RLIMIT_AS``) would not do: NumPy's import alone reserves more virtual
+memory than any useful limit.
 """
 
 from __future__ import annotations
@@ -51,11 +49,12 @@ import numpy as np
 from bnexport.serve.core.logs import get_logger
 from bnexport.serve.protocol import codec
 from bnexport.serve.protocol.errors import PayloadTooLargeError, ServeError
+from bnexport.serve.settings import ServeSettings
 
 #: JSON bodies at least this large are decoded in the helper process
 DEFAULT_MIN_BYTES = 4 << 20
-#: largest JSON body decoded at all (a parse peaks near 20x the body)
-DEFAULT_MAX_BYTES = 64 << 20
+#: largest JSON body decoded at all (a parse peaks near 20x the body): the default body limit
+DEFAULT_MAX_BYTES = ServeSettings().max_body_bytes
 _REQUEST = struct.Struct("<Qi")
 _ANSWER = struct.Struct("<Q")
 
@@ -86,7 +85,7 @@ class DecodeProcess:
         return self._proc
 
     def start(self) -> None:
-        """Start the helper now (its imports take ~1 s) instead of on the first large body."""
+        """Start the helper now (it imports NumPy and pydantic), not on the first large body."""
         with self._lock:
             self._process()
 

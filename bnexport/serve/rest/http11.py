@@ -17,20 +17,21 @@ line with status 400.
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from bnexport.serve.core.logs import get_logger
+from bnexport.serve.core.logs import get_logger, log_access, peer
+from bnexport.serve.protocol.errors import error_body
+from bnexport.serve.settings import ServeSettings
 
-DEFAULT_HEADER_TIMEOUT_S = 10.0
+DEFAULT_HEADER_TIMEOUT_S = ServeSettings().header_timeout_s
 
 
 def _raw_response(status: int, reason: str, message: str) -> bytes:
     """A complete HTTP/1.1 response carrying a KServe error body; the connection closes."""
-    body = json.dumps({"error": message}).encode()
+    body = error_body(message)
     head = (
         f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
@@ -125,18 +126,14 @@ class GuardedH11Protocol(H11Protocol):
         self._log(400, detail)
 
     def _log(self, status: int, error: str) -> None:
-        client = self.client
-        get_logger().info(
-            "request",
-            extra={
-                "fields": {
-                    "method": None,
-                    "path": None,
-                    "status": status,
-                    "client": f"{client[0]}:{client[1]}" if client else None,
-                    "error": error,
-                }
-            },
+        log_access(
+            get_logger(),
+            method=None,
+            path=None,
+            status=status,
+            start=None,
+            client=peer(self.client),
+            error=error,
         )
 
 

@@ -1,34 +1,32 @@
 """The inference endpoint: ``POST /v2/models/{name}[/versions/{version}]/infer``.
 
-One request goes through five steps::
+The HTTP half of one request; the data plane (:mod:`bnexport.serve.core.dataplane`)
+does the rest, as it does for gRPC::
 
     body   = read_body(request)                 # Content-Encoding undone, size-checked
     req    = codec.decode_request(body, hlen)   # JSON (+ binary tail) -> NumPy arrays
-    rows   = model.check_inputs(req.inputs)     # names, dtypes, shapes vs the model
-    Y      = await batcher.submit(X, rows)      # merged with concurrent requests
+    ...      dataplane.infer(...)               # check, batch, run (shared with gRPC)
     answer = codec.encode_response(...)         # NumPy -> JSON (+ binary tail)
 
-Decoding and encoding of anything but small bodies run in a worker thread, so
-the event loop (and with it ``/v2/health/*``) never waits on one request's
-bytes (JSON bodies of several MiB are parsed in a helper process, see
-:mod:`bnexport.serve.rest.decode_process`), and large responses leave in slices.
-Errors end the request with a KServe error body; a client that goes away while
-its body is being read ends it with status 499 (logged once, counted, no
-traceback).
+Decoding of anything but small bodies runs in a worker thread, so the event loop (and
+with it ``/v2/health/*``) never waits on one request's bytes (JSON bodies of several
+MiB are parsed in a helper process, see :mod:`bnexport.serve.rest.decode_process`), and
+large responses leave in slices. Errors end the request with a KServe error body; a
+client that goes away while its body is being read ends it with status 499 (logged
+once, counted, no traceback).
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import zlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
-from bnexport.serve.core.infer_scope import InferScope
+from bnexport.serve.core.dataplane import OFFLOAD_BYTES, DataPlane
 from bnexport.serve.protocol import codec
 from bnexport.serve.protocol.binary import HEADER_LENGTH
 from bnexport.serve.protocol.errors import (
@@ -37,23 +35,11 @@ from bnexport.serve.protocol.errors import (
     PayloadTooLargeError,
     ServeError,
 )
-from bnexport.serve.protocol.types import ErrorResponse, InferenceRequest, InferenceResponse
+from bnexport.serve.protocol.types import InferenceRequest, InferenceResponse
+from bnexport.serve.rest.responses import ERRORS, serve_error_response
 
-if TYPE_CHECKING:
-    from bnexport.serve.rest.app import ServerState
-
-#: bodies / outputs above this many bytes are decoded / encoded in a worker thread
-OFFLOAD_BYTES = 256 << 10
 #: responses above this many bytes are sent in slices of this size
 SEND_SLICE = 1 << 20
-_ERRORS: dict = {
-    code: {"model": ErrorResponse} for code in (400, 401, 404, 408, 413, 415, 500, 503)
-}
-
-
-def error_response(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-    """A KServe error body with ``status``."""
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 async def receive_body(request: Request, max_bytes: int) -> bytearray:
@@ -99,42 +85,43 @@ async def read_body(request: Request, limit: int) -> bytes | bytearray:
     return decompress(body, encoding, limit)
 
 
-async def decode_body(
-    state: ServerState, request: Request, max_body_bytes: int
-) -> codec.DecodedRequest:
+async def decode_body(decoder: Any, request: Request, max_body_bytes: int) -> codec.DecodedRequest:
     """Read and decode an infer body without blocking the event loop on a large one.
 
     Small bodies (up to :data:`OFFLOAD_BYTES`) decode on the loop; larger ones in a
-    worker thread; JSON bodies of ``state.decoder.min_bytes`` or more in the helper
+    worker thread; JSON bodies of ``decoder.min_bytes`` or more in the helper
     process (:mod:`bnexport.serve.rest.decode_process`), since a JSON parse holds the GIL.
     JSON (the whole body, or the header part of a binary one) above
-    ``state.decoder.max_bytes`` is refused first with 413.
+    ``decoder.max_bytes`` is refused first with 413.
     """
     body = await read_body(request, max_body_bytes)
     header = request.headers.get(HEADER_LENGTH)
-    # JSON costs ~20x its size to parse: it has a limit of its own (413 above it)
+    # a JSON parse costs ~20x its size: it has a limit of its own (413 above it)
     json_len = len(body) if header is None or not header.isdigit() else int(header)
-    state.decoder.check_size(min(json_len, len(body)))
+    decoder.check_size(min(json_len, len(body)))
     if len(body) <= OFFLOAD_BYTES:
         return codec.decode_request(body, header)
-    if header is None and len(body) >= state.decoder.min_bytes:
-        return await state.decoder.decode(body, header)
+    if header is None and len(body) >= decoder.min_bytes:
+        return await decoder.decode(body, header)
     return await asyncio.to_thread(codec.decode_request, body, header)
 
 
-def infer_router(state: ServerState, max_body_bytes: int) -> APIRouter:
-    """Router with the two inference routes of ``state``'s repository."""
-    return add_infer_routes(APIRouter(), state, max_body_bytes)
+def _encode(model: Any, req: codec.DecodedRequest, results: dict) -> tuple[bytes, int | None]:
+    """The response body (JSON, or JSON + binary tail) and its JSON header length."""
+    return codec.encode_response(
+        model.name, model.version, req.id, results, req.outputs, req.binary_output
+    )
 
 
-def add_infer_routes(router: Any, state: ServerState, max_body_bytes: int) -> Any:
+def add_infer_routes(router: Any, dataplane: DataPlane, max_body_bytes: int) -> Any:
     """Add the two inference routes to ``router`` (an ``APIRouter`` or the ``FastAPI`` app).
 
-    The app registers them on itself, not through ``include_router``: FastAPI (0.16x)
-    matches an included router in a second pass that costs ~0.1 ms per request.
+    The app registers them on itself, not through ``include_router``: FastAPI matches an
+    included router's routes in a second pass, after the app's own, on every request.
     """
-    responses = {200: {"model": InferenceResponse}, **_ERRORS}
+    responses = {200: {"model": InferenceResponse}, **ERRORS}
     schema = {"content": {"application/json": {"schema": InferenceRequest.model_json_schema()}}}
+    decoder = dataplane.state.decoder
 
     @router.post(
         "/v2/models/{name}/infer",
@@ -143,44 +130,21 @@ def add_infer_routes(router: Any, state: ServerState, max_body_bytes: int) -> An
     )
     @router.post("/v2/models/{name}/versions/{version}/infer", responses=responses)
     async def infer(request: Request, name: str, version: str | None = None) -> Response:
-        return await handle_infer(state, max_body_bytes, request, name, version)
+        try:
+            payload, header_len = await dataplane.infer(
+                name,
+                version,
+                lambda: decode_body(decoder, request, max_body_bytes),
+                _encode,
+                deadline_s=dataplane.request_timeout_s,
+            )
+        except ServeError as exc:
+            return serve_error_response(exc)
+        if header_len is None:
+            return _response(payload, "application/json", {})
+        return _response(payload, "application/octet-stream", {HEADER_LENGTH: str(header_len)})
 
     return router
-
-
-async def handle_infer(
-    state: ServerState, max_body_bytes: int, request: Request, name: str, version: str | None
-) -> Response:
-    """Answer one inference request; records its status and latency in the metrics."""
-    try:
-        with InferScope(state) as scope:
-            model = scope.open(name, version)
-            req = await decode_body(state, request, max_body_bytes)
-            if sum(a.nbytes for a in req.inputs.values()) > OFFLOAD_BYTES:
-                rows = await asyncio.to_thread(model.check_inputs, req.inputs)
-            else:
-                rows = model.check_inputs(req.inputs)
-            model.check_outputs(req.outputs)
-            results = await scope.run(req.inputs, rows)
-            encode = functools.partial(
-                codec.encode_response,
-                model.name,
-                model.version,
-                req.id,
-                results,
-                req.outputs,
-                req.binary_output,
-            )
-            if sum(v.nbytes for v in results.values()) > OFFLOAD_BYTES:
-                payload, header_len = await asyncio.to_thread(encode)
-            else:
-                payload, header_len = encode()
-            scope.succeeded()
-    except ServeError as exc:
-        return error_response(exc.status_code, str(exc), exc.headers or None)
-    headers = {} if header_len is None else {HEADER_LENGTH: str(header_len)}
-    media = "application/json" if header_len is None else "application/octet-stream"
-    return _response(payload, media, headers)
 
 
 def _response(payload: bytes, media_type: str, headers: dict[str, str]) -> Response:

@@ -7,9 +7,9 @@ a task per request. In order, for every HTTP request:
    with both ``Content-Length`` and ``Transfer-Encoding`` (request smuggling
    territory, RFC 9112 §6.3), is answered 400 at once and the connection closes.
 2. Auth: when a token is set, every path except ``/v2/health/*`` needs
-   ``Authorization: Bearer <token>``: the scheme is case-insensitive (RFC 9110
-   §11.1), the token is compared in constant time; else 401 with a KServe error
-   body and ``WWW-Authenticate: Bearer``. Health stays open for Kubernetes probes.
+   ``Authorization: Bearer <token>``, checked by :mod:`bnexport.serve.core.auth` (as
+   gRPC's metadata is); else 401 with a KServe error body and ``WWW-Authenticate:
+   Bearer``. Health stays open for Kubernetes probes.
    With ``open_metrics``, ``GET /metrics`` (that exact path) stays open too: a
    Prometheus that scrapes pods by annotation (KServe's ``prometheus.kserve.io/*``)
    sends no credentials, and the page holds counters and latencies, no tensors.
@@ -22,7 +22,7 @@ a task per request. In order, for every HTTP request:
    first read, else :class:`~bnexport.serve.protocol.errors.RequestTimeoutError` (408,
    the connection closes). uvicorn has header and keep-alive timeouts but none
    for the body: a client sending one byte a minute would hold its slot forever.
-6. Access log: one JSON line per request (see :mod:`bnexport.serve.core.logs`). A
+6. Access log: one JSON line per request (:func:`bnexport.serve.core.logs.log_access`). A
    client that disconnects before its request is read is logged once with
    status 499, without a traceback.
 """
@@ -30,8 +30,6 @@ a task per request. In order, for every HTTP request:
 from __future__ import annotations
 
 import asyncio
-import hmac
-import json
 import logging
 import time
 from typing import Any
@@ -39,7 +37,15 @@ from typing import Any
 from starlette.requests import ClientDisconnect
 
 from bnexport.serve.core.admission import Admission
-from bnexport.serve.protocol.errors import PayloadTooLargeError, RequestTimeoutError, ServeError
+from bnexport.serve.core.auth import BearerToken
+from bnexport.serve.core.logs import log_access, peer
+from bnexport.serve.protocol.errors import (
+    PayloadTooLargeError,
+    RequestTimeoutError,
+    ServeError,
+    UnauthorizedError,
+    error_body,
+)
 
 Scope = dict[str, Any]
 _CLOSE = (b"connection", b"close")
@@ -47,7 +53,7 @@ _CLOSE = (b"connection", b"close")
 
 async def send_error(send: Any, status: int, message: str, headers: list | None = None) -> None:
     """Send a complete KServe error response ``{"error": message}``."""
-    body = json.dumps({"error": message}).encode()
+    body = error_body(message)
     await send(
         {
             "type": "http.response.start",
@@ -89,7 +95,7 @@ class GuardMiddleware:
     ):
         self.app = app
         self.open_metrics = bool(open_metrics)
-        self._token = token.encode() if token else None
+        self._token = BearerToken(token)
         self.max_body_bytes = int(max_body_bytes)
         self.admission = admission
         self.body_timeout_s = body_timeout_s
@@ -113,21 +119,16 @@ class GuardMiddleware:
             info["status"] = 499
             info["error"] = "client disconnected before the request body was read"
         finally:
-            if self._logger.isEnabledFor(logging.INFO):
-                self._access_log(scope, info, start)
-
-    def _access_log(self, scope: Scope, info: dict, start: float) -> None:
-        client = scope.get("client")
-        fields = {
-            "method": scope.get("method"),
-            "path": scope.get("path"),
-            "status": info["status"],
-            "ms": round((time.perf_counter() - start) * 1000, 3),
-            "client": f"{client[0]}:{client[1]}" if client else None,
-        }
-        if "error" in info:
-            fields["error"] = info["error"]
-        self._logger.info("request", extra={"fields": fields})
+            if self._logger.isEnabledFor(logging.INFO):  # skip building the record
+                log_access(
+                    self._logger,
+                    method=scope.get("method"),
+                    path=scope.get("path"),
+                    status=info["status"],
+                    start=start,
+                    client=peer(scope.get("client")),
+                    error=info.get("error"),
+                )
 
     async def _guarded(self, scope: Scope, receive: Any, send: Any, info: dict) -> None:
         headers = scope.get("headers") or []
@@ -150,14 +151,12 @@ class GuardMiddleware:
                     [_CLOSE],
                 )
                 return
-        if self._token is not None and not self._open_path(scope):
-            if not self._authorized(headers):
-                await send_error(
-                    send,
-                    401,
-                    "missing or invalid bearer token (Authorization: Bearer <token>)",
-                    [(b"www-authenticate", b"Bearer")],
-                )
+        if self._token.required and not self._open_path(scope):
+            given = next((v for k, v in headers if k == b"authorization"), None)
+            try:
+                self._token.check(given, "Authorization: Bearer <token>")
+            except UnauthorizedError as exc:
+                await send_error(send, 401, str(exc), [(b"www-authenticate", b"Bearer")])
                 return
         if n is not None and n > self.max_body_bytes:
             await send_error(send, 413, self._too_large(n), [_CLOSE])
@@ -192,13 +191,6 @@ class GuardMiddleware:
         if path.startswith("/v2/health/"):
             return True
         return self.open_metrics and path == "/metrics" and scope.get("method") in ("GET", "HEAD")
-
-    def _authorized(self, headers: list) -> bool:
-        given = next((v for k, v in headers if k == b"authorization"), b"")
-        scheme, _, credentials = given.strip().partition(b" ")
-        ok_scheme = scheme.lower() == b"bearer"
-        ok_token = hmac.compare_digest(credentials.strip(), self._token or b"")
-        return ok_scheme and ok_token
 
     def _body_receive(self, receive: Any, info: dict) -> Any:
         """``receive`` that counts body bytes against the limit and enforces the body timeout."""

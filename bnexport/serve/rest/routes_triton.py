@@ -20,22 +20,16 @@ server runs with ``--model-control explicit`` (see
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from bnexport.serve.core.model_control import load_model, unload_model
-from bnexport.serve.core.statistics import statistics_response
+from bnexport.serve.core.dataplane import EXTENSIONS, DataPlane
 from bnexport.serve.protocol.errors import BadRequestError
-from bnexport.serve.protocol.types import ErrorResponse
+from bnexport.serve.rest.responses import ERRORS
 
-if TYPE_CHECKING:
-    from bnexport.serve.rest.app import ServerState
-
-_ERRORS: dict = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 503)}
-#: Triton extensions both protocols announce in their server metadata
-EXTENSIONS = ["model_configuration", "model_repository", "statistics"]
+__all__ = ["EXTENSIONS", "triton_router"]
 
 
 async def _json_object(request: Request, what: str) -> dict[str, Any]:
@@ -52,44 +46,40 @@ async def _json_object(request: Request, what: str) -> dict[str, Any]:
     return value
 
 
-def triton_router(state: ServerState) -> APIRouter:
-    """Router of the statistics and repository endpoints of ``state``'s repository.
+def triton_router(dataplane: DataPlane) -> APIRouter:
+    """Router of the statistics and repository endpoints of the data plane's repository.
 
     Include it before the model-metadata routes: ``/v2/models/stats`` would
     otherwise be read as the metadata of a model named ``stats``.
     """
     router = APIRouter()
-    repository = state.repository
 
-    @router.get("/v2/models/stats", responses=_ERRORS)
-    @router.get("/v2/models/{name}/stats", responses=_ERRORS)
-    @router.get("/v2/models/{name}/versions/{version}/stats", responses=_ERRORS)
+    @router.get("/v2/models/stats", responses=ERRORS)
+    @router.get("/v2/models/{name}/stats", responses=ERRORS)
+    @router.get("/v2/models/{name}/versions/{version}/stats", responses=ERRORS)
     async def model_stats(name: str | None = None, version: str | None = None) -> dict:
-        return statistics_response(repository, name, version)
+        return dataplane.statistics(name, version)
 
-    @router.post("/v2/repository/index", responses=_ERRORS)
+    @router.post("/v2/repository/index", responses=ERRORS)
     async def repository_index(request: Request) -> JSONResponse:
         body = await _json_object(request, "repository index")
         ready = body.get("ready", False)
         if not isinstance(ready, bool):
             raise BadRequestError("repository index: 'ready' must be a boolean")
-        rows = repository.index()
-        if ready:
-            rows = [r for r in rows if r["state"] == "READY"]
-        return JSONResponse(rows)
+        return JSONResponse(dataplane.repository_index(ready))
 
-    @router.post("/v2/repository/models/{name}/load", responses=_ERRORS)
+    @router.post("/v2/repository/models/{name}/load", responses=ERRORS)
     async def repository_load(name: str, request: Request) -> JSONResponse:
         params = (await _json_object(request, f"load '{name}'")).get("parameters") or {}
         if not isinstance(params, dict):
             raise BadRequestError(f"load '{name}': 'parameters' must be an object")
-        await load_model(state, name, params)
+        await dataplane.load(name, params)
         return JSONResponse({})
 
-    @router.post("/v2/repository/models/{name}/unload", responses=_ERRORS)
+    @router.post("/v2/repository/models/{name}/unload", responses=ERRORS)
     async def repository_unload(name: str, request: Request) -> JSONResponse:
         await _json_object(request, f"unload '{name}'")
-        await unload_model(state, name)
+        await dataplane.unload(name)
         return JSONResponse({})
 
     return router

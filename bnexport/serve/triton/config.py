@@ -11,6 +11,12 @@ Tensors: with ``max_batch_size > 0`` the first dimension of every input and outp
 be dynamic in the ONNX graph and is left out of ``dims``; other dynamic dimensions are
 ``-1``; a tensor with no dimension besides the batch is ``dims: [1]`` with
 ``reshape { shape: [] }``.
+
+The server answers a model-config request (HTTP ``GET .../config``, gRPC ``ModelConfig``)
+from the same message: :func:`model_config` builds it once for a served model (with its
+``platform`` and no instance group), gRPC sends it as it is, and :func:`config_json` gives
+the HTTP body as Triton writes it (proto field names, every field printed, 64-bit
+integers as JSON numbers).
 """
 
 from __future__ import annotations
@@ -152,6 +158,11 @@ def tensor_configs(values: Any, initializers: set[str], batched: bool) -> list[T
     return out
 
 
+def triton_data_type(datatype: str) -> str:
+    """Triton's ``data_type`` of a KServe datatype (``FP32``: ``TYPE_FP32``, ``BYTES``: STRING)."""
+    return "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
+
+
 def model_config(
     name: str,
     backend: str,
@@ -159,17 +170,30 @@ def model_config(
     outputs: list[TensorConfig],
     *,
     max_batch: int,
-    instances: int,
-    instance_kind: str,
+    instances: int = 0,
+    instance_kind: str = "KIND_AUTO",
     queue_delay_us: int,
+    platform: str = "",
 ) -> Any:
     """The ``inference.ModelConfig`` message of config.pbtxt (fields: see the module docstring).
 
     A tensor with no dims besides the batch (a scalar per batch item) is written as
     ``dims: [1]`` with ``reshape { shape: [] }``, as Triton expects.
+
+    Args:
+        name: the model's name.
+        backend: Triton backend (``onnxruntime``, ``tensorrt``); ``""`` for none.
+        inputs: the input tensors (batch dimension left out when ``max_batch > 0``).
+        outputs: the output tensors (same rule).
+        max_batch: ``max_batch_size``; 0: no batch dimension, no ``dynamic_batching``.
+        instances: ``instance_group`` count; 0: no instance group (a served model's
+            config, where ``--instances`` is the server's, not the model's).
+        instance_kind: ``KIND_CPU``, ``KIND_GPU`` ...
+        queue_delay_us: ``dynamic_batching.max_queue_delay_microseconds``.
+        platform: Triton platform (``onnxruntime_onnx``, ``tensorrt_plan``); ``""``: none.
     """
     pb2 = model_config_pb2()
-    cfg = pb2.ModelConfig(name=name, backend=backend, max_batch_size=max_batch)
+    cfg = pb2.ModelConfig(name=name, backend=backend, platform=platform, max_batch_size=max_batch)
     for entries, tensors in ((cfg.input, inputs), (cfg.output, outputs)):
         for t in tensors:
             entry = entries.add(name=t.name, data_type=pb2.DataType.Value(t.data_type))
@@ -179,8 +203,57 @@ def model_config(
     if max_batch > 0:
         cfg.dynamic_batching.SetInParent()
         cfg.dynamic_batching.max_queue_delay_microseconds = queue_delay_us
-    cfg.instance_group.add(count=instances, kind=pb2.ModelInstanceGroup.Kind.Value(instance_kind))
+    if instances:
+        kind = pb2.ModelInstanceGroup.Kind.Value(instance_kind)
+        cfg.instance_group.add(count=instances, kind=kind)
     return cfg
+
+
+def config_json(cfg: Any) -> dict[str, Any]:
+    """A ``ModelConfig`` as Triton's HTTP ``GET /v2/models/{name}/config`` answers it.
+
+    ``google.protobuf.json_format`` with the proto's field names and every field printed
+    (defaults included, as Triton does); proto3's JSON mapping writes 64-bit integers
+    (``dims``, ``max_queue_delay_microseconds``) as strings, Triton as numbers, which is
+    what ``tritonclient.http``'s users index into (``config["input"][0]["dims"] ==
+    [8, 8, 1]``): they are turned back into numbers here.
+    """
+    from google.protobuf import json_format
+
+    try:
+        body = json_format.MessageToDict(
+            cfg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
+    except TypeError:  # protobuf < 5.26 names the option differently
+        body = json_format.MessageToDict(
+            cfg, preserving_proto_field_name=True, including_default_value_fields=True
+        )
+    return _int64_as_numbers(cfg.DESCRIPTOR, body)
+
+
+def _int64_as_numbers(descriptor: Any, body: dict[str, Any]) -> dict[str, Any]:
+    """Turn the 64-bit integer fields of ``body`` (a message of ``descriptor``) into ints."""
+    from google.protobuf.descriptor import FieldDescriptor
+
+    wide = (FieldDescriptor.CPPTYPE_INT64, FieldDescriptor.CPPTYPE_UINT64)
+    for field in descriptor.fields:
+        if field.name not in body:
+            continue
+        value = body[field.name]
+        message = field.message_type
+        if message is not None and message.GetOptions().map_entry:
+            inner = message.fields_by_name["value"]
+            for key, item in value.items():
+                if inner.message_type is not None:
+                    _int64_as_numbers(inner.message_type, item)
+                elif inner.cpp_type in wide:
+                    value[key] = int(item)
+        elif message is not None:
+            for item in value if isinstance(value, list) else [value]:
+                _int64_as_numbers(message, item)
+        elif field.cpp_type in wide:
+            body[field.name] = [int(v) for v in value] if isinstance(value, list) else int(value)
+    return body
 
 
 def render_config(cfg: Any, *, source: str) -> str:
