@@ -1,4 +1,4 @@
-"""One table of bad inference requests, each sent over HTTP and over gRPC.
+"""Tables of bad inference requests and of the server's bounds, each sent over HTTP and gRPC.
 
 Both transports share one data plane (the codecs' shape check in
 :mod:`bnexport.serve.protocol.tensor_limits`, the model's input check, the repository
@@ -11,12 +11,19 @@ HTTP requests are JSON bodies sent with ``httpx``; gRPC requests are
 classes (``tritonclient.grpc.InferInput`` refuses shapes that do not match its
 data, which is the point of several rows) with every tensor in
 ``raw_input_contents``.
+
+The second table holds the server's bounds (body / message size, token, in-flight
+bound, the deadline of a stuck request): one server per row, one request over each
+transport, and afterwards one that must be answered, right (every slot came back).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
 import struct
+import threading
 from typing import Any
 
 import grpc
@@ -24,13 +31,16 @@ import httpx
 import numpy as np
 import pytest
 from grpc_helpers import running_servers
-from serve_helpers import make_app
+from serve_helpers import hold_model_runs, make_app
+from serve_models import digits_reference, images
+from support import wait_until
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from bnexport.serve.protocol.tensor_limits import MAX_RANK
 
 IMAGE = [1, 8, 8, 1]
 ZEROS = np.zeros(64, np.float32)
+RTOL, ATOL = 1e-4, 1e-5  # float32 model vs float64 NumPy reference (256-term dot products)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,3 +181,98 @@ def test_servers_still_answer_after_the_table(transports):
     grpc_probs = np.frombuffer(response.raw_output_contents[by_name["probs"]], "<f4")
     http_probs = next(o for o in resp.json()["outputs"] if o["name"] == "probs")["data"]
     np.testing.assert_array_equal(grpc_probs, np.asarray(http_probs, np.float32))
+
+
+# -- the server's bounds, over both transports ------------------------------------------------
+#
+# Each row starts its own server pair (the bounds are per server) and sends one request over
+# HTTP and one over gRPC. What the server must answer comes from Triton's mapping (written
+# out here, not read from the server's table): 413 / 401 / 503 / 408 over HTTP, and
+# RESOURCE_EXHAUSTED / UNAUTHENTICATED / RESOURCE_EXHAUSTED / DEADLINE_EXCEEDED over gRPC.
+
+
+@dataclasses.dataclass(frozen=True)
+class Limit:
+    """A bound of the server, the request that meets it, and both answers."""
+
+    id: str
+    app: dict  # make_app keywords (the bound)
+    rows: int  # images in the request (32 x 256 bytes = 8 KiB)
+    status: int
+    code: grpc.StatusCode
+    words: tuple[str, ...]  # in the message of both transports
+    token: str | None = None  # the server's token (the request sends none)
+    hold: str = ""  # "one": one request waits in the model first; "all": every run waits
+
+
+LIMITS = [
+    Limit("message_over_body_limit", {"max_body_bytes": 4096}, 32, 413,
+          grpc.StatusCode.RESOURCE_EXHAUSTED, ("4096",)),
+    Limit("missing_token", {"token": "s3cret"}, 1, 401, grpc.StatusCode.UNAUTHENTICATED,
+          ("missing or invalid bearer token",), token="s3cret"),
+    Limit("inflight_bound_full",
+          {"max_inflight_requests": 1, "admission_wait_s": 0.2, "max_batch": 1}, 1, 503,
+          grpc.StatusCode.RESOURCE_EXHAUSTED, ("server busy",), hold="one"),
+    Limit("stuck_model_deadline", {"request_timeout_s": 0.5, "max_batch": 1}, 1, 408,
+          grpc.StatusCode.DEADLINE_EXCEEDED,
+          ("model 'digits' version 2: no answer within 0.5 s",), hold="all"),
+]  # fmt: skip
+
+
+def _digits_json(x: np.ndarray) -> dict:
+    return {"inputs": [{"name": "image", "datatype": "FP32", "shape": list(x.shape),
+                        "data": x.ravel().tolist()}]}  # fmt: skip
+
+
+def _digits_grpc(x: np.ndarray) -> service_pb2.ModelInferRequest:
+    request = service_pb2.ModelInferRequest(model_name="digits", model_version="2")
+    request.inputs.add(name="image", datatype="FP32", shape=list(x.shape))
+    request.raw_input_contents.append(x.tobytes())
+    return request
+
+
+@pytest.mark.parametrize("limit", LIMITS, ids=[c.id for c in LIMITS])
+def test_bound_same_answer_over_http_and_grpc(repo_dir, limit):
+    app = make_app(repo_dir, **limit.app)
+    release, entered = hold_model_runs(app) if limit.hold else (threading.Event(), None)
+    x = images(limit.rows, seed=90)
+    timeout_s = limit.app.get("request_timeout_s")
+    with contextlib.ExitStack() as stack:
+        s = stack.enter_context(
+            running_servers(app, token=limit.token, request_timeout_s=timeout_s)
+        )
+        stack.callback(release.set)
+        pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(1))
+        channel = stack.enter_context(grpc.insecure_channel(s.grpc))
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        url = f"http://{s.http}/v2/models/digits/versions/2/infer"
+        held = None
+        if limit.hold == "one":  # one request in the model holds the only slot
+            held = pool.submit(httpx.post, url, json=_digits_json(x), timeout=60)
+            assert entered.wait(30), "the held request never reached the model"
+            wait_until(lambda: app.admission.requests == 1, 10, message="not admitted")
+        resp = httpx.post(url, json=_digits_json(x), timeout=30)
+        with pytest.raises(grpc.RpcError) as excinfo:
+            stub.ModelInfer(_digits_grpc(x))  # no deadline of its own
+        assert resp.status_code == limit.status, resp.text
+        assert set(resp.json()) == {"error"}, resp.text
+        assert excinfo.value.code() == limit.code, excinfo.value.details()
+        for words in limit.words:
+            assert words in resp.json()["error"]
+            assert words in excinfo.value.details()
+        release.set()
+        if held is not None:  # the held request itself is answered, and right
+            answer = held.result(timeout=60)
+            assert answer.status_code == 200, answer.text
+            probs = next(o for o in answer.json()["outputs"] if o["name"] == "probs")["data"]
+            np.testing.assert_allclose(
+                np.asarray(probs).reshape(-1, 10), digits_reference(x, 1)["probs"], RTOL, ATOL
+            )
+        # every slot came back: the next request (with the token, under the limit) is answered
+        wait_until(lambda: app.admission.requests == 0, 10, message="a slot was never freed")
+        small = images(1, seed=91)
+        metadata = [("authorization", f"Bearer {limit.token}")] if limit.token else None
+        answer = stub.ModelInfer(_digits_grpc(small), timeout=30, metadata=metadata)
+        i = [o.name for o in answer.outputs].index("probs")
+        probs = np.frombuffer(answer.raw_output_contents[i], "<f4").reshape(-1, 10)
+        np.testing.assert_allclose(probs, digits_reference(small, 1)["probs"], RTOL, ATOL)

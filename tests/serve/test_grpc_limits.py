@@ -7,7 +7,6 @@ model, so the tests hold RPCs in flight for exactly as long as they need.
 from __future__ import annotations
 
 import concurrent.futures
-import threading
 import time
 from collections.abc import Iterator
 
@@ -15,7 +14,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_helpers import running_servers
-from serve_helpers import make_app
+from serve_helpers import hold_model_runs, make_app
 from serve_models import digits_reference, images
 from support import metric, wait_until
 from tritonclient.grpc import service_pb2, service_pb2_grpc
@@ -33,21 +32,6 @@ def _request(x: np.ndarray) -> service_pb2.ModelInferRequest:
 def _probs(response) -> np.ndarray:
     i = [o.name for o in response.outputs].index("probs")
     return np.frombuffer(response.raw_output_contents[i], "<f4").reshape(-1, 10)
-
-
-def _block(app) -> tuple[threading.Event, threading.Event]:
-    """Make digits v2 wait for ``release`` in every run; ``entered`` is set when one waits."""
-    model = app.state.repository.get("digits", "2")
-    run = model.run
-    release, entered = threading.Event(), threading.Event()
-
-    def blocking_run(feed):
-        entered.set()
-        assert release.wait(60), "the test never released the model"
-        return run(feed)
-
-    model.run = blocking_run  # read by the batcher, which is made on the first request
-    return release, entered
 
 
 @pytest.fixture
@@ -68,7 +52,7 @@ def test_rpcs_beyond_the_inflight_bound_are_refused_before_parsing(repo_dir, stu
     """Two RPCs may be in flight; a third is RESOURCE_EXHAUSTED at once (not queued)."""
     # a long admission wait: over the bound, the old server queued the third for 30 s
     app = make_app(repo_dir, max_inflight_requests=2, admission_wait_s=30.0, max_batch=1)
-    release, _ = _block(app)
+    release, _ = hold_model_runs(app)
     xs = [images(1, seed=70 + i) for i in range(3)]
     with running_servers(app) as s:
         stub = stub_factory(s.grpc)
@@ -95,7 +79,7 @@ def test_rpcs_beyond_the_inflight_bound_are_refused_before_parsing(repo_dir, stu
 def test_stuck_request_without_deadline_gets_the_servers(repo_dir, stub_factory):
     """A call with no deadline ends DEADLINE_EXCEEDED after the server's; the slot comes back."""
     app = make_app(repo_dir, max_batch=1)
-    release, entered = _block(app)
+    release, entered = hold_model_runs(app)
     x = images(1, seed=80)
     with running_servers(app, request_timeout_s=0.5) as s:
         stub = stub_factory(s.grpc)
@@ -124,7 +108,7 @@ def test_stuck_request_without_deadline_gets_the_servers(repo_dir, stub_factory)
 def test_a_call_with_its_own_deadline_keeps_it(repo_dir, stub_factory):
     """The server's deadline is for calls without one: a longer client deadline is kept."""
     app = make_app(repo_dir, max_batch=1)
-    release, entered = _block(app)
+    release, entered = hold_model_runs(app)
     x = images(1, seed=81)
     with running_servers(app, request_timeout_s=0.3) as s:
         stub = stub_factory(s.grpc)

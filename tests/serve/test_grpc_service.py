@@ -81,6 +81,38 @@ def test_health_metadata_config(client):
     assert config["input"][0]["data_type"] == "TYPE_FP32"
 
 
+@pytest.mark.parametrize("version", ["", "1"])
+def test_model_config_is_one_message_on_both_transports(servers, client, version):
+    """HTTP's config JSON is gRPC's ``ModelConfig`` message, as Triton writes it."""
+    from google.protobuf import json_format
+    from tritonclient.grpc import model_config_pb2
+
+    grpc_config = client.get_model_config("digits", version, headers=AUTH).config
+    path = "/v2/models/digits" + (f"/versions/{version}" if version else "") + "/config"
+    resp = httpx.get(f"http://{servers.http}{path}", headers=AUTH)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert json_format.ParseDict(body, model_config_pb2.ModelConfig()) == grpc_config
+    # Triton's JSON: proto field names, 64-bit integers as numbers, defaults printed
+    assert body["name"] == "digits" and body["platform"] == "onnxruntime_onnx"
+    assert body["max_batch_size"] == 32
+    assert body["input"] == [
+        {
+            "name": "image",
+            "data_type": "TYPE_FP32",
+            "format": "FORMAT_NONE",
+            "dims": [8, 8, 1],
+            "is_shape_tensor": False,
+            "allow_ragged_batch": False,
+            "optional": False,
+            "is_non_linear_format_io": False,
+        }
+    ]
+    assert [(o["name"], o["dims"]) for o in body["output"]] == [("logits", [10]), ("probs", [10])]
+    assert body["dynamic_batching"]["max_queue_delay_microseconds"] == 10_000  # 10 ms window
+    assert body["instance_group"] == []
+
+
 def test_infer_raw_matches_session_and_numpy(client, repo_dir):
     x = images(5, seed=3)
     outputs = [grpcclient.InferRequestedOutput(n) for n in ("probs", "logits")]
