@@ -153,7 +153,7 @@ else
     "$0" -c "import sys, platform; print(\"python\", platform.python_version(), sys.executable)"
     "$0" -m pip list 2>/dev/null | grep -i -E "^(cuda-|nvidia-cuda-nvrtc|nvidia-nvjitlink|torch |numpy |ml.dtypes|pytest )" || true
     "$0" $1 -c "
-from bnexport.runtime.cuda_api import driver_version
+from bnexport.cuda_api import driver_version
 from bnexport_plugins.fused_norm.nvrtc_build import nvrtc_version, ptx_isa_for_driver, image_kind_for_driver
 d = driver_version(); n = nvrtc_version()
 print(\"driver CUDA\", d, \"| NVRTC\", n, \"| image\", image_kind_for_driver(d, n), \"| PTX ISA cap\", ptx_isa_for_driver(d))

@@ -55,7 +55,7 @@ class DeviceTimer:
 
     Args:
         drv: ``cuda.bindings.driver`` (current context set).
-        check: :func:`bnexport.runtime.cuda_api.check`.
+        check: :func:`bnexport.cuda_api.check`.
         reps: calls per CUDA graph and per eager burst.
     """
 
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bnexport_plugins.fused_norm.gpu_runtime import FusedNormCuda, gpu_unavailable_reason
 
-    from bnexport.runtime.cuda_api import check, driver
+    from bnexport.cuda_api import check, driver
 
     reason = gpu_unavailable_reason()
     if reason is not None:

@@ -18,7 +18,7 @@ set with ``IExecutionContext.set_input_shape``, every tensor address bound with
 ``set_tensor_address``, ``execute_async_v3`` enqueued, outputs copied back and
 the stream synchronized. Device buffers grow on demand and are reused. One
 execution context is not re-entrant, so ``run`` holds a lock. CUDA is reached
-through :mod:`bnexport.runtime.cuda_api` (cuda-bindings' runtime API).
+through :mod:`bnexport.cuda_api` (cuda-bindings' runtime API).
 
 I/O dtypes are the engine's (:func:`numpy_dtype`): bfloat16 tensors, which
 ``trt.nptype`` does not map (NumPy has no bfloat16), use ``ml_dtypes.bfloat16``.
@@ -32,10 +32,10 @@ from typing import Any
 
 import numpy as np
 
+from bnexport.cuda_api import check as _check_cuda
+from bnexport.cuda_api import handle_value
+from bnexport.cuda_api import runtime as import_cudart
 from bnexport.errors import BackendUnavailableError, InputError
-from bnexport.runtime.cuda_api import check as _check_cuda
-from bnexport.runtime.cuda_api import handle_value
-from bnexport.runtime.cuda_api import runtime as import_cudart
 from bnexport.runtime.engine_cache import (
     DEFAULT_TRT_MAX_BATCH,
     EngineCache,

@@ -6,7 +6,7 @@ device pointers; :func:`run_numpy` is the host-array convenience the GPU tests
 and the benchmark use. The image is a cubin when the driver's CUDA major is at
 least NVRTC's, else PTX whose ISA is lowered to what ``cuDriverGetVersion`` says
 the driver accepts (:func:`nvrtc_build.ptx_isa_for_driver`); a GPU newer than
-NVRTC also gets PTX. CUDA is reached through :mod:`bnexport.runtime.cuda_api`
+NVRTC also gets PTX. CUDA is reached through :mod:`bnexport.cuda_api`
 only when used, so this module imports on machines without a GPU.
 """
 
@@ -26,9 +26,9 @@ from bnexport_plugins.fused_norm.nvrtc_build import (
     ptx_isa_for_driver,
 )
 
+from bnexport.cuda_api import check, driver_version, handle_value
+from bnexport.cuda_api import driver as _driver
 from bnexport.errors import BackendUnavailableError
-from bnexport.runtime.cuda_api import check, driver_version, handle_value
-from bnexport.runtime.cuda_api import driver as _driver
 
 __all__ = [
     "FusedNormCuda",
@@ -257,7 +257,7 @@ def current_device_runtime() -> FusedNormCuda:
     A TensorRT engine enqueues on the device it was deserialized on; its plugin must
     launch there too, not on device 0 (pointers of one device are invalid on another).
     """
-    from bnexport.runtime.cuda_api import runtime
+    from bnexport.cuda_api import runtime
 
     device: int = check(runtime().cudaGetDevice(), "cudaGetDevice")
     return runtime_for_device(int(device))

@@ -84,7 +84,7 @@ def kernel_source() -> bytes:
 
 def _nvrtc():
     """``cuda.bindings.nvrtc`` with its library loaded (BackendUnavailableError otherwise)."""
-    from bnexport.runtime.cuda_api import nvrtc
+    from bnexport.cuda_api import nvrtc
 
     return nvrtc()
 

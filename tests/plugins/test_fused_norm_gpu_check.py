@@ -140,7 +140,7 @@ class _FakeTimingDriver:
 
 def test_device_timer_times_graph_replays_only(kernel_bench):
     """The timed window of ``ms`` holds graph replays only: no argument building, no Python."""
-    from bnexport.runtime.cuda_api import check
+    from bnexport.cuda_api import check
 
     drv = _FakeTimingDriver()
     timer = kernel_bench.DeviceTimer(drv, check, reps=5)

@@ -14,7 +14,7 @@ import pytest
 from bnexport_plugins.fused_norm import gpu_runtime
 from bnexport_plugins.fused_norm import nvrtc_build as nb
 
-from bnexport.runtime import cuda_api
+from bnexport import cuda_api
 
 
 def _fake_driver(version: int, loaded: list[bytes]) -> types.SimpleNamespace:

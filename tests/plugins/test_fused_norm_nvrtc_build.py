@@ -132,8 +132,8 @@ def test_nvrtc_that_cannot_load_is_backend_unavailable(monkeypatch):
     import sys
     import types
 
+    from bnexport import cuda_api
     from bnexport.errors import BackendUnavailableError
-    from bnexport.runtime import cuda_api
 
     fake = types.ModuleType("cuda.bindings.nvrtc")
 

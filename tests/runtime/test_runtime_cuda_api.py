@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from cuda.bindings import driver, runtime
 
+from bnexport import cuda_api
 from bnexport.errors import BackendUnavailableError
-from bnexport.runtime import cuda_api
 
 
 @pytest.mark.parametrize(
@@ -72,12 +72,26 @@ def test_gpu_modules_import_light():
 
     code = (
         "import sys\n"
-        "import bnexport.runtime.cuda_api, bnexport.runtime.trt_build\n"
+        "import bnexport.cuda_api, bnexport.runtime.trt_build\n"
         "import bnexport.runtime.trt_backend, bnexport.serve.triton.repo\n"
         "import bnexport_plugins.fused_norm.gpu_runtime, bnexport_plugins.fused_norm.trt_plugin\n"
+        "import bnexport_plugins.fused_norm.tensorrt_plugin, bnexport.runtime.cuda_api\n"
         "heavy = ('tensorflow', 'keras', 'tf2onnx', 'tensorrt', 'cuda.bindings.driver',\n"
         "         'cuda.bindings.runtime', 'cuda.bindings.nvrtc', 'torch')\n"
         "print(','.join(m for m in heavy if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_old_path_is_a_deprecated_alias():
+    """``bnexport.runtime.cuda_api`` (README, one release): the same objects, with a warning."""
+    import bnexport.runtime.cuda_api as old
+
+    with pytest.warns(DeprecationWarning, match=r"import check from bnexport\.cuda_api"):
+        assert old.check is cuda_api.check
+    with pytest.warns(DeprecationWarning):
+        from bnexport.runtime.cuda_api import handle_value
+    assert handle_value is cuda_api.handle_value
+    with pytest.raises(AttributeError):
+        old.no_such_name  # noqa: B018

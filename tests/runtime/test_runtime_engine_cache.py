@@ -84,8 +84,8 @@ def test_profile_shapes_errors():
 def _has_trt_gpu() -> bool:
     if importlib.util.find_spec("tensorrt") is None:
         return False
+    from bnexport.cuda_api import runtime
     from bnexport.errors import BackendUnavailableError
-    from bnexport.runtime.cuda_api import runtime
 
     try:
         runtime()  # loads the runtime API and needs >= 1 device
