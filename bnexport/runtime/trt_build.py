@@ -2,11 +2,14 @@
 
 Used by the TensorRT backend of :class:`bnexport.Session`
 (:class:`bnexport.runtime.trt_backend.TrtBackend`, engine cache around it), by
-``bnexport triton-repo --backend tensorrt`` (through that backend) and by
-:func:`bnexport_plugins.fused_norm.trt_plugin.build_engine`. Steps:
+``bnexport triton-repo --backend tensorrt`` (through that backend) and, for an engine
+file from an ``.onnx`` file, by :func:`build_engine` (which the plugin's deprecated
+``bnexport_plugins.fused_norm.trt_plugin.build_engine`` forwards to). The runtime uses
+the plugin; the plugin never imports the runtime (but for that one alias). Steps:
 
 1. ``trt.init_libnvinfer_plugins`` and, for graphs with ``bnexport::FusedNorm``
-   nodes, the project's plugin (``trt_plugin.register_fused_norm_plugin``);
+   nodes, the project's plugin
+   (``bnexport_plugins.fused_norm.tensorrt_plugin.register_fused_norm_plugin``);
 2. precision lives in the graph (:func:`graph_for_precision`): networks are **strongly
    typed** -- TensorRT 11 removed ``BuilderFlag.FP16``/``BF16`` (weak typing, deprecated
    since 10.12) and builds every network strongly typed -- so ``precision="fp16"``
@@ -210,7 +213,7 @@ def register_plugins(trt: Any, logger: Any, needs_fused_norm: bool) -> None:
     """
     trt.init_libnvinfer_plugins(logger, "")
     if needs_fused_norm:
-        from bnexport_plugins.fused_norm.trt_plugin import register_fused_norm_plugin
+        from bnexport_plugins.fused_norm.tensorrt_plugin import register_fused_norm_plugin
 
         register_fused_norm_plugin()
 
@@ -305,3 +308,51 @@ def build_serialized_engine(
     if timing is not None:
         write_bytes_atomic(Path(timing_cache), bytes(timing.serialize()), make_parents=True)
     return bytes(serialized)
+
+
+def build_engine(
+    onnx_model: bytes | str | os.PathLike,
+    engine_path: str | os.PathLike | None = None,
+    *,
+    precision: str = "fp32",
+    tf32: bool = False,
+    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+    profiles: Sequence[Profile] = (),
+    prefer_aot: bool = True,
+    timing_cache: str | os.PathLike | None = None,
+) -> bytes:
+    """Build a serialized engine from an ONNX model (FusedNorm nodes welcome); optionally save it.
+
+    :func:`build_serialized_engine` with its settings as keyword arguments, the FusedNorm
+    plugin registered when the graph has such nodes, and the engine written atomically to
+    ``engine_path`` when given.
+
+    Args:
+        onnx_model: serialized ONNX bytes, or the path of an ``.onnx`` file.
+        engine_path: where to write the engine too (``None``: only returned).
+        precision: ``"fp32"``, ``"fp16"`` or ``"bf16"`` (see :class:`BuildSettings`).
+        tf32: allow TF32 math in fp32 layers.
+        workspace_bytes: builder workspace limit.
+        profiles: one ``{input: (min, opt, max)}`` per optimization profile (dynamic inputs).
+        prefer_aot: ahead-of-time plugin implementations (the engine runs without Python).
+        timing_cache: a timing-cache file to read and update.
+
+    Returns:
+        The serialized engine.
+
+    Raises:
+        ExportError: the parser or the builder failed (messages joined).
+        BackendUnavailableError: TensorRT (for FusedNorm graphs, >= 10.9) is not installed.
+        UsageError: an invalid setting (names it).
+    """
+    settings = BuildSettings(
+        precision=precision,
+        tf32=tf32,
+        workspace_bytes=workspace_bytes,
+        profiles=tuple(profiles),
+        prefer_aot=prefer_aot,
+    )
+    data = build_serialized_engine(onnx_model, settings, timing_cache=timing_cache)
+    if engine_path is not None:
+        write_bytes_atomic(Path(engine_path), data)
+    return data

@@ -9,7 +9,7 @@ import pytest
 
 MODULES = [
     "spec", "checks", "reference", "onnx_node", "ort_cpu", "lowering", "launch",
-    "nvrtc_build", "gpu_runtime", "trt_plugin",
+    "nvrtc_build", "gpu_runtime", "tensorrt_plugin", "trt_plugin",
 ]  # fmt: skip
 
 
@@ -32,9 +32,22 @@ def test_tensorrt_missing_is_a_clear_error():
         pytest.skip("tensorrt is installed")
     except ImportError:
         pass
-    from bnexport_plugins.fused_norm.trt_plugin import register_fused_norm_plugin
+    from bnexport_plugins.fused_norm.tensorrt_plugin import register_fused_norm_plugin
 
     from bnexport.errors import BackendUnavailableError
 
     with pytest.raises(BackendUnavailableError, match="tensorrt >= 10.9"):
         register_fused_norm_plugin()
+
+
+def test_trt_plugin_path_is_deprecated_and_forwards():
+    """``trt_plugin`` (README, one release): ``build_engine`` is the runtime builder's alias
+    (tests/runtime/test_runtime_trt_fake.py); its other names are ``tensorrt_plugin``'s."""
+    from bnexport_plugins.fused_norm import tensorrt_plugin, trt_plugin
+
+    with pytest.warns(DeprecationWarning, match=r"fused_norm\.tensorrt_plugin\.Tactic"):
+        assert trt_plugin.Tactic is tensorrt_plugin.Tactic
+    with pytest.warns(DeprecationWarning):
+        from bnexport_plugins.fused_norm.trt_plugin import register_fused_norm_plugin
+    assert register_fused_norm_plugin is tensorrt_plugin.register_fused_norm_plugin
+    assert not hasattr(tensorrt_plugin, "build_engine")  # one builder: bnexport.runtime.trt_build

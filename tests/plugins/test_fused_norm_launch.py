@@ -127,9 +127,9 @@ def _fake_trt():
 @pytest.mark.parametrize("shape,axis,vbs", GEOMETRIES)
 @pytest.mark.parametrize("mode,stats", [("affine", 0), ("batch_stats", 0), ("batch_stats", 1)])
 def test_aot_kernel_args_match_signatures(signatures, monkeypatch, shape, axis, vbs, mode, stats):
-    from bnexport_plugins.fused_norm import trt_plugin
+    from bnexport_plugins.fused_norm import tensorrt_plugin
 
-    monkeypatch.setattr(trt_plugin, "ptx_for_plugin", lambda: b"ptx")
+    monkeypatch.setattr(tensorrt_plugin, "ptx_for_plugin", lambda: b"ptx")
     trt, trtp, Exprs = _fake_trt()
     vbs = vbs if mode == "batch_stats" else 0
     attrs = spec.validate_attributes(
@@ -142,7 +142,8 @@ def test_aot_kernel_args_match_signatures(signatures, monkeypatch, shape, axis, 
         }
     )
     x = types.SimpleNamespace(dtype="f16", shape_expr=Exprs(_Expr(d) for d in shape))
-    name, ptx, lp, args = trt_plugin.aot_kernel(trt, trtp, x, attrs, trt_plugin.Tactic.THREADS_512)
+    tactic = tensorrt_plugin.Tactic.THREADS_512
+    name, ptx, lp, args = tensorrt_plugin.aot_kernel(trt, trtp, x, attrs, tactic)
     sig = signatures[name]
     n_inputs, n_outputs = 3, 3 if stats else 1
     assert sig == ["u64"] * n_inputs + ["u32"] * len(args) + ["u64"] * n_outputs

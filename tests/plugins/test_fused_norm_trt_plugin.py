@@ -64,7 +64,7 @@ def _run_engine(serialized: bytes, feeds: dict[str, np.ndarray], outputs: dict[s
     ],
 )
 def test_engine_from_onnx_matches_reference(tmp_path, shape, attrs):
-    from bnexport_plugins.fused_norm.trt_plugin import build_engine
+    from bnexport.runtime.trt_build import build_engine
 
     model = fused_norm_model(TensorProto.FLOAT, list(shape), **attrs)
     path = tmp_path / "fused_norm.onnx"
@@ -91,7 +91,7 @@ def test_batch_stats_plugin_vs_tensorrt_normalization_layer():
     import tensorrt as trt
     import tensorrt.plugin as trtp
     from bnexport_plugins.fused_norm import spec
-    from bnexport_plugins.fused_norm.trt_plugin import register_fused_norm_plugin
+    from bnexport_plugins.fused_norm.tensorrt_plugin import register_fused_norm_plugin
 
     register_fused_norm_plugin()
     n, c, h, w = 8, 16, 12, 12

@@ -14,7 +14,7 @@ from __future__ import annotations
 import types
 
 import pytest
-from bnexport_plugins.fused_norm import launch, spec, trt_plugin
+from bnexport_plugins.fused_norm import launch, spec, tensorrt_plugin
 from bnexport_plugins.fused_norm.checks import check_inputs
 
 from bnexport.errors import PluginError
@@ -91,10 +91,10 @@ def _fake_modules():
 
 @pytest.fixture
 def plugin(monkeypatch):
-    monkeypatch.setattr(trt_plugin, "ptx_for_plugin", lambda: b"ptx")
+    monkeypatch.setattr(tensorrt_plugin, "ptx_for_plugin", lambda: b"ptx")
     trt, trtp, registered = _fake_modules()
-    trt_plugin._register(trt, trtp, spec.PLUGIN_NAMESPACE, with_stats=False)
-    trt_plugin._register(trt, trtp, spec.PLUGIN_NAMESPACE_STATS, with_stats=True)
+    tensorrt_plugin._register(trt, trtp, spec.PLUGIN_NAMESPACE, with_stats=False)
+    tensorrt_plugin._register(trt, trtp, spec.PLUGIN_NAMESPACE_STATS, with_stats=True)
     return trt, trtp, registered
 
 
@@ -125,9 +125,9 @@ def test_registered_functions_accept_nul_terminated_strings(plugin, namespace, o
     out = registered["register", plugin_id](x, c, c, **attrs)
     assert (out if isinstance(out, tuple) else (out,))[0] is x
     combos = registered["autotune", plugin_id](x, c, c, **attrs, outputs=())
-    assert combos[0][2] == [int(t) for t in trt_plugin.Tactic]
+    assert combos[0][2] == [int(t) for t in tensorrt_plugin.Tactic]
     name, ptx, _, args = registered["aot_impl", plugin_id](
-        x, c, c, **attrs, outputs=(), tactic=int(trt_plugin.Tactic.THREADS_256)
+        x, c, c, **attrs, outputs=(), tactic=int(tensorrt_plugin.Tactic.THREADS_256)
     )
     assert name.startswith("fused_norm_") and ptx == b"ptx" and args
 
@@ -165,7 +165,7 @@ def test_aot_kernel_refuses_a_static_ghost_grid_beyond_cuda_limits():
     )
     x = _desc((70000, 8))  # channels-last rows path: grid (C/8, G = 70000)
     with pytest.raises(PluginError, match=r"grid\.y = 70000"):
-        trt_plugin.aot_kernel(trt, trtp, x, attrs, trt_plugin.Tactic.THREADS_256)
+        tensorrt_plugin.aot_kernel(trt, trtp, x, attrs, tensorrt_plugin.Tactic.THREADS_256)
 
 
 def test_runtime_plan_checks_grid_limits():
@@ -184,7 +184,7 @@ def test_jit_launch_runs_on_the_current_device(monkeypatch):
     """The JIT impl launches on the device TensorRT made current, not on device 0."""
     from bnexport_plugins.fused_norm import gpu_runtime
 
-    import bnexport.runtime.cuda_api as cuda_api
+    import bnexport.cuda_api as cuda_api
 
     launched = []
 
@@ -209,7 +209,27 @@ def test_jit_launch_runs_on_the_current_device(monkeypatch):
     )
     attrs = spec.validate_attributes(dict(spec.ATTRIBUTE_DEFAULTS))  # affine: no workspace
     x = tensor((2, 8, 4, 4), 100)
-    trt_plugin.jit_launch(
+    tensorrt_plugin.jit_launch(
         trt, x, tensor((8,), 200), tensor((8,), 300), [tensor((2, 8, 4, 4), 400)], attrs, 7
     )
     assert launched == [(1, 7, ["scale", "shift", "ws", "x", "y"])]
+
+
+def test_registered_descriptors_declare_their_output_count(plugin):
+    """``tensorrt.plugin`` counts a plugin's outputs from the return annotation of the
+    registered function: one ``TensorDesc`` for ``bnexport``, three for ``bnexport_stats``;
+    a node under the other namespace is refused naming the right one."""
+    import inspect
+    import typing
+
+    _, trtp, registered = plugin
+    one = registered["register", f"{spec.PLUGIN_NAMESPACE}::{spec.OP_TYPE}"]
+    three = registered["register", f"{spec.PLUGIN_NAMESPACE_STATS}::{spec.OP_TYPE}"]
+    assert inspect.signature(one).return_annotation is trtp.TensorDesc
+    assert typing.get_args(inspect.signature(three).return_annotation) == (trtp.TensorDesc,) * 3
+    x, c = _desc((4, 8, 2, 2)), _desc((8,))
+    stats = _parser_attrs(mode="batch_stats", return_stats=1)
+    with pytest.raises(PluginError, match=f"needs namespace {spec.PLUGIN_NAMESPACE_STATS}"):
+        one(x, c, c, **stats)
+    with pytest.raises(PluginError, match=f"use namespace {spec.PLUGIN_NAMESPACE}"):
+        three(x, c, c, **_parser_attrs(mode="batch_stats"))

@@ -9,6 +9,8 @@ from onnx import TensorProto, helper, numpy_helper
 RNG = np.random.default_rng(1234)
 W = RNG.standard_normal((4, 3)).astype(np.float32)
 B = RNG.standard_normal(3).astype(np.float32)
+SCALE = np.linspace(0.5, 1.5, 3, dtype=np.float32)  # FusedNorm's per-channel scale / shift
+SHIFT = np.linspace(-0.1, 0.1, 3, dtype=np.float32)
 
 
 def dense_relu_model(batch: int | str = "N") -> onnx.ModelProto:
@@ -52,3 +54,32 @@ def two_input_model() -> onnx.ModelProto:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model
+
+
+def fused_norm_dense_model() -> onnx.ModelProto:
+    """``y = FusedNorm(x @ W + B)`` (affine, axis 1) for ``x: float32[N, 4]``: a plugin graph."""
+    from bnexport_plugins.fused_norm.onnx_node import make_node, opset_import, register_onnx_schema
+
+    register_onnx_schema()
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["xw"], name="matmul"),
+        helper.make_node("Add", ["xw", "B"], ["z"], name="add"),
+        make_node(["z", "scale", "shift"], ["y"], name="bn", axis=1),
+    ]
+    initializers = [
+        numpy_helper.from_array(W, "W"),
+        numpy_helper.from_array(B, "B"),
+        numpy_helper.from_array(SCALE, "scale"),
+        numpy_helper.from_array(SHIFT, "shift"),
+    ]
+    graph = helper.make_graph(nodes, "fused_norm_dense", [x], [y], initializer=initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), opset_import()])
+    model.ir_version = 8
+    return model
+
+
+def fused_norm_dense_reference(x: np.ndarray) -> np.ndarray:
+    """``y`` of :func:`fused_norm_dense_model` in float64 (affine: ``z · scale + shift``)."""
+    return dense_relu_reference(x)["z"] * SCALE.astype(np.float64) + SHIFT

@@ -21,7 +21,7 @@ import types
 import numpy as np
 import onnx
 import pytest
-from runtime_models import dense_relu_model, dense_relu_reference
+from runtime_models import dense_relu_model, dense_relu_reference, fused_norm_dense_model
 
 from bnexport.errors import InputError, UsageError
 
@@ -304,27 +304,36 @@ def test_profile_violation_is_an_input_error(fake_trt):
     backend.close()
 
 
-def test_plugin_build_engine_is_the_same_builder(fake_trt, monkeypatch, tmp_path):
-    """trt_plugin.build_engine goes through trt_build: TF32 cleared, timing cache, plugin."""
+def test_plugin_build_engine_is_a_deprecated_alias_of_the_one_builder(
+    fake_trt, monkeypatch, tmp_path
+):
+    """trt_plugin.build_engine warns and goes through trt_build: TF32 cleared, timing cache,
+    the plugin registered for a FusedNorm graph (and only for one)."""
     import onnx
-    from bnexport_plugins.fused_norm import trt_plugin
+    from bnexport_plugins.fused_norm import tensorrt_plugin, trt_plugin
 
-    monkeypatch.setattr(trt_plugin, "_tensorrt", lambda: (sys.modules["tensorrt"], None))
+    from bnexport.runtime import trt_build
+
     monkeypatch.setattr(
-        trt_plugin, "register_fused_norm_plugin", lambda: LOG.append(("fused_norm_plugin",))
+        tensorrt_plugin, "register_fused_norm_plugin", lambda: LOG.append(("fused_norm_plugin",))
     )
-    path = tmp_path / "m.onnx"
-    onnx.save(dense_relu_model(), path)
+    path, plain = tmp_path / "m.onnx", tmp_path / "plain.onnx"
+    onnx.save(fused_norm_dense_model(), path)
+    onnx.save(dense_relu_model(), plain)
     profile = {"x": ((1, 4), (2, 4), (8, 4))}
     timing = tmp_path / "timing.cache"
-    data = trt_plugin.build_engine(
-        path, tmp_path / "m.engine", profiles=[profile], timing_cache=timing
-    )
+    with pytest.warns(DeprecationWarning, match=r"trt_build\.build_engine"):
+        data = trt_plugin.build_engine(
+            path, tmp_path / "m.engine", profiles=[profile], timing_cache=timing
+        )
     assert (tmp_path / "m.engine").read_bytes() == data
     assert timing.read_bytes() == b"timing"
     assert ("fused_norm_plugin",) in LOG and ("init_plugins", "") in LOG
     (build,) = [e for e in LOG if e[0] == "build"]
     assert build[1] == [] and build[2] == profile  # TF32 cleared, as in the Session backend
+    LOG.clear()
+    trt_build.build_engine(plain, profiles=[profile])  # the one builder, called directly
+    assert ("fused_norm_plugin",) not in LOG  # no FusedNorm node: no plugin needed
     LOG.clear()
     trt_plugin.build_engine(path, fp16=True, profiles=[profile])
     (build,) = [e for e in LOG if e[0] == "build"]
@@ -332,7 +341,6 @@ def test_plugin_build_engine_is_the_same_builder(fake_trt, monkeypatch, tmp_path
     with pytest.raises(UsageError, match=r"bf16.*strongly typed"):
         trt_plugin.build_engine(path, bf16=True, profiles=[profile])  # TensorRT 11, fp32 graph
     monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt(10))
-    monkeypatch.setattr(trt_plugin, "_tensorrt", lambda: (sys.modules["tensorrt"], None))
     LOG.clear()
     trt_plugin.build_engine(path, bf16=True, tf32=True, profiles=[profile])
     (build,) = [e for e in LOG if e[0] == "build"]
