@@ -2,9 +2,9 @@
 
 The source model runs in inference mode (``training=False``) on its own Keras backend
 (TensorFlow, JAX or torch: nothing here imports TensorFlow unless the source is a
-SavedModel, which only TensorFlow can run), the ONNX graph in onnxruntime (graphs with
-``bnexport::FusedNorm`` nodes through the plugin's CPU path,
-``bnexport_plugins.fused_norm.ort_cpu.make_cpu_session``), both on the same generated
+SavedModel, which only TensorFlow can run), the ONNX graph in onnxruntime through the
+project's one session maker, :func:`bnexport.runtime.ort_session.make_session` (graphs with
+``bnexport::FusedNorm`` nodes through the plugin's CPU path), both on the same generated
 inputs. The pass criterion and its defaults are the project's one tolerance policy,
 :mod:`bnexport.tolerance` (the parity checker applies the same): every element of every
 output must satisfy ``|onnx − ref| <= atol + rtol·|ref| + range_rtol·max|ref|`` (``max|ref|``
@@ -82,38 +82,25 @@ def run_reference(loaded: LoadedModel, feeds: dict[str, np.ndarray]) -> dict[str
     return {o.name: _to_numpy(t, keras3) for o, t in zip(loaded.outputs, flat, strict=True)}
 
 
-def make_session(model: Any, serialized: bytes | None = None) -> tuple[Any, str]:
-    """An onnxruntime CPU session for ``model`` and a description of the route taken.
-
-    Graphs with ``bnexport::FusedNorm`` nodes go through the plugin's CPU path
-    (``bnexport_plugins.fused_norm.ort_cpu.make_cpu_session``); others are plain
-    onnxruntime sessions (2 threads, default graph optimizations).
-    """
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 2
-    if any(n.op_type == "FusedNorm" for n in model.graph.node):
-        from bnexport_plugins.fused_norm.ort_cpu import make_cpu_session
-
-        route = "onnxruntime + bnexport_plugins FusedNorm CPU"
-        return make_cpu_session(model, sess_options=opts), route
-    session = ort.InferenceSession(
-        serialized or model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
-    )
-    return session, "onnxruntime"
-
-
 def run_onnx(
     model: Any, feeds: dict[str, np.ndarray], serialized: bytes | None = None
 ) -> tuple[dict[str, np.ndarray], str]:
     """Run ``model`` with onnxruntime on ``feeds`` (cast to the graph's input dtypes).
 
-    ``serialized`` is ``model.SerializeToString()`` when the caller already has it.
+    The session is :func:`bnexport.runtime.ort_session.make_session`'s (2 threads, default
+    graph optimizations; FusedNorm graphs through the plugin's CPU path). Returns the
+    outputs and a description of the route taken. ``serialized`` is
+    ``model.SerializeToString()`` when the caller already has it.
     """
     import onnx
+    from bnexport_plugins.fused_norm.spec import has_fused_norm
 
-    session, route = make_session(model, serialized)
+    from bnexport.runtime.ort_session import make_session
+
+    session = make_session(serialized if serialized is not None else model, threads=2)
+    route = "onnxruntime"
+    if has_fused_norm(model):
+        route = "onnxruntime + bnexport_plugins FusedNorm CPU"
     typed: dict[str, np.ndarray] = {}
     for inp in model.graph.input:
         if inp.name not in feeds:

@@ -12,8 +12,8 @@ its ghost-batch size (``virtual_batch_size``; whole batch when absent)::
 on three paths, each compared with ``y_keras``:
 
 - ``reference``: the NumPy reference op (float64 moments);
-- ``onnxruntime``: a one-node ONNX graph run by :class:`bnexport.Session`
-  (the plugin's CPU path for onnxruntime);
+- ``onnxruntime``: a one-node ONNX graph run by onnxruntime
+  (:func:`bnexport.runtime.ort_session.make_session`: the plugin's CPU path);
 - ``lowered``: the same graph lowered to standard ONNX ops
   (``bnexport_plugins.fused_norm.lowering``), an independent implementation.
 
@@ -102,20 +102,16 @@ def _paths(
     x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, attrs: dict[str, Any]
 ) -> dict[str, np.ndarray]:
     """FusedNorm batch_stats of ``x`` on the reference, onnxruntime and lowered paths."""
-    import onnxruntime as ort
     from bnexport_plugins.fused_norm.lowering import lower_fused_norm
     from bnexport_plugins.fused_norm.reference import fused_norm
 
-    from bnexport.runtime.session import Session
+    from bnexport.runtime.ort_session import make_session
 
     out = {"reference": np.asarray(fused_norm(x, gamma, beta, **attrs))}
     model = _one_node_model(x.shape, x.dtype, attrs)
     feed = {"X": x, "scale": gamma, "shift": beta}
-    out["onnxruntime"] = Session(model).run(feed)["Y"]
-    lowered = ort.InferenceSession(
-        lower_fused_norm(model).SerializeToString(), providers=["CPUExecutionProvider"]
-    )
-    out["lowered"] = lowered.run(["Y"], feed)[0]
+    out["onnxruntime"] = make_session(model).run(["Y"], feed)[0]
+    out["lowered"] = make_session(lower_fused_norm(model)).run(["Y"], feed)[0]
     return out
 
 

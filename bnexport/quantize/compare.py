@@ -19,7 +19,6 @@ on the host's int8 kernels (the kernel error; see :mod:`bnexport.quantize.verdic
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,21 +48,22 @@ class OutputMetrics:
 
 
 def make_session(model: Any, *, optimize: bool = True, threads: int | None = None) -> Any:
-    """An onnxruntime CPU ``InferenceSession`` on ``model`` (a ModelProto or a path)."""
+    """An onnxruntime CPU session on ``model`` (a ModelProto, bytes or a path) that measures.
+
+    :func:`bnexport.runtime.ort_session.make_session` (the project's one session maker)
+    with two choices of the quantizer: the host's int8 kernels as they are (no x86
+    precision mode, ``exact_int8=False``: their error is what is measured) and
+    onnxruntime's warnings off (``log_severity_level=3``).
+    """
     import onnxruntime as ort
+
+    from bnexport.runtime.ort_session import make_session as runtime_session
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    if not optimize:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    if isinstance(model, (str, os.PathLike)):
-        source: Any = str(model)
-    else:
-        source = model if isinstance(model, bytes) else model.SerializeToString()
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    return runtime_session(
+        model, optimize=optimize, threads=threads, session_options=options, exact_int8=False
+    )
 
 
 def run_batches(

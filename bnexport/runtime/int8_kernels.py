@@ -34,7 +34,8 @@ costs speed (no ``vpmaddubsw``, no ``ConvSym`` path for the converted layers).
 - :func:`saturation_risk` reads a Q/DQ graph's int8 weights once (no inference);
 - :func:`apply_precision_mode`: sets :data:`PRECISION_MODE_KEY` in the onnxruntime
   ``SessionOptions`` for such a graph on such an x86 CPU (unless the caller set it);
-  ``bnexport.Session`` does so on CPU;
+  :func:`bnexport.runtime.ort_session.make_session` does so on the CPU provider, for
+  ``bnexport.Session`` and every other caller; :func:`precision_mode_on` reads it back;
 - :func:`load_time_warning` / :func:`warn_if_saturating`: the one warning line that
   ``Session``, ``run``, ``serve`` and ``parity`` log for such a graph on such a CPU
   (:func:`bnexport.runtime.cpu_features.cpu_int8_features`), saying which of the two
@@ -273,10 +274,18 @@ def apply_precision_mode(
 
         options = ort.SessionOptions()
     try:
-        return options, options.get_session_config_entry(PRECISION_MODE_KEY) == "1"
+        options.get_session_config_entry(PRECISION_MODE_KEY)
     except RuntimeError:  # not set by the caller
         options.add_session_config_entry(PRECISION_MODE_KEY, "1")
-        return options, True
+    return options, precision_mode_on(options)
+
+
+def precision_mode_on(options: Any) -> bool:
+    """Whether onnxruntime ``SessionOptions`` set :data:`PRECISION_MODE_KEY` to ``"1"``."""
+    try:
+        return options.get_session_config_entry(PRECISION_MODE_KEY) == "1"
+    except RuntimeError:  # onnxruntime raises for a key that was never set
+        return False
 
 
 def load_time_warning(

@@ -21,11 +21,13 @@ After the session is created, :func:`check_providers` compares
 ``InferenceSession.get_providers()`` with the providers asked for and raises
 :class:`~bnexport.errors.BackendUnavailableError` naming what is missing.
 
-Graphs that contain the project's ``bnexport::FusedNorm`` node are handed to the
-fused-norm plugin's onnxruntime paths: on CPU ``ort_cpu.make_cpu_session`` (the
-NumPy reference itself as an onnxruntime-extensions op, so the numbers are the
-reference's), on CUDA ``lowering.lower_fused_norm`` (standard ONNX ops). What counts as
-a FusedNorm node is decided by ``bnexport_plugins.fused_norm.spec`` alone
+The session itself comes from :func:`bnexport.runtime.ort_session.make_session`, the
+project's one session maker: graphs that contain the project's ``bnexport::FusedNorm``
+node go to the fused-norm plugin's onnxruntime paths there (on CPU
+``ort_cpu.make_cpu_session``, the NumPy reference itself as an onnxruntime-extensions op,
+so the numbers are the reference's; on CUDA ``lowering.lower_fused_norm``, standard ONNX
+ops), and a Q/DQ graph on CPU gets the x86 int8 precision mode where it needs it. What
+counts as a FusedNorm node is decided by ``bnexport_plugins.fused_norm.spec`` alone
 (:func:`~bnexport_plugins.fused_norm.spec.has_fused_norm`, re-exported here).
 """
 
@@ -142,27 +144,6 @@ def _providers(
     return result
 
 
-def _fused_norm_session(model: Any, device: str, sess_options: Any, providers: list) -> Any:
-    """An InferenceSession for a graph with FusedNorm nodes, via the plugin's onnxruntime paths.
-
-    CPU: ``ort_cpu.make_cpu_session`` (the NumPy reference as an onnxruntime-extensions
-    op when installed, else the lowering). CUDA: ``lowering.lower_fused_norm`` (standard
-    ONNX ops, which every provider runs).
-    """
-    import onnxruntime as ort
-
-    if device == "cpu":
-        from bnexport_plugins.fused_norm.ort_cpu import make_cpu_session
-
-        return make_cpu_session(model, sess_options=sess_options, providers=providers)
-    from bnexport_plugins.fused_norm.lowering import lower_fused_norm
-
-    lowered = lower_fused_norm(model)
-    return ort.InferenceSession(
-        lowered.SerializeToString(), sess_options=sess_options, providers=providers
-    )
-
-
 class OrtBackend:
     """Runs an ONNX model with onnxruntime; ``run`` is thread-safe (onnxruntime's is).
 
@@ -175,6 +156,7 @@ class OrtBackend:
         precision: ``"fp32"`` or ``"fp16"`` (fp16 only with the TensorRT provider).
         providers_options: ``{provider name: options}`` merged over the defaults.
         session_options: an ``onnxruntime.SessionOptions``; ``None`` for the defaults.
+        model_name: how load errors name the model.
     """
 
     name = "onnxruntime"
@@ -190,19 +172,20 @@ class OrtBackend:
         precision: str = "fp32",
         providers_options: Mapping[str, Mapping[str, Any]] | None = None,
         session_options: Any = None,
+        model_name: str | None = None,
     ) -> None:
-        import onnxruntime as ort
+        from bnexport.runtime.ort_session import make_session
 
         self.inputs = inputs
         self.outputs = outputs
         providers = _providers(device, precision, providers_options)
-        if has_fused_norm(model):
-            self.session = _fused_norm_session(model, device, session_options, providers)
-        else:
-            source = model_path if model_path is not None else model.SerializeToString()
-            self.session = ort.InferenceSession(
-                source, sess_options=session_options, providers=providers
-            )
+        self.session = make_session(
+            model,
+            model_path=model_path,
+            providers=providers,
+            session_options=session_options,
+            model_name=model_name,
+        )
         self.providers = check_providers(self.session, providers, precision)
         self._output_names = [o.name for o in self.outputs]
 

@@ -166,30 +166,27 @@ class Session:
             )
             self.max_batch = self._impl.max_batch
         else:
-            from bnexport.io.onnx_file import onnxruntime_load_errors
             from bnexport.runtime.ort_backend import OrtBackend
 
-            precision_mode = False
-            if device == "cpu":  # exact u8u8 kernels where this CPU's u8s8 ones saturate
-                from bnexport.runtime.int8_kernels import apply_precision_mode
-
-                session_options, precision_mode = apply_precision_mode(model, session_options)
-            with onnxruntime_load_errors(model_name or path or "<in-memory model>"):
-                self._impl = OrtBackend(
-                    model,
-                    path,
-                    self.inputs,
-                    self.outputs,
-                    device=device,
-                    precision=precision,
-                    providers_options=providers_options,
-                    session_options=session_options,
-                )
+            name = model_name or path or "<in-memory model>"
+            # on CPU, make_session asks for exact u8u8 kernels where this CPU's u8s8 saturate
+            self._impl = OrtBackend(
+                model,
+                path,
+                self.inputs,
+                self.outputs,
+                device=device,
+                precision=precision,
+                providers_options=providers_options,
+                session_options=session_options,
+                model_name=name,
+            )
             if device == "cpu":  # int8 kernels that can saturate here: one warning line
-                from bnexport.runtime.int8_kernels import warn_if_saturating
+                from bnexport.runtime.int8_kernels import precision_mode_on, warn_if_saturating
 
+                options = self._impl.session.get_session_options()
                 self.int8_warning = warn_if_saturating(
-                    model, model_name or path or "<in-memory model>", precision_mode=precision_mode
+                    model, name, precision_mode=precision_mode_on(options)
                 )
 
     #: the warning logged at load when this CPU's int8 kernels can saturate on the graph

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
-from support import op_counts  # noqa: F401 - re-exported for the export tests
+from support import op_counts, run_ort  # noqa: F401 - op_counts re-exported for the tests
 
 TOL = {"float32": (1e-4, 1e-5), "float16": (2e-2, 1e-3)}
 
@@ -63,20 +62,14 @@ def run_onnx(path_or_model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     model = (
         path_or_model if isinstance(path_or_model, onnx.ModelProto) else onnx.load(path_or_model)
     )
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.intra_op_num_threads = 2
-    if any(n.op_type == "FusedNorm" for n in model.graph.node):
-        from bnexport_plugins.fused_norm.ort_cpu import make_cpu_session
-
-        session = make_cpu_session(model, sess_options=opts)
-    else:
-        session = ort.InferenceSession(model.SerializeToString(), opts)
+    initializers = {t.name for t in model.graph.initializer}
     typed = {}
-    for inp in session.get_inputs():
-        np_type = np.float16 if inp.type == "tensor(float16)" else np.float32
-        typed[inp.name] = feeds[inp.name].astype(np_type)
-    return session.run(None, typed)
+    for inp in model.graph.input:
+        if inp.name in initializers:
+            continue
+        half = inp.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+        typed[inp.name] = feeds[inp.name].astype(np.float16 if half else np.float32)
+    return run_ort(model, typed, threads=2)
 
 
 def assert_matches_keras(path, keras_model, feeds: dict[str, np.ndarray], dtype="float32"):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import keras
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
+from support import run_ort
 
 import bnexport
 from bnexport.errors import CalibrationError, ExportError
@@ -55,9 +55,7 @@ def test_export_int8_writes_quantized_graph_close_to_keras(tmp_path, model):
     x = _images(32, 2)
     # the graph's own numbers (Q/DQ as float): the TensorRT form is exact on onnxruntime's
     # kernels only where they cannot saturate (tests/quantize/test_verdict.py)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    got = ort.InferenceSession(str(tmp_path / "m.int8.onnx"), options).run(None, {"image": x})[0]
+    (got,) = run_ort(tmp_path / "m.int8.onnx", {"image": x})  # optimizations off
     ref = model(x, training=False).numpy()
     # int8 vs Keras float32: NMSE <= 1 % (SQNR >= 20 dB) and >= 90 % same top-1 class
     nmse = float(np.sum((got - ref) ** 2) / np.sum(ref**2))

@@ -20,6 +20,7 @@ from bnexport.data.digits import load_digits
 from bnexport.quantize.kernel_emulation import EmulatedSession
 from bnexport.quantize.quickstart_step import int8_step
 from bnexport.runtime.cpu_features import ENV_VAR, hardware_int8_features
+from bnexport.runtime.ort_session import make_session
 
 
 def _digits_mlp(data) -> onnx.ModelProto:
@@ -81,9 +82,7 @@ def test_int8_step_picks_target_and_reports_both_errors(tmp_path, data, monkeypa
     # accuracy recomputed here from each graph's predictions
     fp32 = ort.InferenceSession(str(tmp_path / "digits.onnx"))
     assert result.accuracy["float32"] == _accuracy(fp32, data)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    qdq = ort.InferenceSession(str(result.path), options)
+    qdq = make_session(result.path, optimize=False)
     assert result.accuracy["int8 q/dq"] == _accuracy(qdq, data)
     emulated = override == "novnni" and hardware_int8_features().int32_dot
     kernels = (

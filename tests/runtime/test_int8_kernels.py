@@ -222,8 +222,8 @@ def test_session_sets_precision_mode_under_novnni(monkeypatch, tmp_path):
     a non-VNNI CPU runs without it, are visibly off on the same feed."""
     import onnxruntime as ort
 
-    from bnexport.quantize.compare import make_session
     from bnexport.quantize.kernel_emulation import EmulatedSession
+    from bnexport.runtime import make_session
 
     model = qdq_matmul(_weights(127))
     onnx.save(model, tmp_path / "q.onnx")

@@ -24,24 +24,13 @@ def run_ort(
     """Outputs of ``path_or_model`` on onnxruntime CPU, every graph optimization disabled.
 
     onnxruntime folds BatchNormalization into Conv itself at its default level, so a
-    broken fold pass would pass unnoticed with it on. A graph holding ``FusedNorm``
-    runs with the plugin's CPU kernel registered.
+    broken fold pass would pass unnoticed with it on. The session is the project's own,
+    :func:`bnexport.runtime.ort_session.make_session` (``optimize=False``): a graph holding
+    ``FusedNorm`` runs with the plugin's CPU kernel registered.
     """
-    import onnxruntime as ort
+    from bnexport.runtime.ort_session import make_session
 
-    model = _model(path_or_model)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.intra_op_num_threads = threads
-    if any(n.op_type == "FusedNorm" for n in model.graph.node):
-        from bnexport_plugins.fused_norm.ort_cpu import make_cpu_session
-
-        session = make_cpu_session(model, sess_options=options)
-    else:
-        session = ort.InferenceSession(
-            model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-        )
-    return session.run(None, feeds)
+    return make_session(path_or_model, optimize=False, threads=threads).run(None, feeds)
 
 
 def op_counts(path_or_model: onnx.ModelProto | str | os.PathLike) -> collections.Counter:
