@@ -100,8 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
-    from bnexport.export.float16 import convert_to_float16
     from bnexport.export.passes.fold_batchnorm import fold_batchnorm_with_report
+    from bnexport.graph.float16 import convert_to_float16
 
     model, bn_nodes = build_graph(args.blocks, args.channels)
     mb = sum(i.ByteSize() for i in model.graph.initializer) / 2**20

@@ -318,7 +318,7 @@ def export(
 
     float32_nodes: list[str] = []
     if dtype == "float16":
-        from bnexport.export.float16 import convert_to_float16
+        from bnexport.graph.float16 import convert_to_float16
 
         labels = dict(converted.op_layers)
         for record in records:

@@ -13,7 +13,7 @@ the plugin; the plugin never imports the runtime (but for that one alias). Steps
 2. precision lives in the graph (:func:`graph_for_precision`): networks are **strongly
    typed** -- TensorRT 11 removed ``BuilderFlag.FP16``/``BF16`` (weak typing, deprecated
    since 10.12) and builds every network strongly typed -- so ``precision="fp16"``
-   converts a float32 graph to float16 first (:func:`bnexport.export.float16.convert_to_float16`:
+   converts a float32 graph to float16 first (:func:`bnexport.graph.float16.convert_to_float16`:
    weights and activations float16, a node whose folded weights overflow float16 kept in
    float32, graph inputs/outputs kept float32 so callers, Triton configs and the
    engine's bindings do not change). A graph already in float16 is built as it is; a
@@ -195,7 +195,7 @@ def graph_for_precision(model: Any, precision: str, trt: Any = None) -> tuple[An
         )
     if onnx.TensorProto.FLOAT not in types or _uses_float16(model) or is_quantized(model):
         return model, None  # already float16 (e.g. exported with dtype="float16"), or Q/DQ
-    from bnexport.export.float16 import convert_to_float16
+    from bnexport.graph.float16 import convert_to_float16
 
     io = {v.type.tensor_type.elem_type for v in (*model.graph.input, *model.graph.output)}
     io_dtype = "float32" if onnx.TensorProto.FLOAT in io else "float16"

@@ -13,9 +13,9 @@ import pytest
 from onnx_graphs import TOL, bn_params, build, check_valid, op_counts, run_ort
 
 from bnexport.errors import ExportError
-from bnexport.export.float16 import convert_to_float16
 from bnexport.export.passes.fold_batchnorm import fold_batchnorm_with_report
-from bnexport.export.passes.shapes import infer_shapes
+from bnexport.graph.float16 import convert_to_float16
+from bnexport.graph.shapes import infer_shapes
 
 F16, F32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
 

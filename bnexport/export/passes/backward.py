@@ -30,16 +30,16 @@ import onnx_ir as ir
 
 from bnexport.export.fold_math import fold_into_consumer_weights
 from bnexport.export.passes.context import AffineSpec, FoldContext, FoldRulePass, spec_of
-from bnexport.export.passes.graph_utils import (
-    single_consumer,
-    static_dim,
-    transpose_perm,
-)
 from bnexport.export.passes.rewrite import (
     WeightFold,
     constant_weights,
     gemm_bias,
     write_weight_fold,
+)
+from bnexport.graph.utils import (
+    single_consumer,
+    static_dim,
+    transpose_perm,
 )
 
 TARGET_OPS = ("Conv", "Gemm", "MatMul")

@@ -16,9 +16,9 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from bnexport.export.passes.graph_utils import Namer
-from bnexport.export.passes.islands import Float16Policy
 from bnexport.export.report import Action, FoldRecord
+from bnexport.graph.islands import Float16Policy
+from bnexport.graph.utils import Namer
 
 INTERNAL_DOMAIN = "bnexport.internal"
 AFFINE_OP = "ChannelAffine"

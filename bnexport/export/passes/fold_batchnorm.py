@@ -42,9 +42,9 @@ from bnexport.export.passes.forward import ForwardFoldPass
 from bnexport.export.passes.fuse import FuseNormPass
 from bnexport.export.passes.merge_pad import MergePadIntoConvPass
 from bnexport.export.passes.patterns import CanonicalizeAffinePass
-from bnexport.export.passes.shapes import infer_shapes
 from bnexport.export.passes.training import TrainingBatchNormPass
 from bnexport.export.report import FoldRecord
+from bnexport.graph.shapes import infer_shapes
 
 __all__ = ["FoldBatchNormPass", "fold_batchnorm", "fold_batchnorm_with_report"]
 

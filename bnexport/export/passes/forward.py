@@ -27,18 +27,18 @@ import onnx_ir as ir
 
 from bnexport.export.fold_math import fold_into_producer_weights
 from bnexport.export.passes.context import AffineSpec, FoldContext, FoldRulePass, spec_of
-from bnexport.export.passes.graph_utils import (
-    const_array,
-    rank_of,
-    single_consumer,
-    take_over,
-    transpose_perm,
-)
 from bnexport.export.passes.rewrite import (
     WeightFold,
     constant_weights,
     gemm_bias,
     write_weight_fold,
+)
+from bnexport.graph.utils import (
+    const_array,
+    rank_of,
+    single_consumer,
+    take_over,
+    transpose_perm,
 )
 
 LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")

@@ -33,13 +33,13 @@ from bnexport.export.passes.context import (
     placeholders,
     spec_of,
 )
-from bnexport.export.passes.graph_utils import (
+from bnexport.graph.islands import cast_folded, run_in_float32, storage_dtype
+from bnexport.graph.utils import (
     add_initializer,
     const_array,
     single_consumer,
     take_over,
 )
-from bnexport.export.passes.islands import cast_folded, run_in_float32, storage_dtype
 
 
 @dataclasses.dataclass

@@ -39,14 +39,14 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from bnexport.export.passes.graph_utils import (
+from bnexport.graph.shapes import infer_shapes
+from bnexport.graph.utils import (
     Namer,
     add_initializer,
     const_array,
     rank_of,
     single_consumer,
 )
-from bnexport.export.passes.shapes import infer_shapes
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from bnexport.export.passes.graph_utils import (
+from bnexport.graph.utils import (
     const_array,
     rank_of,
     single_consumer,

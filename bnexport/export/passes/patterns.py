@@ -34,7 +34,7 @@ from bnexport.export.passes.context import (
     FoldContext,
     FoldPass,
 )
-from bnexport.export.passes.graph_utils import (
+from bnexport.graph.utils import (
     FLOAT_TYPES,
     const_array,
     rank_of,

@@ -8,7 +8,8 @@ import numpy as np
 import onnx_ir as ir
 
 from bnexport.export.passes.context import AffineSpec, FoldContext
-from bnexport.export.passes.graph_utils import (
+from bnexport.graph.islands import cast_folded, run_in_float32, storage_dtype
+from bnexport.graph.utils import (
     Namer,
     add_initializer,
     append_to,
@@ -16,7 +17,6 @@ from bnexport.export.passes.graph_utils import (
     single_consumer,
     take_over,
 )
-from bnexport.export.passes.islands import cast_folded, run_in_float32, storage_dtype
 
 
 def attach_bias(

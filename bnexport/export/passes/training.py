@@ -18,9 +18,9 @@ import onnx_ir as ir
 
 from bnexport.export.passes.context import FoldContext, FoldPass
 from bnexport.export.passes.fuse import find_activation, fused_norm_node, take_over_activation
-from bnexport.export.passes.graph_utils import add_initializer, const_array, take_over
-from bnexport.export.passes.islands import cast_node
 from bnexport.export.passes.patterns import is_training_bn
+from bnexport.graph.islands import cast_node
+from bnexport.graph.utils import add_initializer, const_array, take_over
 
 
 def _used(value: ir.Value) -> bool:

@@ -9,7 +9,7 @@ needs it runs in float32 — a *float32 island*::
 
 The island's output keeps its name and its consumers; only the inner float32 value is
 renamed (``<name>_float32``). Used by the fold passes (a folded weight that overflows or
-underflows) and by :func:`bnexport.export.float16.convert_to_float16` (a float32 weight
+underflows) and by :func:`bnexport.graph.float16.convert_to_float16` (a float32 weight
 that overflows float16).
 """
 
@@ -23,7 +23,7 @@ import numpy as np
 import onnx_ir as ir
 
 from bnexport.errors import FoldError
-from bnexport.export.passes.graph_utils import Namer, append_to, np_dtype
+from bnexport.graph.utils import Namer, append_to, np_dtype
 
 #: what to do with a tensor that does not fit float16: run its op in float32, or raise
 Float16Policy = Literal["float32", "error"]
