@@ -36,24 +36,9 @@ def pytest_configure(config) -> None:  # noqa: D103
 def pytest_runtest_setup(item) -> None:
     """The one place that decides skips for what this machine lacks.
 
-    ``@pytest.mark.needs("tensorrt", "cuda_gpu", unverified="...")`` skips with a reason
-    naming what is missing and what stayed unverified; ``@pytest.mark.needs_absent(
-    "tensorrt", why="...")`` runs a test only where something is absent (the error path
-    for a missing extra). Probes live in ``tests/support/capabilities.py``.
+    ``@pytest.mark.needs(...)`` / ``@pytest.mark.needs_absent(...)``: see
+    ``tests/support/capabilities.py``.
     """
-    import pytest
-    from support.capabilities import missing
+    from support.capabilities import skip_for_capabilities
 
-    for marker in item.iter_markers("needs"):
-        absent = {name: missing(name) for name in marker.args}
-        absent = {name: why for name, why in absent.items() if why}
-        if absent:
-            what = ", ".join(f"{name} ({why})" for name, why in absent.items())
-            unverified = marker.kwargs.get("unverified")
-            if not unverified:
-                raise pytest.UsageError(f"{item.nodeid}: needs(...) without unverified=")
-            pytest.skip(f"needs {what}: {unverified} not verified")
-    for marker in item.iter_markers("needs_absent"):
-        present = [name for name in marker.args if missing(name) is None]
-        if present:
-            pytest.skip(f"{', '.join(present)} present; {marker.kwargs.get('why', 'n/a')}")
+    skip_for_capabilities(item)

@@ -22,6 +22,9 @@ import importlib.util
 import platform
 import shutil
 from collections.abc import Callable
+from typing import Any
+
+import pytest
 
 X86_MACHINES = ("x86_64", "amd64", "i386", "i686", "x86")
 _CHROMIUMS = ("chromium", "chromium-browser", "google-chrome")
@@ -102,3 +105,25 @@ def chromium_path() -> str | None:
         (shutil.which(n) for n in _CHROMIUMS if shutil.which(n)),
         None,
     )
+
+
+def skip_for_capabilities(item: Any) -> None:
+    """Skip ``item`` for what its ``needs`` / ``needs_absent`` markers find missing (or present).
+
+    ``needs("tensorrt", "cuda_gpu", unverified="...")`` skips with a reason naming what is
+    missing and what stayed unverified (``unverified`` is required: a skip must say what it
+    leaves unchecked); ``needs_absent("tensorrt", why="...")`` runs a test only where the
+    capability is absent (the error path for a missing extra).
+    """
+    for marker in item.iter_markers("needs"):
+        absent = {name: missing(name) for name in marker.args}
+        absent = {name: why for name, why in absent.items() if why}
+        if not marker.kwargs.get("unverified"):
+            raise pytest.UsageError(f"{item.nodeid}: needs(...) without unverified=")
+        if absent:
+            what = ", ".join(f"{name} ({why})" for name, why in absent.items())
+            pytest.skip(f"needs {what}: {marker.kwargs['unverified']} not verified")
+    for marker in item.iter_markers("needs_absent"):
+        present = [name for name in marker.args if missing(name) is None]
+        if present:
+            pytest.skip(f"{', '.join(present)} present; {marker.kwargs.get('why', 'n/a')}")

@@ -90,7 +90,7 @@ def fake_capabilities(monkeypatch):
 
 
 def test_skip_hook_names_what_is_missing_and_what_was_not_verified(fake_capabilities):
-    from conftest import pytest_runtest_setup
+    from support.capabilities import skip_for_capabilities as pytest_runtest_setup
 
     pytest_runtest_setup(_Item(pytest.mark.needs("here", unverified="x").mark))  # runs
     with pytest.raises(pytest.skip.Exception, match=r"needs gone \(gone not installed\): y"):
@@ -101,7 +101,7 @@ def test_skip_hook_names_what_is_missing_and_what_was_not_verified(fake_capabili
 
 
 def test_skip_hook_refuses_unknown_capabilities_and_missing_reasons(fake_capabilities):
-    from conftest import pytest_runtest_setup
+    from support.capabilities import skip_for_capabilities as pytest_runtest_setup
 
     with pytest.raises(KeyError, match="unknown capability 'tensorrtt'"):
         pytest_runtest_setup(_Item(pytest.mark.needs("tensorrtt", unverified="z").mark))
