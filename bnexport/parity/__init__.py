@@ -6,8 +6,7 @@ bnexport.parity`` stays light.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from bnexport.lazy_names import lazy_names
 
 _LAZY = {
     "check_parity": "bnexport.parity.check",
@@ -24,9 +23,4 @@ _LAZY = {
 
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'bnexport.parity' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__, __dir__ = lazy_names(__name__, _LAZY, globals())

@@ -11,8 +11,7 @@ Names are imported on first use: ``import bnexport.serve.ray`` does not import R
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from bnexport.lazy_names import lazy_names
 
 _LAZY = {
     "serve_replicas": "bnexport.serve.ray.driver",
@@ -24,15 +23,4 @@ _LAZY = {
 
 __all__ = list(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'bnexport.serve.ray' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_names(__name__, _LAZY, globals())
