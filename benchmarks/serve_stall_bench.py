@@ -35,10 +35,16 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVER = """
-import sys
+import inspect, sys
 from bnexport.serve.server import serve_model
-serve_model(sys.argv[1], "127.0.0.1", int(sys.argv[2]), max_body_mb=float(sys.argv[3]),
-            log_level="warning", print_fn=lambda line: print(line, flush=True))
+s = dict(host="127.0.0.1", port=int(sys.argv[2]), max_body_mb=float(sys.argv[3]),
+         log_level="warning")
+show = lambda line: print(line, flush=True)
+if "settings" in inspect.signature(serve_model).parameters:
+    from bnexport.serve.settings import ServeSettings
+    serve_model(sys.argv[1], ServeSettings(**s), print_fn=show)
+else:  # a tree from before serve_model(path, settings)
+    serve_model(sys.argv[1], **s, print_fn=show)
 """
 SCENARIOS = {"binary-64": ("binary", 64), "json-16": ("json", 16), "json-64": ("json", 64)}
 DEFAULT_SCENARIOS = ["binary-64", "json-16"]

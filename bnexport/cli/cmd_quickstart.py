@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         )
     passed = result.parity_report is None or bool(result.parity_report)
     if args.serve and result.onnx_path is not None:
-        from bnexport.serve import serve_model
+        from bnexport.serve import ServeSettings, serve_model
 
-        serve_model(result.onnx_path, host=args.host, port=args.port)
+        serve_model(result.onnx_path, ServeSettings(host=args.host, port=args.port))
     return 0 if passed else 1

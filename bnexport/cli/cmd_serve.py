@@ -6,6 +6,17 @@ import argparse
 import os
 
 from bnexport.cli.options import add_backend, add_model, add_precision, verbosity
+from bnexport.serve.settings import (
+    BATCH_POLICIES,
+    INFLIGHT_BODIES,
+    LOG_LEVELS,
+    MODEL_CONTROL_MODES,
+    TOKEN_ENV,
+    ServeSettings,
+)
+
+#: the server's defaults: every default below is read from here, never spelled again
+D = ServeSettings()
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -25,55 +36,61 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         ),
     )
     add_model(parser, "an .onnx file, or a model repository folder REPO_DIR/<model>/<version>/")
-    parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    parser.add_argument("--host", default=D.host, help=f"bind address (default {D.host})")
+    parser.add_argument("--port", type=int, default=D.port, help=f"TCP port (default {D.port})")
     parser.add_argument(
         "--grpc-port",
         type=int,
-        default=None,
+        default=D.grpc_port,
         help="also serve KServe v2 over gRPC (Triton's GRPCInferenceService: tritonclient.grpc "
         "works unmodified) on this port, with the same models, batching, limits and token "
         "(metadata 'authorization: Bearer TOKEN'); default: off",
     )
     parser.add_argument(
         "--model-control",
-        choices=("none", "explicit"),
-        default="none",
+        choices=MODEL_CONTROL_MODES,
+        default=D.model_control,
         help="none: serve the models found at start (default); explicit: also accept "
         "POST /v2/repository/models/NAME/load|unload (and gRPC RepositoryModelLoad/Unload) "
         "to (re)load a model from REPO_DIR or unload it without a restart; requests in "
         "flight finish on the old version",
     )
     add_backend(parser)
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default cpu")
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default=D.device, help=f"default {D.device}"
+    )
     add_precision(parser)
     parser.add_argument(
         "--max-batch",
         type=int,
-        default=32,
-        help="largest merged batch; 1 disables dynamic batching (default 32)",
+        default=D.max_batch,
+        help=f"largest merged batch; 1 disables dynamic batching (default {D.max_batch})",
     )
     parser.add_argument(
         "--batch-timeout-ms",
         type=float,
-        default=2.0,
-        help="how long a batch waits for more requests (default 2)",
+        default=D.batch_timeout_ms,
+        help=f"how long a batch waits for more requests (default {D.batch_timeout_ms:g})",
     )
     parser.add_argument(
         "--batch-policy",
-        choices=("adaptive", "window"),
-        default="adaptive",
+        choices=BATCH_POLICIES,
+        default=D.batch_policy,
         help="adaptive: stop waiting as soon as no request is on its way (default); "
         "window: always wait --batch-timeout-ms (Triton's max_queue_delay)",
     )
     parser.add_argument(
-        "--instances", type=int, default=1, help="batches of one model run concurrently"
+        "--instances",
+        type=int,
+        default=D.instances,
+        help=f"batches of one model run concurrently (default {D.instances})",
     )
     parser.add_argument(
         "--intra-op-threads",
         type=int,
-        default=0,
-        help="onnxruntime intra-op threads per model (default 0: onnxruntime's choice)",
+        default=D.intra_op_threads,
+        help=f"onnxruntime intra-op threads per model (default {D.intra_op_threads}; "
+        "0: onnxruntime's choice)",
     )
     parser.add_argument(
         "--ort-spinning",
@@ -82,10 +99,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--token",
-        default=os.environ.get("BNEXPORT_SERVE_TOKEN"),
-        help="require 'Authorization: Bearer TOKEN' (default: $BNEXPORT_SERVE_TOKEN; none). "
+        default=os.environ.get(TOKEN_ENV, D.token),
+        help=f"require 'Authorization: Bearer TOKEN' (default: ${TOKEN_ENV}; none). "
         "Prefer the variable: a --token value is visible to other users in the process list; "
-        "the printed example curl reads $BNEXPORT_SERVE_TOKEN, never shows the token",
+        f"the printed example curl reads ${TOKEN_ENV}, never shows the token",
     )
     parser.add_argument(
         "--open-metrics",
@@ -95,33 +112,39 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "counters and latencies, no tensors. Every other path keeps the token",
     )
     parser.add_argument(
-        "--max-body-mb", type=float, default=64.0, help="request body limit in MiB (default 64)"
+        "--max-body-mb",
+        type=float,
+        default=D.max_body_mb,
+        help=f"request body limit in MiB (default {D.max_body_mb:g})",
     )
     parser.add_argument(
         "--max-inflight-mb",
         type=float,
-        default=None,
-        help="bound on the request bodies processed at once, in MiB (default 4x --max-body-mb; "
-        "a chunked or compressed body counts as --max-body-mb); requests beyond it wait up "
-        "to 10 s, then get 503 with Retry-After. Health/metadata requests are never queued",
+        default=D.max_inflight_mb,
+        help="bound on the request bodies processed at once, in MiB (default "
+        f"{INFLIGHT_BODIES}x --max-body-mb; a chunked or compressed body counts as "
+        f"--max-body-mb); requests beyond it wait up to {D.admission_wait_s:g} s, then get 503 "
+        "with Retry-After. Health/metadata requests are never queued",
     )
     parser.add_argument(
         "--max-inflight-requests",
         type=int,
-        default=256,
-        help="requests with a body processed at once (default 256); same wait, then 503",
+        default=D.max_inflight_requests,
+        help=f"requests with a body processed at once (default {D.max_inflight_requests}); "
+        "same wait, then 503",
     )
     parser.add_argument(
         "--body-timeout-s",
         type=float,
-        default=60.0,
-        help="time to receive a whole request body, else 408 (default 60)",
+        default=D.body_timeout_s,
+        help=f"time to receive a whole request body, else 408 (default {D.body_timeout_s:g})",
     )
     parser.add_argument(
         "--header-timeout-s",
         type=float,
-        default=10.0,
-        help="time to receive a request's line and headers, else 408 (default 10)",
+        default=D.header_timeout_s,
+        help=f"time to receive a request's line and headers, else 408 "
+        f"(default {D.header_timeout_s:g})",
     )
     parser.add_argument(
         "--no-memory-arena",
@@ -140,10 +163,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--log-level",
-        choices=("debug", "info", "warning", "error"),
+        choices=LOG_LEVELS,
         default=None,
         help="least severity of the JSON-lines server logs on stderr (one object per line: "
-        "model loads, requests with status and latency, drain); default info, "
+        f"model loads, requests with status and latency, drain); default {D.log_level}, "
         "warning with -q, debug with -v",
     )
     _add_ray_arguments(parser)
@@ -194,43 +217,12 @@ def _log_level(args: argparse.Namespace) -> str:
     if args.log_level is not None:
         return args.log_level
     level = verbosity(args)
-    return "warning" if level < 0 else "debug" if level > 0 else "info"
+    return "warning" if level < 0 else "debug" if level > 0 else D.log_level
 
 
-def run(args: argparse.Namespace) -> int:
-    """Validate the arguments and serve until SIGINT/SIGTERM."""
-    from bnexport.errors import UsageError
-    from bnexport.serve.server import serve_model
-    from bnexport.serve.settings import ServeSettings
-
-    bad = []
-    if not 0 <= args.port <= 65535:
-        bad.append(f"--port={args.port} (0..65535)")
-    if args.grpc_port is not None and not 0 <= args.grpc_port <= 65535:
-        bad.append(f"--grpc-port={args.grpc_port} (0..65535)")
-    if args.grpc_port is not None and args.grpc_port == args.port != 0:
-        bad.append(f"--grpc-port={args.grpc_port} (must differ from --port)")
-    if args.max_batch < 1:
-        bad.append(f"--max-batch={args.max_batch} (>= 1)")
-    if args.batch_timeout_ms < 0:
-        bad.append(f"--batch-timeout-ms={args.batch_timeout_ms} (>= 0)")
-    if args.intra_op_threads < 0:
-        bad.append(f"--intra-op-threads={args.intra_op_threads} (>= 0)")
-    if args.instances < 1:
-        bad.append(f"--instances={args.instances} (>= 1)")
-    if args.max_body_mb <= 0:
-        bad.append(f"--max-body-mb={args.max_body_mb} (> 0)")
-    if args.max_inflight_mb is not None and args.max_inflight_mb <= 0:
-        bad.append(f"--max-inflight-mb={args.max_inflight_mb} (> 0)")
-    if args.max_inflight_requests < 1:
-        bad.append(f"--max-inflight-requests={args.max_inflight_requests} (>= 1)")
-    if args.body_timeout_s <= 0:
-        bad.append(f"--body-timeout-s={args.body_timeout_s} (> 0)")
-    if args.header_timeout_s <= 0:
-        bad.append(f"--header-timeout-s={args.header_timeout_s} (> 0)")
-    if bad:
-        raise UsageError("invalid argument(s): " + ", ".join(bad))
-    settings = ServeSettings(
+def settings_from_args(args: argparse.Namespace) -> ServeSettings:
+    """The :class:`ServeSettings` the parsed ``serve`` arguments ask for (not yet checked)."""
+    return ServeSettings(
         host=args.host,
         port=args.port,
         backend=args.backend,
@@ -256,6 +248,17 @@ def run(args: argparse.Namespace) -> int:
         model_control=args.model_control,
         open_metrics=args.open_metrics,
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Validate the arguments and serve until SIGINT/SIGTERM."""
+    from bnexport.errors import UsageError
+    from bnexport.serve.server import serve_model
+
+    settings = settings_from_args(args)
+    bad = settings.problems()
+    if bad:
+        raise UsageError("invalid argument(s): " + ", ".join(bad))
     ray_flags = (args.ray_address, args.autoscale, args.gpus_per_replica or None)
     if args.replicas is None and any(flag is not None for flag in ray_flags):
         raise UsageError(
@@ -272,5 +275,5 @@ def run(args: argparse.Namespace) -> int:
         )
         serve_replicas(args.model, settings, options)
     else:
-        serve_model(args.model, **settings.serve_model_kwargs())
+        serve_model(args.model, settings)
     return 0

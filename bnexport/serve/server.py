@@ -21,26 +21,29 @@ import os
 import shlex
 import signal
 import socket
-import sys
 import threading
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
+from bnexport.errors import UsageError
+from bnexport.serve.core.logs import get_logger
 from bnexport.serve.core.repository import ServedModel
+from bnexport.serve.loading import load_app, prepare_process
 from bnexport.serve.protocol.errors import ListenError
 from bnexport.serve.rest.http11 import protocol_class
+from bnexport.serve.settings import TOKEN_ENV, ServeSettings
 
 if TYPE_CHECKING:
+    from bnexport.serve.core.state import ServerState
     from bnexport.serve.grpc.server import GrpcFrontend
-    from bnexport.serve.rest.app import ServerState
+
+__all__ = ["TOKEN_ENV", "DrainingServer", "curl_example", "listen_socket", "serve_model"]
 
 _INLINE_LIMIT = 256  # elements written into the curl command itself
-#: GIL switch interval of the server process (Python's default is 5 ms)
-SWITCH_INTERVAL_S = 0.001
-#: environment variable the printed ``curl`` example takes the token from
-TOKEN_ENV = "BNEXPORT_SERVE_TOKEN"
+_DEFAULTS = ServeSettings()
 
 
 def _example_shape(model: ServedModel) -> list[list[int]]:
@@ -141,116 +144,77 @@ def _is_loopback(host: str) -> bool:
 
 def serve_model(
     path: str | os.PathLike,
-    host: str = "127.0.0.1",
-    port: int = 8000,
+    settings: ServeSettings | None = None,
     *,
-    backend: str = "auto",
-    device: str = "cpu",
-    precision: str = "fp32",
-    max_batch: int = 32,
-    batch_timeout_ms: float = 2.0,
-    batch_policy: str = "adaptive",
-    token: str | None = None,
-    max_body_mb: float = 64.0,
-    instances: int = 1,
-    intra_op_threads: int = 0,
-    ort_spinning: bool = False,
-    memory_arena: bool = True,
-    arena_shrinkage: bool = True,
-    log_level: str = "info",
-    graceful_timeout_s: float = 30.0,
-    max_inflight_mb: float | None = None,
-    max_inflight_requests: int = 256,
-    body_timeout_s: float | None = 60.0,
-    header_timeout_s: float = 10.0,
-    keep_alive_s: float = 5.0,
-    warmup: bool = True,
-    grpc_port: int | None = None,
-    model_control: str = "none",
-    open_metrics: bool = False,
     print_fn: Callable[[str], None] = print,
+    **keywords: Any,
 ) -> None:
-    """Serve ``MODEL.onnx`` or a model repository over KServe v2 HTTP; blocks.
+    """Serve ``MODEL.onnx`` or a model repository over KServe v2 HTTP (and gRPC); blocks.
+
+    ``serve_model("m.onnx", ServeSettings(port=8000, grpc_port=8001))``: every setting,
+    its default and its meaning are those of :class:`~bnexport.serve.settings.ServeSettings`
+    (what ``bnexport serve`` builds from its flags).
 
     Args:
         path: an ``.onnx`` file or a Triton-style repository folder.
-        host: bind address (loopback by default; anything else should use ``token``).
-        port: TCP port.
-        backend: ``Session`` backend (``auto``, ``onnxruntime``, ``tensorrt``).
-        device: ``cpu`` or ``cuda``.
-        precision: ``fp32`` or ``fp16``.
-        max_batch: largest dynamically merged batch; 1 disables merging.
-        batch_timeout_ms: how long a batch waits for more requests.
-        batch_policy: ``"adaptive"`` (stop waiting when no request is on its way) or
-            ``"window"`` (always wait ``batch_timeout_ms``); see :mod:`bnexport.serve.core.batcher`.
-        token: bearer token required on every path but ``/v2/health/*``.
-        max_body_mb: request body limit in MiB (413 above it).
-        instances: batches of one model that may run concurrently.
-        intra_op_threads: onnxruntime intra-op threads per model (0: onnxruntime's default).
-        ort_spinning: let onnxruntime's idle worker threads spin-wait. Off by default:
-            spinning threads take the CPU the event loop needs to parse requests (on a
-            2-core machine it cut the digits throughput by up to 3x).
-        memory_arena: onnxruntime's CPU memory arena. With dynamic batching every batch size
-            is a new shape; the arena then grows in steps until it covers them (ResNet50:
-            +35 % over a batch-32 warm-up, then flat). Off: runs allocate afresh (slower for
-            large models; ResNet50 RSS growth in serve_bench was not lower, +7.8 %).
-        arena_shrinkage: with the arena on, shrink it after every run of a model whose
-            requests are merged (onnxruntime's run config entry
-            ``memory.enable_memory_arena_shrinkage``, see
-            :func:`bnexport.serve.core.session_options.ort_run_options`): memory
-            stays bounded by one batch while the arena still serves the allocations within
-            a run. Off: the arena keeps what it grew to.
-        log_level: ``debug``, ``info``, ``warning`` or ``error``.
-        graceful_timeout_s: on SIGTERM, how long in-flight requests may take.
-        max_inflight_mb: MiB of request bodies processed at once (default 4x
-            ``max_body_mb``); requests beyond it wait up to 10 s, then get 503 with
-            ``Retry-After`` (see :mod:`bnexport.serve.core.admission`).
-        max_inflight_requests: requests with a body processed at once (same rule).
-        body_timeout_s: time to receive a whole request body, else 408; also the
-            deadline of a gRPC infer call that carries none (DEADLINE_EXCEEDED).
-        header_timeout_s: time to receive a request's line and headers, else 408
-            (see :mod:`bnexport.serve.rest.http11`).
-        keep_alive_s: idle time before a keep-alive connection is closed.
-        warmup: run each model on zero batches before serving, ``max_batch`` rows halved
-            down to 1, each twice (see :meth:`ServedModel.warmup`).
-        grpc_port: also serve KServe v2 over gRPC on this port (same models, batcher,
-            limits, token, logs and metrics; see :mod:`bnexport.serve.grpc.service`);
-            ``None``: HTTP only.
-        model_control: ``"none"`` or ``"explicit"`` (load/unload over HTTP and gRPC; see
-            :mod:`bnexport.serve.core.model_control`).
-        open_metrics: serve ``GET /metrics`` without ``token`` (for Prometheus scraping by
-            pod annotation, e.g. KServe's ``prometheus.kserve.io/*``); other paths keep it.
-        print_fn: where the ``curl`` example goes.
-    """
-    from bnexport.serve.core.logs import configure_logging, get_logger
-    from bnexport.serve.settings import ServeSettings, load_app
+        settings: the server's settings (default: ``ServeSettings()``).
+        print_fn: where the banner and the ``curl`` example go.
+        **keywords: deprecated: the former keyword form (``serve_model(path, port=8000,
+            grpc_port=8001)``), one :class:`ServeSettings` field each, applied over
+            ``settings``; it warns once (``DeprecationWarning``) and goes in the next release.
 
-    arguments = dict(locals())  # the keywords, before anything below rebinds one
-    configure_logging(log_level)
+    Raises:
+        UsageError: a setting out of range (the message names the ``--flag`` and the rule).
+        ListenError: the host or a port cannot be bound.
+        BnexportError: a model cannot be read or loaded.
+    """
+    if settings is not None and not isinstance(settings, ServeSettings):
+        raise TypeError(
+            f"serve_model(path, settings): settings must be a ServeSettings, got "
+            f"{type(settings).__name__} {settings!r} (host and port: "
+            "serve_model(path, ServeSettings(host=..., port=...)))"
+        )
+    settings = settings or ServeSettings()
+    if keywords:
+        fields = {f.name for f in dataclasses.fields(ServeSettings)}
+        unknown = sorted(set(keywords) - fields)
+        if unknown:
+            raise TypeError(f"serve_model() got an unexpected keyword argument {unknown[0]!r}")
+        warnings.warn(
+            "serve_model(path, " + ", ".join(f"{k}=..." for k in keywords) + ") is deprecated "
+            "and goes in the next release: pass the settings as one object, "
+            "serve_model(path, ServeSettings(" + ", ".join(f"{k}=..." for k in keywords) + "))",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        settings = settings.replace(**keywords)
+    _serve(path, settings, print_fn)
+
+
+def _serve(path: str | os.PathLike, s: ServeSettings, print_fn: Callable[[str], None]) -> None:
+    """:func:`serve_model` once its settings are one object."""
+    bad = s.problems()
+    if bad:
+        raise UsageError("invalid argument(s): " + ", ".join(bad))
+    prepare_process(s)
     log = get_logger()
-    # worker threads (decoding, encoding) hand the GIL back to the event loop after at most
-    # this long instead of 5 ms; a health probe needs several hand-overs (select, recv, send)
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
     # fail on a busy port or a bad host now, before loading models and printing "Serving on"
-    sock = listen_socket(host, port)
-    port = sock.getsockname()[1]
-    if not _is_loopback(host) and not token:
+    sock = listen_socket(s.host, s.port)
+    host, port = s.host, sock.getsockname()[1]
+    if not _is_loopback(host) and not s.token:
         log.warning(
             "serving on a non-loopback address without a token; pass --token to require one",
             extra={"fields": {"host": host}},
         )
-    settings = ServeSettings(
-        **{f.name: arguments[f.name] for f in dataclasses.fields(ServeSettings)}
-    )
-    app = load_app(path, settings)
+    app = load_app(path, s)
     repository = app.state.repository
     first = repository.get(repository.names()[0])
 
     def banner(grpc_address: str | None) -> None:
         print_fn(f"Serving {', '.join(repository.names())} on http://{host}:{port} (KServe v2)")
         print_fn("Try:")
-        print_fn("  " + curl_example(first, host, port, token))
-        if token:
+        print_fn("  " + curl_example(first, host, port, s.token))
+        if s.token:
             print_fn(f"  (the example reads the token from ${TOKEN_ENV})")
         if grpc_address is not None:
             print_fn(f"gRPC (KServe v2 / Triton GRPCInferenceService) on {grpc_address}")
@@ -261,26 +225,26 @@ def serve_model(
         port=port,
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=graceful_timeout_s,
-        timeout_keep_alive=keep_alive_s,
-        http=protocol_class(header_timeout_s),
+        timeout_graceful_shutdown=s.graceful_timeout_s,
+        timeout_keep_alive=s.keep_alive_s,
+        http=protocol_class(s.header_timeout_s),
         lifespan="on",
     )
-    # uvicorn re-raises a captured SIGTERM after its graceful shutdown, with the handler that
-    # was installed before it ran; a no-op handler there makes a drained SIGTERM exit 0.
     grpc = None
-    if grpc_port is not None:
+    if s.grpc_port is not None:
         from bnexport.serve.grpc.server import GrpcFrontend
 
         grpc = GrpcFrontend(
             app.state,
             host,
-            grpc_port,
-            token=token,
-            max_message_bytes=int(max_body_mb * (1 << 20)),
+            s.grpc_port,
+            token=s.token,
+            max_message_bytes=s.max_body_bytes,
             admission=getattr(app, "admission", None),
-            request_timeout_s=body_timeout_s,  # the deadline of calls that carry none
+            request_timeout_s=s.body_timeout_s,  # the deadline of calls that carry none
         )
+    # uvicorn re-raises a captured SIGTERM after its graceful shutdown, with the handler that
+    # was installed before it ran; a no-op handler there makes a drained SIGTERM exit 0.
     previous = _quiet_sigterm()
     try:
         DrainingServer(config, app.state, grpc=grpc, on_ready=banner).run(sockets=[sock])
@@ -320,7 +284,7 @@ class DrainingServer(uvicorn.Server):
 
     @property
     def _grace_s(self) -> float:
-        return float(self.config.timeout_graceful_shutdown or 30.0)
+        return float(self.config.timeout_graceful_shutdown or _DEFAULTS.graceful_timeout_s)
 
     async def startup(self, sockets: list | None = None) -> None:
         """Bind gRPC, start the app on the bound HTTP socket, then announce both.

@@ -20,17 +20,26 @@ from bnexport.serve.ray.options import ReplicaOptions, parse_autoscale
 from bnexport.serve.settings import ServeSettings
 
 
-def test_settings_are_serve_models_keywords():
-    """One settings object for both paths: a new serve_model keyword must be a field too."""
+def test_both_paths_take_one_settings_object():
+    """The one-process server and the Ray driver take the same ``ServeSettings``, whole."""
+    from bnexport.serve.ray.driver import RayServer, serve_replicas
     from bnexport.serve.server import serve_model
 
-    params = inspect.signature(serve_model).parameters
-    keywords = {name: p.default for name, p in params.items() if name not in ("path", "print_fn")}
-    fields = {f.name: f.default for f in dataclasses.fields(ServeSettings)}
-    assert fields == keywords
-    settings = ServeSettings(port=1234, max_batch=4)
-    assert settings.serve_model_kwargs()["port"] == 1234
-    assert set(settings.serve_model_kwargs()) == set(keywords)
+    for function in (serve_model, serve_replicas, RayServer.__init__):
+        params = inspect.signature(function).parameters
+        assert params["settings"].annotation in ("ServeSettings", "ServeSettings | None")
+    # no setting is threaded through as its own keyword any more
+    named = set(inspect.signature(serve_model).parameters)
+    assert named == {"path", "settings", "print_fn", "keywords"}
+    assert not named & {f.name for f in dataclasses.fields(ServeSettings)}
+
+
+def test_replicas_refuse_bad_server_settings_before_starting_ray():
+    """``serve_replicas`` checks the settings as ``serve_model`` does (no Ray is imported)."""
+    from bnexport.serve.ray.driver import serve_replicas
+
+    with pytest.raises(UsageError, match=r"--max-batch=0 \(>= 1\)"):
+        serve_replicas("m.onnx", ServeSettings(max_batch=0), ReplicaOptions(replicas=2))
 
 
 @pytest.mark.parametrize(

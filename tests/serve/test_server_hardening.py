@@ -526,12 +526,17 @@ def test_listen_errors_name_host_and_port():
 def test_serve_model_fails_before_printing_on_busy_port(repo_dir):
     from bnexport.serve.protocol.errors import ListenError
     from bnexport.serve.server import listen_socket, serve_model
+    from bnexport.serve.settings import ServeSettings
 
     taken = listen_socket("127.0.0.1", 0)
     printed: list[str] = []
     try:
         with pytest.raises(ListenError, match="in use"):
-            serve_model(repo_dir, "127.0.0.1", taken.getsockname()[1], print_fn=printed.append)
+            serve_model(
+                repo_dir,
+                ServeSettings(port=taken.getsockname()[1]),
+                print_fn=printed.append,
+            )
     finally:
         taken.close()
     assert printed == []
@@ -575,7 +580,8 @@ def test_concurrent_health_while_json_body_streams(guarded):
 _SERVER_SCRIPT = """
 import sys
 from bnexport.serve.server import serve_model
-serve_model(sys.argv[1], "127.0.0.1", 0, max_body_mb=float(sys.argv[2]), log_level="warning",
+from bnexport.serve.settings import ServeSettings
+serve_model(sys.argv[1], ServeSettings(port=0, max_body_mb=float(sys.argv[2]), log_level="warning"),
             print_fn=lambda line: print(line, flush=True))
 """
 

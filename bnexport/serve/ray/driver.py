@@ -48,7 +48,7 @@ from typing import Any
 from bnexport.errors import BnexportError, MissingExtraError, UsageError
 from bnexport.extras import install_hint
 from bnexport.serve.ray.options import APP_NAME, NAMESPACE, ReplicaOptions
-from bnexport.serve.settings import ServeSettings
+from bnexport.serve.settings import TOKEN_ENV, ServeSettings
 
 #: Ray Serve's gRPC proxy calls this to register the KServe v2 service
 GRPC_SERVICER_FUNCTION = "bnexport.serve.ray.grpc_ingress.add_inference_service"
@@ -399,7 +399,7 @@ def serve_replicas(
     """
     from bnexport.serve.core.logs import configure_logging, get_logger
 
-    bad = options.problems()
+    bad = settings.problems() + options.problems()
     if settings.model_control != "none":
         bad.append(
             f"--model-control={settings.model_control} (not with --replicas: a load or "
@@ -425,7 +425,7 @@ def serve_replicas(
         print_fn(f"Serving {', '.join(names)} on {server.url} (KServe v2, {where})")
         if server.grpc_address:
             print_fn(f"gRPC (KServe v2 / Triton GRPCInferenceService) on {server.grpc_address}")
-        auth = ' -H "Authorization: Bearer $BNEXPORT_SERVE_TOKEN"' if settings.token else ""
+        auth = f' -H "Authorization: Bearer ${TOKEN_ENV}"' if settings.token else ""
         print_fn("Try:")
         print_fn(f"  curl -s{auth} {server.url}/v2/models/{names[0]}")
         log.info(

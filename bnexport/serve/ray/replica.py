@@ -1,6 +1,6 @@
 """One Ray Serve replica: bnexport's app and gRPC servicer over one loaded model repository.
 
-Each replica loads the models itself (:func:`bnexport.serve.settings.load_app`,
+Each replica loads the models itself (:func:`bnexport.serve.loading.load_app`,
 the same assembly as the one-process server) and serves:
 
 - HTTP: Ray's HTTP proxy forwards each request to a replica's ASGI app
@@ -24,7 +24,6 @@ deployment is built.
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -33,10 +32,11 @@ import ray
 from ray import serve
 
 from bnexport.errors import BnexportError
+from bnexport.serve.loading import load_app, prepare_process
 from bnexport.serve.ray.grpc_ingress import UNARY_RPCS, empty_response, parse_request
 from bnexport.serve.ray.metrics_board import BOARD_NAME, ReplicaMetrics
 from bnexport.serve.ray.options import NAMESPACE
-from bnexport.serve.settings import ServeSettings, load_app
+from bnexport.serve.settings import ServeSettings
 
 #: the first words of a replica's load failure, found again in Ray's error text
 LOAD_FAILED = "bnexport replica could not load its model:"
@@ -108,12 +108,9 @@ class BnexportReplica:
     """
 
     def __init__(self, path: str, settings: ServeSettings) -> None:
-        from bnexport.serve.core.logs import configure_logging
         from bnexport.serve.grpc.service import InferenceServicer
-        from bnexport.serve.server import SWITCH_INTERVAL_S
 
-        configure_logging(settings.log_level)
-        sys.setswitchinterval(SWITCH_INTERVAL_S)  # as the one-process server does
+        prepare_process(settings)  # logging and GIL switch interval, as the one-process server
         self.metrics = ReplicaMetrics(serve.get_replica_context().replica_tag)
         self._metrics_sync: asyncio.Task | None = None
         try:
