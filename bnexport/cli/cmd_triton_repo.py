@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 
 from bnexport.cli.options import add_model
+from bnexport.serve.settings import ServeSettings
+
+#: the server's defaults: a repository batches as ``bnexport serve`` does by default
+D = ServeSettings()
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -29,17 +33,26 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     parser.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime")
     parser.add_argument(
-        "--max-batch", type=int, default=32, help="max_batch_size; 0: no batching (default 32)"
+        "--max-batch",
+        type=int,
+        default=D.max_batch,
+        help=f"max_batch_size; 0: no batching (default {D.max_batch}, as bnexport serve)",
     )
-    parser.add_argument("--instances", type=int, default=1, help="model instances (default 1)")
+    parser.add_argument(
+        "--instances",
+        type=int,
+        default=D.instances,
+        help=f"model instances (default {D.instances})",
+    )
     parser.add_argument(
         "--instance-kind", choices=("auto", "gpu", "cpu"), default="auto", help="default auto"
     )
     parser.add_argument(
         "--batch-timeout-ms",
         type=float,
-        default=2.0,
-        help="dynamic_batching max queue delay (default 2)",
+        default=D.batch_timeout_ms,
+        help=f"dynamic_batching max queue delay in ms (default {D.batch_timeout_ms:g}, "
+        "as bnexport serve)",
     )
     parser.add_argument(
         "--precision", choices=("fp32", "fp16"), default="fp32", help="TensorRT plan precision"

@@ -58,6 +58,7 @@ from pathlib import Path
 
 from bnexport import __version__
 from bnexport.errors import UsageError
+from bnexport.serve.settings import TOKEN_ENV, ServeSettings
 
 __all__ = [
     "DEFAULT_IMAGE",
@@ -95,6 +96,10 @@ _HPA_CLASS = "hpa.autoscaling.knative.dev"
 _DNS1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 #: KServe names the predictor Service ``<name>-predictor``: a label of at most 63 characters
 _PREDICTOR_SUFFIX = "-predictor"
+#: the server's defaults (``bnexport serve``'s): the manifests' defaults are the same
+_D = ServeSettings()
+#: the comment on the startup probe (its failure threshold x period)
+_STARTUP_NOTE = "# model load and warm-up: up to 5 minutes"
 
 
 def dns1035(value: str, field: str, max_len: int = 63) -> str:
@@ -163,11 +168,16 @@ def _container_body(
 ) -> str:
     """Fields of the ``kserve-container`` shared by the runtime and the custom container."""
     p = indent
+    probes = (
+        _probe(p, "startupProbe:", "live", period=5, failures=60, note=_STARTUP_NOTE)
+        + _probe(p, "readinessProbe:", "ready", period=5, failures=2)
+        + _probe(p, "livenessProbe:", "live", period=10, failures=3, timeout=5)
+    )
     return f"""{p}image: {_q(image)}
 {p}command: {_flow(list(SERVER_COMMAND))}
 {p}args: {_flow(args)}
 {p}env:
-{env}{p}  - name: BNEXPORT_SERVE_TOKEN   # the bearer token (default of --token)
+{env}{p}  - name: {TOKEN_ENV}   # the bearer token (default of --token)
 {p}    valueFrom:
 {p}      secretKeyRef:
 {p}        name: bnexport-serve
@@ -179,29 +189,33 @@ def _container_body(
 {p}  - name: h2c                 # gRPC (KServe v2 / Triton GRPCInferenceService)
 {p}    containerPort: {GRPC_PORT}
 {p}    protocol: TCP
-{p}startupProbe:                 # model load and warm-up: up to 5 minutes
-{p}  httpGet:
-{p}    path: /v2/health/live
-{p}    port: {HTTP_PORT}
-{p}  periodSeconds: 5
-{p}  failureThreshold: 60
-{p}readinessProbe:
-{p}  httpGet:
-{p}    path: /v2/health/ready
-{p}    port: {HTTP_PORT}
-{p}  periodSeconds: 5
-{p}  failureThreshold: 2
-{p}livenessProbe:
-{p}  httpGet:
-{p}    path: /v2/health/live
-{p}    port: {HTTP_PORT}
-{p}  periodSeconds: 10
-{p}  timeoutSeconds: 5
-{p}  failureThreshold: 3
-{p}securityContext:
+{probes}{p}securityContext:
 {p}  runAsNonRoot: true
 {p}  allowPrivilegeEscalation: false
 {resources}"""
+
+
+def _probe(
+    indent: str,
+    key: str,
+    health: str,
+    *,
+    period: int,
+    failures: int,
+    timeout: int | None = None,
+    note: str = "",
+) -> str:
+    """One HTTP probe of the container on ``/v2/health/<health>``."""
+    p = indent
+    head = f"{key:<30}{note}".rstrip()
+    timeout_line = f"{p}  timeoutSeconds: {timeout}\n" if timeout is not None else ""
+    return f"""{p}{head}
+{p}  httpGet:
+{p}    path: /v2/health/{health}
+{p}    port: {HTTP_PORT}
+{p}  periodSeconds: {period}
+{timeout_line}{p}  failureThreshold: {failures}
+"""
 
 
 def _resources(indent: str, gpu: bool) -> str:
@@ -293,14 +307,52 @@ def _check_scaling(
         raise UsageError("kserve: invalid argument(s). Received: " + ", ".join(bad))
 
 
+def _isvc_head(
+    name: str,
+    storage_uri: str,
+    service_account: str,
+    name_field: str,
+    replicas: tuple[int, int, int],
+    *,
+    max_batch: int | None = None,
+    max_inflight_requests: int | None = None,
+    metrics_port_path: bool = False,
+) -> tuple[str, str]:
+    """Check what every InferenceService shares; return its storage URI and its head.
+
+    The head runs from ``apiVersion`` through the predictor's scaling and, for the
+    bnexport server (``max_inflight_requests`` given), its ``containerConcurrency``.
+    ``replicas`` is ``(min_replicas, max_replicas, scale_target)``.
+    """
+    name = isvc_name(name, name_field)
+    account = dns1035(service_account, "service_account", 253)
+    uri = _text(storage_uri, "storage_uri")
+    inflight = 1 if max_inflight_requests is None else max_inflight_requests
+    _check_scaling(1 if max_batch is None else max_batch, inflight, *replicas)
+    concurrency = (
+        f"    containerConcurrency: {max_inflight_requests}       # = --max-inflight-requests\n"
+        if max_inflight_requests is not None
+        else ""
+    )
+    head = f"""apiVersion: serving.kserve.io/v1beta1
+kind: InferenceService
+metadata:
+  name: {name}
+{_annotations(metrics_port_path)}spec:
+  predictor:
+    serviceAccountName: {_q(account)}
+{_scaling("    ", *replicas)}{concurrency}"""
+    return uri, head
+
+
 def bnexport_isvc_yaml(
     name: str,
     storage_uri: str,
     *,
     gpu: bool = False,
-    max_batch: int = 32,
-    batch_timeout_ms: float = 2.0,
-    max_inflight_requests: int = 256,
+    max_batch: int = _D.max_batch,
+    batch_timeout_ms: float = _D.batch_timeout_ms,
+    max_inflight_requests: int = _D.max_inflight_requests,
     min_replicas: int = 1,
     max_replicas: int = 4,
     scale_target: int = 70,
@@ -325,10 +377,15 @@ def bnexport_isvc_yaml(
     Raises:
         UsageError: a name that is not a DNS-1035 label, inconsistent scaling numbers.
     """
-    name = isvc_name(name, name_field)
-    account = dns1035(service_account, "service_account", 253)
-    uri = _text(storage_uri, "storage_uri")
-    _check_scaling(max_batch, max_inflight_requests, min_replicas, max_replicas, scale_target)
+    uri, head = _isvc_head(
+        name,
+        storage_uri,
+        service_account,
+        name_field,
+        (min_replicas, max_replicas, scale_target),
+        max_batch=max_batch,
+        max_inflight_requests=max_inflight_requests,
+    )
     args = server_args(
         max_batch=max_batch,
         batch_timeout_ms=batch_timeout_ms,
@@ -339,15 +396,7 @@ def bnexport_isvc_yaml(
 # {_q(uri)} is copied to {MODEL_DIR} by KServe's storage initializer, with the
 # credentials of the ServiceAccount below (replace the placeholder; see KServe's docs on
 # S3/GCS secrets). The Secret bnexport-serve (key `token`) must exist in this namespace.
-apiVersion: serving.kserve.io/v1beta1
-kind: InferenceService
-metadata:
-  name: {name}
-{_annotations()}spec:
-  predictor:
-    serviceAccountName: {_q(account)}
-{_scaling("    ", min_replicas, max_replicas, scale_target)}\
-    containerConcurrency: {max_inflight_requests}       # = --max-inflight-requests
+{head}\
     model:
       runtime: {RUNTIME_NAME}
       modelFormat:
@@ -364,9 +413,9 @@ def custom_container_isvc_yaml(
     *,
     image: str = DEFAULT_IMAGE,
     gpu: bool = False,
-    max_batch: int = 32,
-    batch_timeout_ms: float = 2.0,
-    max_inflight_requests: int = 256,
+    max_batch: int = _D.max_batch,
+    batch_timeout_ms: float = _D.batch_timeout_ms,
+    max_inflight_requests: int = _D.max_inflight_requests,
     min_replicas: int = 1,
     max_replicas: int = 4,
     scale_target: int = 70,
@@ -379,11 +428,17 @@ def custom_container_isvc_yaml(
     the protocol of a custom container (it assumes v1 otherwise); ``STORAGE_URI`` makes
     its storage initializer download the model to ``/mnt/models``.
     """
-    name = isvc_name(name, name_field)
-    account = dns1035(service_account, "service_account", 253)
-    uri = _text(storage_uri, "storage_uri")
     image = _text(image, "image")
-    _check_scaling(max_batch, max_inflight_requests, min_replicas, max_replicas, scale_target)
+    uri, head = _isvc_head(
+        name,
+        storage_uri,
+        service_account,
+        name_field,
+        (min_replicas, max_replicas, scale_target),
+        max_batch=max_batch,
+        max_inflight_requests=max_inflight_requests,
+        metrics_port_path=True,
+    )
     args = runtime_args() + server_args(
         max_batch=max_batch,
         batch_timeout_ms=batch_timeout_ms,
@@ -399,15 +454,7 @@ def custom_container_isvc_yaml(
         "        ", image=image, args=args, resources=_resources("        ", gpu), env=env
     )
     return f"""# The bnexport server as a KServe custom predictor container (no runtime needed).
-apiVersion: serving.kserve.io/v1beta1
-kind: InferenceService
-metadata:
-  name: {name}
-{_annotations(metrics_port_path=True)}spec:
-  predictor:
-    serviceAccountName: {_q(account)}
-{_scaling("    ", min_replicas, max_replicas, scale_target)}\
-    containerConcurrency: {max_inflight_requests}       # = --max-inflight-requests
+{head}\
     containers:
       - name: kserve-container
 {body}"""
@@ -438,22 +485,14 @@ def triton_isvc_yaml(
         service_account: a ServiceAccount holding the storage credentials (placeholder).
         name_field: how the caller calls the name, for the error message.
     """
-    name = isvc_name(name, name_field)
-    account = dns1035(service_account, "service_account", 253)
-    uri = _text(storage_uri, "storage_uri")
     version = _text(runtime_version, "runtime_version")
-    _check_scaling(1, 1, min_replicas, max_replicas, scale_target)
+    uri, head = _isvc_head(
+        name, storage_uri, service_account, name_field, (min_replicas, max_replicas, scale_target)
+    )
     return f"""# Triton (KServe's kserve-tritonserver runtime) serving a repository written by
 #   bnexport triton-repo MODEL.onnx OUT_DIR
 # Upload OUT_DIR to {_q(uri)} first (the folder that holds <model>/config.pbtxt).
-apiVersion: serving.kserve.io/v1beta1
-kind: InferenceService
-metadata:
-  name: {name}
-{_annotations()}spec:
-  predictor:
-    serviceAccountName: {_q(account)}
-{_scaling("    ", min_replicas, max_replicas, scale_target)}\
+{head}\
     model:
       modelFormat:
         name: triton
@@ -510,8 +549,8 @@ def write_manifests(
     model_name: str,
     backend: str = "onnxruntime",
     instance_kind: str = "auto",
-    max_batch: int = 32,
-    batch_timeout_ms: float = 2.0,
+    max_batch: int = _D.max_batch,
+    batch_timeout_ms: float = _D.batch_timeout_ms,
     name: str | None = None,
     name_field: str = "--kserve-name",
 ) -> tuple[list[Path], list[str]]:

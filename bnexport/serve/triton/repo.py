@@ -13,9 +13,10 @@ and for ``--backend tensorrt``::
     OUT_DIR/<model>/README.md         # how to rebuild the plan and load the plugin
 
 ``config.pbtxt`` lists every input and output with its ``data_type`` and
-``dims``. With ``max_batch_size > 0`` (the default, 32) the first dimension of
-every tensor must be dynamic in the ONNX graph; it is left out of ``dims``, as
-Triton expects, and the remaining dynamic dimensions are written as ``-1``.
+``dims``. With ``max_batch_size > 0`` (the default is ``bnexport serve``'s
+``--max-batch``) the first dimension of every tensor must be dynamic in the ONNX
+graph; it is left out of ``dims``, as Triton expects, and the remaining dynamic
+dimensions are written as ``-1``.
 ``dynamic_batching`` (queue delay from ``--batch-timeout-ms``) and an
 ``instance_group`` (``--instances`` copies, ``KIND_AUTO`` / ``KIND_GPU`` /
 ``KIND_CPU``) follow. The file is a ``ModelConfig`` message of Triton's own
@@ -70,6 +71,7 @@ from bnexport_plugins.fused_norm.spec import has_fused_norm
 
 from bnexport.atomic_write import atomic_path, write_bytes_atomic
 from bnexport.errors import UsageError
+from bnexport.serve.settings import ServeSettings
 from bnexport.serve.triton.config import (
     TensorConfig,
     check_model_name,
@@ -86,7 +88,6 @@ __all__ = [
     "INSTANCE_KINDS",
     "TensorConfig",
     "TritonRepoResult",
-    "kserve_inferenceservice_yaml",
     "model_config",
     "model_config_pb2",
     "parse_config",
@@ -97,6 +98,8 @@ __all__ = [
 
 BACKENDS = ("onnxruntime", "tensorrt")
 INSTANCE_KINDS = {"auto": "KIND_AUTO", "gpu": "KIND_GPU", "cpu": "KIND_CPU"}
+#: the server's defaults: a repository batches as ``bnexport serve`` does by default
+_D = ServeSettings()
 
 
 @dataclasses.dataclass
@@ -153,10 +156,10 @@ def write_triton_repo(
     *,
     model_name: str | None = None,
     backend: str = "onnxruntime",
-    max_batch: int = 32,
-    instances: int = 1,
+    max_batch: int = _D.max_batch,
+    instances: int = _D.instances,
     instance_kind: str = "auto",
-    batch_timeout_ms: float = 2.0,
+    batch_timeout_ms: float = _D.batch_timeout_ms,
     precision: str = "fp32",
 ) -> TritonRepoResult:
     """Write ``OUT_DIR/<model>/`` for Triton and validate its config.pbtxt.
@@ -366,17 +369,3 @@ batch 1..{max_batch} and writes `1/model.plan`.
   `tritonserver --backend-config=tensorrt,plugins="/path/libplugin.so" ...`
   (several: `;`-separated) or `LD_PRELOAD=/path/libplugin.so tritonserver ...`.
 """
-
-
-def kserve_inferenceservice_yaml(
-    name: str, storage_uri: str, *, gpu: bool = False, runtime_version: str = "24.08-py3"
-) -> str:
-    """A KServe ``InferenceService`` serving a Triton repository written by this module.
-
-    Kept for callers of this module; the manifests live in :mod:`bnexport.serve.kserve`
-    (:func:`~bnexport.serve.kserve.triton_isvc_yaml`). ``gpu`` defaults to ``False``:
-    only TensorRT plans and ``KIND_GPU`` instances need one.
-    """
-    from bnexport.serve.kserve import triton_isvc_yaml
-
-    return triton_isvc_yaml(name, storage_uri, gpu=gpu, runtime_version=runtime_version)
