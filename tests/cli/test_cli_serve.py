@@ -14,13 +14,14 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from support import metric, wait_until
+from support.servers import free_port
 
 from bnexport.cli.main import main
 
@@ -43,39 +44,34 @@ def mlp_onnx(tmp_path_factory):
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(model, *extra: str) -> tuple[subprocess.Popen, int, list[str]]:
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "bnexport", "serve", str(model), "--port", str(port), *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+
+    def ready() -> bool:
         if proc.poll() is not None:
             raise AssertionError(f"server exited: {proc.stderr.read()}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status_code == 200:
-                return proc, port, lines
+            return httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).is_success
         except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise AssertionError("server did not become ready")
+            return False
+
+    try:
+        wait_until(ready, 30, interval=0.1, message="server did not become ready")
+    except AssertionError:
+        proc.kill()
+        raise
+    return proc, port, lines
 
 
 def _inflight(port: int) -> float:
+    """Requests of ``mlp`` in the server now (the gauge appears with the first request)."""
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-    for line in text.splitlines():
-        if line.startswith("bnexport_inflight_requests{"):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    return metric(text, "bnexport_inflight_requests", {"model": "mlp"}, default=0.0)
 
 
 def test_usage_errors(mlp_onnx, capsys):
@@ -111,10 +107,8 @@ def test_curl_example_and_sigterm_drain(mlp_onnx):
         threads = [threading.Thread(target=send, args=(i,)) for i in range(4)]
         for t in threads:
             t.start()
-        deadline = time.monotonic() + 20
-        while _inflight(port) < 4:  # all four wait in the batcher (1.5 s window)
-            assert time.monotonic() < deadline, "requests never reached the server"
-            time.sleep(0.02)
+        # all four wait in the batcher (1.5 s window)
+        wait_until(lambda: _inflight(port) >= 4, 20, message="requests never reached the server")
         proc.send_signal(signal.SIGTERM)
         for t in threads:
             t.join(10)
@@ -155,10 +149,11 @@ def test_busy_grpc_port_is_one_line_before_any_banner(mlp_onnx):
 def test_quiet_serve_logs_warnings_only(mlp_onnx):
     proc, port, stdout = _start(mlp_onnx, "-q", "--no-warmup")
     try:
-        deadline = time.monotonic() + 10  # the reader thread may lag the health check
-        while not any(line.startswith("Serving mlp on http://") for line in stdout):
-            assert time.monotonic() < deadline, stdout
-            time.sleep(0.02)
+        wait_until(  # the reader thread may lag the health check
+            lambda: any(line.startswith("Serving mlp on http://") for line in stdout),
+            10,
+            message=lambda: str(stdout),
+        )
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
     finally:

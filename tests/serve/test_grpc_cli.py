@@ -16,6 +16,7 @@ import tritonclient.grpc as grpcclient
 from serve_helpers import make_app, metric
 from serve_models import digits_reference, images
 from support import async_wait_until, wait_until
+from support.servers import free_port
 
 from bnexport.errors import UsageError
 from bnexport.serve.grpc.server import GrpcFrontend
@@ -33,14 +34,8 @@ def _received(text: str) -> float:
     return total
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_cli_serves_grpc_and_drains_on_sigterm(repo_dir):
-    http_port, grpc_port = _free_port(), _free_port()
+    http_port, grpc_port = free_port(), free_port()
     env = {**os.environ, "BNEXPORT_SERVE_TOKEN": "tok"}
     cmd = [
         sys.executable, "-m", "bnexport", "serve", str(repo_dir), "--port", str(http_port),

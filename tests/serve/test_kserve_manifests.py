@@ -18,7 +18,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,8 @@ import onnx
 import pytest
 from serve_helpers import make_app, metric, running_server
 from serve_models import digits_cnn, digits_reference, images
+from support import wait_until
+from support.servers import free_port
 
 from bnexport.cli.main import main
 from bnexport.errors import UsageError
@@ -300,12 +301,6 @@ def test_containerfile_recipe():
     assert re.search(r"^EXPOSE 8080 8081$", text, re.M)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _localize(cmd: list[str], model: Path, ports: dict[int, int]) -> list[str]:
     """The pod's command on this machine: model path, loopback, free ports, this Python."""
     out = []
@@ -320,16 +315,20 @@ def _localize(cmd: list[str], model: Path, ports: dict[int, int]) -> list[str]:
 
 
 def _wait_probe(url: str, proc: subprocess.Popen, deadline_s: float = 90) -> float:
+    """Seconds until ``url`` answers 200 (a probe of the pod's container)."""
     start = time.monotonic()
-    while True:
+
+    def answers() -> bool:
         try:
             if httpx.get(url, timeout=2).status_code == 200:
-                return time.monotonic() - start
+                return True
         except httpx.HTTPError:
             pass
         assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        assert time.monotonic() - start < deadline_s, f"{url} never answered 200"
-        time.sleep(0.2)
+        return False
+
+    wait_until(answers, deadline_s, interval=0.2, message=f"{url} never answered 200")
+    return time.monotonic() - start
 
 
 def test_manifest_command_and_probes_serve_the_model(written):
@@ -344,7 +343,7 @@ def test_manifest_command_and_probes_serve_the_model(written):
     assert c["command"] + c["args"] == (
         container["command"] + container["args"] + docs_isvc["spec"]["predictor"]["model"]["args"]
     )
-    ports = {p["containerPort"]: _free_port() for p in container["ports"]}
+    ports = {p["containerPort"]: free_port() for p in container["ports"]}
     (secret,) = [e for e in container["env"] if e["name"] == "BNEXPORT_SERVE_TOKEN"]
     assert secret["valueFrom"]["secretKeyRef"] == {"name": "bnexport-serve", "key": "token"}
     env = {**os.environ, "BNEXPORT_SERVE_TOKEN": TOKEN, "GRPC_VERBOSITY": "ERROR"}

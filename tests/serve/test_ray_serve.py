@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -40,6 +39,8 @@ pytest.importorskip(
 import tritonclient.grpc as grpcclient  # noqa: E402
 import tritonclient.http as httpclient  # noqa: E402
 from serve_models import digits_cnn, digits_reference, images  # noqa: E402
+from support import wait_until  # noqa: E402
+from support.servers import free_port  # noqa: E402
 
 import bnexport  # noqa: E402
 from bnexport.serve.ray import RayServer, ReplicaOptions, ReplicaStartError  # noqa: E402
@@ -48,12 +49,6 @@ from bnexport.serve.settings import ServeSettings  # noqa: E402
 MARKER = "BNEXPORT_RAY_TEST_MARKER"
 SESSION_ATOL = 1e-6
 REF_RTOL, REF_ATOL = 1e-4, 1e-5
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _marked_processes(marker: str) -> list[str]:
@@ -79,12 +74,12 @@ def _marked_processes(marker: str) -> list[str]:
 
 
 def _wait_no_ray_left(marker: str, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    left = _marked_processes(marker)
-    while left and time.monotonic() < deadline:
-        time.sleep(0.25)
-        left = _marked_processes(marker)
-    assert not left, f"Ray processes left after stop: {left}"
+    wait_until(
+        lambda: not _marked_processes(marker),
+        timeout_s,
+        interval=0.25,
+        message=lambda: f"Ray processes left after stop: {_marked_processes(marker)}",
+    )
 
 
 @pytest.fixture()
@@ -138,26 +133,30 @@ def _check_metrics_of_both_replicas(url: str, answered: int) -> None:
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
-    deadline = time.monotonic() + 15  # the board is refreshed every second
-    while True:
-        per_replica: dict[str, float] = {}
+    per_replica: dict[str, float] = {}
+
+    def both_counted() -> bool:
+        per_replica.clear()
         for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
             for sample in family.samples:
                 labels = sample.labels
                 if sample.name == "bnexport_requests_total" and labels.get("status") == "200":
                     replica = labels["replica"]
                     per_replica[replica] = per_replica.get(replica, 0) + sample.value
-        if sum(per_replica.values()) == answered and len(per_replica) == 2:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"requests per replica in /metrics: {per_replica}")
-        time.sleep(0.3)
+        return sum(per_replica.values()) == answered and len(per_replica) == 2
+
+    wait_until(  # the board is refreshed every second
+        both_counted,
+        15,
+        interval=0.3,
+        message=lambda: f"requests per replica in /metrics: {per_replica}",
+    )
 
 
 @pytest.mark.slow
 def test_two_replicas_serve_http_and_grpc_and_scale_down_under_load(digits_onnx, marker):
     settings = ServeSettings(
-        port=_free_port(), grpc_port=_free_port(), max_batch=8, log_level="warning"
+        port=free_port(), grpc_port=free_port(), max_batch=8, log_level="warning"
     )
     server = RayServer(digits_onnx, settings, ReplicaOptions(replicas=2))
     server.start()
@@ -218,13 +217,12 @@ def test_two_replicas_serve_http_and_grpc_and_scale_down_under_load(digits_onnx,
         ]
         for t in threads:
             t.start()
-        time.sleep(1.0)  # load is flowing before the redeploy
+        # load is flowing before the redeploy ...
+        wait_until(lambda: counts["ok"] >= 12, 60, message=lambda: f"no load: {counts}")
         server.deploy(1)
-        deadline = time.monotonic() + 60
-        while _running_replicas() != 1 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert _running_replicas() == 1
-        time.sleep(1.0)  # and keeps flowing after it
+        wait_until(lambda: _running_replicas() == 1, 60, interval=0.2, message="still 2 replicas")
+        after = counts["ok"]  # ... and keeps flowing after it
+        wait_until(lambda: counts["ok"] >= after + 12, 60, message=lambda: f"stalled: {counts}")
         stop.set()
         for t in threads:
             t.join(30)
@@ -238,7 +236,7 @@ def test_two_replicas_serve_http_and_grpc_and_scale_down_under_load(digits_onnx,
 @pytest.mark.slow
 def test_cli_replicas_drain_on_sigterm_and_leave_no_ray(digits_onnx, marker, tmp_path):
     """The token holds through both proxies; SIGTERM exits 0 and no Ray process is left."""
-    port, grpc_port = _free_port(), _free_port()
+    port, grpc_port = free_port(), free_port()
     cmd = [
         sys.executable, "-m", "bnexport", "serve", str(digits_onnx), "--replicas", "2",
         "--port", str(port), "--grpc-port", str(grpc_port), "--log-level", "warning",
@@ -247,15 +245,14 @@ def test_cli_replicas_drain_on_sigterm_and_leave_no_ray(digits_onnx, marker, tmp
     stderr = open(tmp_path / "stderr.txt", "w+")  # a file, not a pipe: Ray logs cannot fill it
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
     try:
-        banner = []
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            banner.append(line)
-            if line.startswith("Try:"):
-                break
+        banner: list[str] = []
+        threading.Thread(target=lambda: banner.extend(proc.stdout), daemon=True).start()
+        wait_until(
+            lambda: any(line.startswith("Try:") for line in banner) or proc.poll() is not None,
+            180,
+            interval=0.1,
+            message=lambda: f"no banner: {banner}",
+        )
         assert banner and banner[0].startswith("Serving digits on http://127.0.0.1:"), (
             banner,
             proc.poll(),
@@ -295,7 +292,7 @@ def test_a_replica_that_cannot_load_fails_the_start_with_one_line(tmp_path, mark
     bad = tmp_path / "broken.onnx"
     bad.write_bytes(b"this is not an ONNX model")
     server = RayServer(
-        bad, ServeSettings(port=_free_port(), log_level="warning"), ReplicaOptions(replicas=2)
+        bad, ServeSettings(port=free_port(), log_level="warning"), ReplicaOptions(replicas=2)
     )
     with pytest.raises(ReplicaStartError) as info:
         server.start()

@@ -1,17 +1,28 @@
-"""Start the server in process: uvicorn in a daemon thread on a free loopback port."""
+"""Start the server in process (uvicorn in a daemon thread on a free loopback port); free ports."""
 
 from __future__ import annotations
 
 import contextlib
+import socket
 import threading
 from collections.abc import Iterator
 from typing import Any
 
+from bnexport.serve.settings import ServeSettings
 from support.waiting import wait_until
 
 
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago (for a server started in a subprocess)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @contextlib.contextmanager
-def running_server(app: Any, *, header_timeout_s: float = 10.0, **config: Any) -> Iterator[str]:
+def running_server(
+    app: Any, *, header_timeout_s: float = ServeSettings().header_timeout_s, **config: Any
+) -> Iterator[str]:
     """Serve ``app`` on 127.0.0.1:<free port> in a thread; yield ``host:port``.
 
     The server speaks through :class:`bnexport.serve.rest.http11.GuardedH11Protocol`, as
