@@ -33,12 +33,17 @@ def pytest_configure(config) -> None:  # noqa: D103
     _configure_tensorflow()
 
 
-def pytest_runtest_setup(item) -> None:
+def pytest_collection_modifyitems(config, items) -> None:
     """The one place that decides skips for what this machine lacks.
 
-    ``@pytest.mark.needs(...)`` / ``@pytest.mark.needs_absent(...)``: see
-    ``tests/support/capabilities.py``.
+    Tests say what they need with ``@pytest.mark.needs(...)`` /
+    ``@pytest.mark.needs_absent(...)`` (see ``tests/support/capabilities.py``); a test that
+    cannot run here gets a ``skip`` marker with the reason, so the report points at it.
     """
-    from support.capabilities import skip_for_capabilities
+    import pytest
+    from support.capabilities import skip_reason
 
-    skip_for_capabilities(item)
+    for item in items:
+        reason = skip_reason(item)
+        if reason:
+            item.add_marker(pytest.mark.skip(reason=reason))

@@ -5,7 +5,6 @@ fp32 defaults from bnexport.tolerance: elementwise, rtol 1e-4, atol 1e-4.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
@@ -130,7 +129,7 @@ def test_heuristic_layer_map_for_plain_tf2onnx(feed, tmp_path):
     assert layouts["relu3"] == "transpose(0, 2, 3, 1)" and layouts["logits"] == "same"
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT present")
+@pytest.mark.needs_absent("tensorrt", why="checks the report without TensorRT")
 def test_missing_backend_fails_the_report(exported, feed):
     model, path = exported
     report = check_parity(model, path, inputs=feed, backends=("onnxruntime", "tensorrt"))

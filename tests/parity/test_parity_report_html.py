@@ -326,11 +326,10 @@ def _chromium(tmp_path, *args: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
-@pytest.mark.skipif(
-    CHROMIUM is None,
-    reason="no Chromium on PATH: the report's layout in a browser (1280x900 window, no "
-    "horizontal scrollbar, numbers on one line, rtol/atol/status visible) was not verified; "
-    "the HTML structure tests ran",
+@pytest.mark.needs(
+    "chromium",
+    unverified="the report's layout in a browser (1280x900 window, no horizontal scrollbar, "
+    "numbers on one line, rtol/atol/status visible; the HTML structure tests ran)",
 )
 @pytest.mark.parametrize("which", ["mobilenet_like", "real_run"])
 def test_report_fits_a_1280px_window_in_chromium(which, request, tmp_path):

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from bnexport_plugins.fused_norm.gpu_runtime import gpu_unavailable_reason
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
@@ -82,9 +81,7 @@ def test_summarize_junit(gpu_check, tmp_path):
     assert gpu_check.summarize_junit(tmp_path / "missing.xml") is None
 
 
-@pytest.mark.skipif(
-    gpu_unavailable_reason() is None, reason="a GPU is present: gpu_check.sh runs the real check"
-)
+@pytest.mark.needs_absent("cuda_gpu", why="a GPU is present: gpu_check.sh runs the real check")
 @pytest.mark.parametrize("script", ["gpu_check.py", "kernel_bench.py"])
 def test_without_gpu_exit_2_with_the_reason(script):
     out = subprocess.run(

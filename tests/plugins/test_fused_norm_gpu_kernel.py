@@ -6,17 +6,12 @@ import functools
 
 import numpy as np
 import pytest
-from bnexport_plugins.fused_norm.gpu_runtime import gpu_unavailable_reason
 from bnexport_plugins.fused_norm.reference import fused_norm
 from kernel_cases import DTYPES, make_case, stats_atol
 
-NO_GPU = gpu_unavailable_reason()
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(
-        NO_GPU is not None,
-        reason=f"needs a CUDA GPU ({NO_GPU}): kernel numerics vs reference not verified",
-    ),
+    pytest.mark.needs("cuda_gpu", unverified="kernel numerics vs reference"),
 ]
 
 # |y - ref| <= atol + rtol * |ref|; the reference is float64 rounded once to the dtype, the

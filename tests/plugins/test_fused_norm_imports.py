@@ -25,13 +25,8 @@ def test_no_heavy_imports():
     assert out.stdout.strip() == ""
 
 
+@pytest.mark.needs_absent("tensorrt", why="checks the error without tensorrt")
 def test_tensorrt_missing_is_a_clear_error():
-    try:
-        import tensorrt  # noqa: F401
-
-        pytest.skip("tensorrt is installed")
-    except ImportError:
-        pass
     from bnexport_plugins.fused_norm.tensorrt_plugin import register_fused_norm_plugin
 
     from bnexport.errors import BackendUnavailableError

@@ -14,13 +14,10 @@ import numpy as np
 import pytest
 from bnexport_plugins.fused_norm.gpu_runtime import run_numpy
 from bnexport_plugins.fused_norm.reference import fused_norm
-from cuda_emulator import EmulatedRuntime, EmulationBuildError, build, missing_compiler_reason
+from cuda_emulator import EmulatedRuntime, EmulationBuildError, build
 from kernel_cases import DTYPES, make_case, stats_atol
 
-NO_GXX = missing_compiler_reason()
-pytestmark = pytest.mark.skipif(
-    NO_GXX is not None, reason=f"needs g++ >= 12 ({NO_GXX}): CPU emulation of the kernels not run"
-)
+pytestmark = pytest.mark.needs("gxx12", unverified="the CPU emulation of the kernels")
 
 # |y - ref| <= atol + rtol*|ref|: float32 math vs the float64 reference, one rounding to dtype
 TOL = {"float32": (2e-6, 2e-6), "float16": (1e-3, 1e-3), "bfloat16": (8e-3, 8e-3)}

@@ -6,25 +6,18 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from bnexport_plugins.fused_norm.gpu_runtime import gpu_unavailable_reason
 from bnexport_plugins.fused_norm.reference import fused_norm
 from fused_norm_graphs import fused_norm_model
 from onnx import TensorProto
 
-try:
-    import tensorrt  # noqa: F401
-
-    HAVE_TRT = True
-except ImportError:
-    HAVE_TRT = False
-
 pytestmark = [
     pytest.mark.tensorrt,
     pytest.mark.gpu,
-    pytest.mark.skipif(
-        not HAVE_TRT or gpu_unavailable_reason() is not None,
-        reason="needs tensorrt and a CUDA GPU: plugin registration, AOT engine build/run and "
-        "comparison with TensorRT's normalization layer not verified",
+    pytest.mark.needs(
+        "tensorrt",
+        "cuda_gpu",
+        unverified="plugin registration, AOT engine build/run and comparison with TensorRT's "
+        "normalization layer",
     ),
 ]
 

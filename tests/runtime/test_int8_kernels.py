@@ -32,10 +32,9 @@ from bnexport.runtime.int8_kernels import (
 )
 
 X86 = platform.machine().lower() in X86_MACHINES
-needs_x86 = pytest.mark.skipif(
-    not X86,
-    reason=f"{PRECISION_MODE_KEY} exists only in onnxruntime's x86 builds: "
-    "the exact u8u8 mode was not verified on this machine",
+needs_x86 = pytest.mark.needs(
+    "x86",
+    unverified=f"the exact u8u8 mode ({PRECISION_MODE_KEY}: onnxruntime's x86 builds only)",
 )
 
 

@@ -10,7 +10,6 @@ creates an ``InferenceSession`` itself.
 
 from __future__ import annotations
 
-import platform
 import re
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from runtime_models import (
 from bnexport.errors import FileMissingError, ModelFileError
 from bnexport.runtime import make_session
 from bnexport.runtime.cpu_features import ENV_VAR
-from bnexport.runtime.int8_kernels import PRECISION_MODE_KEY, X86_MACHINES, precision_mode_on
+from bnexport.runtime.int8_kernels import PRECISION_MODE_KEY, precision_mode_on
 
 RTOL, ATOL = 1e-5, 1e-6
 X = np.random.default_rng(7).standard_normal((5, 4)).astype(np.float32)
@@ -70,9 +69,9 @@ def test_optimize_and_threads_are_the_sessions_options():
     assert fused.get_session_options().log_severity_level == 3  # the caller's options kept
 
 
-@pytest.mark.skipif(
-    platform.machine().lower() not in X86_MACHINES,
-    reason=f"{PRECISION_MODE_KEY} exists only in onnxruntime's x86 builds: not verified here",
+@pytest.mark.needs(
+    "x86",
+    unverified=f"the exact u8u8 mode ({PRECISION_MODE_KEY}: onnxruntime's x86 builds only)",
 )
 def test_exact_int8_where_the_kernels_saturate(monkeypatch):
     from test_int8_kernels import _weights, qdq_matmul

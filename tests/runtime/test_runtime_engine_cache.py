@@ -96,10 +96,10 @@ def _has_trt_gpu() -> bool:
 
 @pytest.mark.tensorrt
 @pytest.mark.gpu
-@pytest.mark.skipif(
-    not _has_trt_gpu(),
-    reason="needs tensorrt and a CUDA GPU: engine build, profile, engine cache hit and device "
-    "execution not verified",
+@pytest.mark.needs(
+    "tensorrt",
+    "cuda_gpu",
+    unverified="engine build, profile, engine cache hit and device execution",
 )
 @pytest.mark.parametrize(
     ("precision", "rtol", "atol"), [("fp32", 1e-5, 1e-5), ("fp16", 1e-2, 1e-2)]

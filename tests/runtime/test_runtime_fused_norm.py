@@ -5,15 +5,7 @@ Checked against an independent NumPy formula; fp32 tolerance rtol=1e-5, atol=1e-
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
-import pytest
-
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("bnexport_plugins.fused_norm.ort_cpu") is None,
-    reason="the fused-norm plugin's onnxruntime path is not installed",
-)
 
 
 def _model(shape, attrs, n_out=1):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 import threading
@@ -164,19 +163,14 @@ def test_invalid_arguments(kwargs, error, match):
         Session(dense_relu_model(), **kwargs)
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("tensorrt") is not None, reason="checks the error without tensorrt"
-)
+@pytest.mark.needs_absent("tensorrt", why="checks the error without tensorrt")
 def test_tensorrt_missing_is_reported():
     with pytest.raises(BackendUnavailableError, match="needs the tensorrt package"):
         Session(dense_relu_model(), backend="tensorrt", device="cuda")
 
 
+@pytest.mark.needs_absent("onnxruntime_gpu", why="the error path cannot be reached")
 def test_cuda_without_onnxruntime_gpu():
-    import onnxruntime as ort
-
-    if "CUDAExecutionProvider" in ort.get_available_providers():
-        pytest.skip("onnxruntime-gpu installed: the error path cannot be reached")
     with pytest.raises(BackendUnavailableError, match="onnxruntime-gpu"):
         Session(dense_relu_model(), backend="onnxruntime", device="cuda")
 

@@ -79,6 +79,31 @@ def _ray_serve() -> str | None:
     return missing and "ray[serve] not installed (pip install 'bnexport[ray]')"
 
 
+def _onnxruntime_gpu() -> str | None:
+    import onnxruntime
+
+    providers = onnxruntime.get_available_providers()
+    return None if "CUDAExecutionProvider" in providers else "onnxruntime has no CUDA provider"
+
+
+def _nvjitlink() -> str | None:
+    try:
+        from cuda.bindings import nvjitlink
+
+        nvjitlink.version()
+    except (ImportError, RuntimeError) as exc:  # the nvidia-nvjitlink wheel is not installed
+        return f"nvidia-nvjitlink not loadable: {exc}"
+    return None
+
+
+def _proc_cpuinfo() -> str | None:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8"):
+            return None
+    except OSError as exc:
+        return f"no /proc/cpuinfo ({exc.strerror})"
+
+
 #: capability -> probe returning why it is missing (``None``: present).
 PROBES: dict[str, Callable[[], str | None]] = {
     "tensorrt": _module("tensorrt"),
@@ -88,6 +113,9 @@ PROBES: dict[str, Callable[[], str | None]] = {
     "chromium": _program(*_CHROMIUMS),
     "gxx12": _gxx12,
     "x86": _x86,
+    "onnxruntime_gpu": _onnxruntime_gpu,
+    "nvjitlink": _nvjitlink,
+    "proc_cpuinfo": _proc_cpuinfo,
 }
 
 
@@ -107,23 +135,24 @@ def chromium_path() -> str | None:
     )
 
 
-def skip_for_capabilities(item: Any) -> None:
-    """Skip ``item`` for what its ``needs`` / ``needs_absent`` markers find missing (or present).
+def skip_reason(item: Any) -> str | None:
+    """Why ``item`` must skip here, from its ``needs`` / ``needs_absent`` markers (``None``: run).
 
-    ``needs("tensorrt", "cuda_gpu", unverified="...")`` skips with a reason naming what is
-    missing and what stayed unverified (``unverified`` is required: a skip must say what it
-    leaves unchecked); ``needs_absent("tensorrt", why="...")`` runs a test only where the
-    capability is absent (the error path for a missing extra).
+    ``needs("tensorrt", "cuda_gpu", unverified="...")``: skip naming what is missing and
+    what stayed unverified (``unverified`` is required: a skip must say what it leaves
+    unchecked). ``needs_absent("tensorrt", why="...")``: run only where the capability is
+    absent (the error path for a missing extra).
     """
     for marker in item.iter_markers("needs"):
-        absent = {name: missing(name) for name in marker.args}
-        absent = {name: why for name, why in absent.items() if why}
         if not marker.kwargs.get("unverified"):
             raise pytest.UsageError(f"{item.nodeid}: needs(...) without unverified=")
+        absent = {name: missing(name) for name in marker.args}
+        absent = {name: why for name, why in absent.items() if why}
         if absent:
             what = ", ".join(f"{name} ({why})" for name, why in absent.items())
-            pytest.skip(f"needs {what}: {marker.kwargs['unverified']} not verified")
+            return f"needs {what}: {marker.kwargs['unverified']} not verified"
     for marker in item.iter_markers("needs_absent"):
         present = [name for name in marker.args if missing(name) is None]
         if present:
-            pytest.skip(f"{', '.join(present)} present; {marker.kwargs.get('why', 'n/a')}")
+            return f"{', '.join(present)} present; {marker.kwargs.get('why', 'n/a')}"
+    return None

@@ -89,21 +89,21 @@ def fake_capabilities(monkeypatch):
     capabilities.missing.cache_clear()
 
 
-def test_skip_hook_names_what_is_missing_and_what_was_not_verified(fake_capabilities):
-    from support.capabilities import skip_for_capabilities as pytest_runtest_setup
+def test_skip_reason_names_what_is_missing_and_what_was_not_verified(fake_capabilities):
+    from support.capabilities import skip_reason
 
-    pytest_runtest_setup(_Item(pytest.mark.needs("here", unverified="x").mark))  # runs
-    with pytest.raises(pytest.skip.Exception, match=r"needs gone \(gone not installed\): y"):
-        pytest_runtest_setup(_Item(pytest.mark.needs("here", "gone", unverified="y").mark))
-    pytest_runtest_setup(_Item(pytest.mark.needs_absent("gone", why="error path").mark))
-    with pytest.raises(pytest.skip.Exception, match="here present; error path"):
-        pytest_runtest_setup(_Item(pytest.mark.needs_absent("here", why="error path").mark))
+    assert skip_reason(_Item(pytest.mark.needs("here", unverified="x").mark)) is None
+    reason = skip_reason(_Item(pytest.mark.needs("here", "gone", unverified="y").mark))
+    assert reason == "needs gone (gone not installed): y not verified"
+    assert skip_reason(_Item(pytest.mark.needs_absent("gone", why="error path").mark)) is None
+    reason = skip_reason(_Item(pytest.mark.needs_absent("here", why="error path").mark))
+    assert reason == "here present; error path"
 
 
-def test_skip_hook_refuses_unknown_capabilities_and_missing_reasons(fake_capabilities):
-    from support.capabilities import skip_for_capabilities as pytest_runtest_setup
+def test_skip_reason_refuses_unknown_capabilities_and_missing_reasons(fake_capabilities):
+    from support.capabilities import skip_reason
 
     with pytest.raises(KeyError, match="unknown capability 'tensorrtt'"):
-        pytest_runtest_setup(_Item(pytest.mark.needs("tensorrtt", unverified="z").mark))
+        skip_reason(_Item(pytest.mark.needs("tensorrtt", unverified="z").mark))
     with pytest.raises(pytest.UsageError, match="without unverified="):
-        pytest_runtest_setup(_Item(pytest.mark.needs("gone").mark))
+        skip_reason(_Item(pytest.mark.needs("here").mark))
