@@ -134,6 +134,7 @@ def load_app(path: str | os.PathLike, settings: ServeSettings, metrics: Any = No
         max_inflight_requests=s.max_inflight_requests,
         admission_wait_s=s.admission_wait_s,
         body_timeout_s=s.body_timeout_s,
+        request_timeout_s=s.body_timeout_s,
         open_metrics=s.open_metrics,
         metrics=metrics,
     )

@@ -71,8 +71,9 @@ class ServeSettings:
         admission_wait_s: how long a request may wait for room under the in-flight
             bounds before its 503.
         body_timeout_s: time to receive a whole request body, else 408; also the
-            deadline of a gRPC infer call that carries none (DEADLINE_EXCEEDED).
-            ``None``: no limit.
+            deadline of an infer request from arrival to answer (HTTP 408, and gRPC
+            DEADLINE_EXCEEDED for a call that carries no deadline of its own), so a
+            request stuck in a model gives its in-flight slot back. ``None``: no limit.
         header_timeout_s: time to receive a request's line and headers, else 408
             (see :mod:`bnexport.serve.rest.http11`).
         keep_alive_s: idle time before a keep-alive connection is closed.

@@ -90,11 +90,8 @@ def test_json_is_the_report_option(files, capsys):
     assert json.loads(report.read_text())["passed"]
 
 
+@pytest.mark.needs_absent("tensorrt", why="the refusal path is not reachable with tensorrt")
 def test_tensorrt_missing_is_exit_2_with_the_extra(files, capsys, monkeypatch):
-    import importlib.util
-
-    if importlib.util.find_spec("tensorrt") is not None:
-        pytest.skip("tensorrt is installed: the refusal path is not reachable here")
     argv = ["parity", str(files["keras"]), str(files["onnx"]), "--backend", "tensorrt"]
     assert main(argv) == 2
     captured = capsys.readouterr()

@@ -81,11 +81,8 @@ def test_run_usage_errors_exit_2(model_path, tmp_path, capsys, setup, message):
     assert err.startswith("bnexport run: error:") and message in err
 
 
+@pytest.mark.needs_absent("tensorrt", why="checks the refusal without tensorrt")
 def test_tensorrt_backend_unavailable_exits_2_with_the_extra(model_path, tmp_path, capsys):
-    import importlib.util
-
-    if importlib.util.find_spec("tensorrt") is not None:
-        pytest.skip("tensorrt installed")
     np.save(tmp_path / "x.npy", np.ones((1, 4), np.float32))
     argv = ["run", str(model_path), "-i", str(tmp_path / "x.npy"), "--backend", "tensorrt"]
     assert main(argv + ["--device", "cuda"]) == 2  # a missing extra: an unusable request

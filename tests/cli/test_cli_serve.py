@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -79,7 +78,7 @@ def test_usage_errors(mlp_onnx, capsys):
     assert "--max-batch=0" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl to run the printed example")
+@pytest.mark.needs("curl", unverified="running the printed curl example")
 def test_curl_example_and_sigterm_drain(mlp_onnx):
     proc, port, stdout = _start(
         mlp_onnx, "--batch-timeout-ms", "1500", "--max-batch", "8", "--batch-policy", "window"

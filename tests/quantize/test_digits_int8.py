@@ -15,7 +15,6 @@ from bnexport.quantize.compare import make_session
 from bnexport.quantize.verdict import kernel_session
 from bnexport.runtime.cpu_features import ENV_VAR
 
-pytest.importorskip("keras", reason="training the digits CNN needs the keras extra")
 pytestmark = pytest.mark.slow  # trains a CNN (~25 s on 2 cores) before the checks
 
 

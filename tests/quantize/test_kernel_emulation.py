@@ -294,7 +294,6 @@ def test_emulation_reproduces_the_quickstart_figure(tmp_path):
     """The quickstart's digits CNN (same layout and training as when issue 17 was filed)
     printed INT8 accuracy 61.28 % on the EPYC for the TensorRT form; the emulation gives
     ~62 % where this host's VNNI kernels and the Q/DQ graph give ~99 %."""
-    pytest.importorskip("keras", reason="training the quickstart CNN needs the keras extra")
     from bnexport.data.digits import load_digits
     from bnexport.layers.recalibrate import recalibrate
     from bnexport.quickstart import train_digits

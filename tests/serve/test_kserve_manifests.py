@@ -24,9 +24,11 @@ import time
 from pathlib import Path
 
 import httpx
+import jsonschema
 import numpy as np
 import onnx
 import pytest
+import yaml
 from serve_helpers import make_app, metric, running_server
 from serve_models import digits_cnn, digits_reference, images
 from support import wait_until
@@ -35,9 +37,6 @@ from support.servers import free_port
 from bnexport.cli.main import main
 from bnexport.errors import UsageError
 from bnexport.serve import kserve
-
-jsonschema = pytest.importorskip("jsonschema", reason="needs jsonschema (the [test] extra)")
-yaml = pytest.importorskip("yaml", reason="needs PyYAML (the [test] extra)")
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_DIR = Path(__file__).resolve().parent / "kserve_crds"

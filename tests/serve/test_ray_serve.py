@@ -30,11 +30,7 @@ import numpy as np
 import onnx
 import pytest
 
-pytest.importorskip(
-    "ray.serve",
-    reason="ray[serve] not installed (pip install 'bnexport[ray]'): Ray Serve replicas "
-    "(serve --replicas) not verified",
-)
+pytestmark = pytest.mark.needs("ray_serve", unverified="Ray Serve replicas (serve --replicas)")
 
 import tritonclient.grpc as grpcclient  # noqa: E402
 import tritonclient.http as httpclient  # noqa: E402

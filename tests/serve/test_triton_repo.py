@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -15,8 +13,6 @@ from bnexport.cli.main import main
 from bnexport.errors import UsageError
 from bnexport.serve.core.repository import ModelRepository
 from bnexport.serve.triton.repo import model_config_pb2, write_triton_repo
-
-HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 
 
 @pytest.fixture()
@@ -87,7 +83,7 @@ def test_bad_arguments(digits_onnx, tmp_path):
         write_triton_repo(digits_onnx, tmp_path, instances=0)
 
 
-@pytest.mark.skipif(HAS_TRT, reason="checks the no-TensorRT path")
+@pytest.mark.needs_absent("tensorrt", why="checks the no-TensorRT path")
 def test_tensorrt_without_tensorrt_is_refused_before_writing(digits_onnx, tmp_path, capsys):
     """No plan can be built: refuse (exit 2, the [tensorrt] hint), write nothing."""
     from bnexport.errors import MissingExtraError
@@ -101,7 +97,7 @@ def test_tensorrt_without_tensorrt_is_refused_before_writing(digits_onnx, tmp_pa
     assert not (tmp_path / "c").exists()
 
 
-@pytest.mark.skipif(not HAS_TRT, reason="needs tensorrt: building model.plan is not verified")
+@pytest.mark.needs("tensorrt", unverified="building model.plan")
 def test_tensorrt_plan_written(digits_onnx, tmp_path):  # pragma: no cover - no TensorRT here
     res = write_triton_repo(digits_onnx, tmp_path / "t", backend="tensorrt", max_batch=8)
     assert res.plan_written and res.model_file.stat().st_size > 0
