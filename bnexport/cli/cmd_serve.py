@@ -89,8 +89,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--intra-op-threads",
         type=int,
         default=D.intra_op_threads,
-        help=f"onnxruntime intra-op threads per model (default {D.intra_op_threads}; "
-        "0: onnxruntime's choice)",
+        help=f"onnxruntime intra-op threads per run (default {D.intra_op_threads}: the cores "
+        "this process may use divided by --instances, at least 1)",
     )
     parser.add_argument(
         "--ort-spinning",

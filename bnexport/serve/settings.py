@@ -49,7 +49,9 @@ class ServeSettings:
         token: bearer token required on every path but ``/v2/health/*`` (and on gRPC).
         max_body_mb: request body (and gRPC message) limit in MiB (413 above it).
         instances: batches of one model that may run concurrently.
-        intra_op_threads: onnxruntime intra-op threads per model (0: onnxruntime's default).
+        intra_op_threads: onnxruntime intra-op threads per run (0: the cores this process
+            may use divided by ``instances``, at least 1; see
+            :func:`bnexport.serve.core.session_options.threads_per_run`).
         ort_spinning: let onnxruntime's idle worker threads spin-wait. Off by default:
             spinning threads take the CPU the event loop needs to parse requests.
         memory_arena: onnxruntime's CPU memory arena. With dynamic batching every batch

@@ -25,8 +25,8 @@ for more requests is the *policy*:
   as soon as the queue is empty and no request for the model is still being
   received (``expect()`` was called for it, ``submit`` not yet). With a fixed
   population of clients all waiting on the batch being formed, the window would
-  only add idle time (on a loaded 2-core machine it cut the digits throughput
-  by 2-3x, because a timer wake-up there takes far longer than the window).
+  only add idle time (and on a loaded machine a timer wake-up takes far longer
+  than the window).
 
 If a merged run raises, each request of the batch is run again on its own so
 that only the request that makes the model fail gets the error. ``close()``
@@ -90,7 +90,9 @@ class DynamicBatcher:
         run_fn: runs the model on a feed (``Session.run``); called in worker threads.
         max_batch: most rows in a merged batch; ``<= 1`` runs every request alone.
         timeout_s: wait for more requests after the first one of a batch.
-        workers: batches that may run at the same time (model instances).
+        workers: batches that may run at the same time (model instances); each run should
+            then use ``cores // workers`` intra-op threads (see
+            :func:`~bnexport.serve.core.session_options.threads_per_run`).
         on_batch: metrics hook, called after each run.
         on_queue: metrics hook, called with the queue depth when it changes.
         policy: ``"window"`` or ``"adaptive"`` (see the module docstring).
