@@ -28,7 +28,9 @@ Section ``peers`` (see ``serve_peer.py``): bnexport over HTTP (binary and JSON
 tensors) and gRPC against MLServer 1.7.1 (HTTP JSON and gRPC) serving the same
 ONNX through ``benchmarks/mlserver_runtime/`` with adaptive batching, at 1 and
 32 concurrent clients, in interleaved rounds; req/s, p50, p99, and the
-per-request overhead over ``Session.run`` of every c=1 row. MLServer runs from
+per-request overhead over ``Session.run`` of every c=1 row; ``--peer-variant
+NAME=ARGS`` adds a bnexport server with other settings to the same rounds. The CPU's
+features and the load average are printed beside the figures. MLServer runs from
 ``--peer-venv``; without it its rows are skipped with a message.
 
 Targets (issue 7): >= 3x throughput from batching at 32 clients on ResNet50,
@@ -397,10 +399,24 @@ def peers(args: argparse.Namespace, models: list[str]) -> dict:
     """The ``peers`` section: rows, bnexport/MLServer ratios, c=1 overheads (see serve_peer)."""
     import onnx
     import serve_peer
+    from export_bench import cpu_description, print_cpu
 
     venv = Path(args.peer_venv) if args.peer_venv else None
     concurrency = [int(c) for c in args.peer_concurrency.split(",")]
-    out: dict = {"rows": [], "skipped": serve_peer.peer_available(venv), "overhead_ms": []}
+    variants = {}
+    for spec in args.peer_variant:
+        name, sep, extra = spec.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--peer-variant wants NAME=ARGS. Received: {spec!r}")
+        variants[f"bnexport-{name}"] = extra.split()
+    out: dict = {
+        "rows": [],
+        "skipped": serve_peer.peer_available(venv),
+        "overhead_ms": [],
+        "variants": variants,
+        "cpu": cpu_description(),
+    }
+    print_cpu(out["cpu"])
     specs = []
     if "digits" in models:
         path, _ = digits_onnx(args.digits_onnx)
@@ -416,7 +432,7 @@ def peers(args: argparse.Namespace, models: list[str]) -> dict:
         floor = serve_peer.session_p50_ms(path, in_name, shape) if with_overhead else None
         rows = serve_peer.bench_peers(
             label, path, in_name, out_name, shape, {c: max(n, 2 * c) for c in concurrency},
-            args.rounds, venv, SERVER_ARGS, warmup,
+            args.rounds, venv, SERVER_ARGS, warmup, variants,
         )  # fmt: skip
         for r in rows:
             if r["concurrency"] == 1 and floor is not None:
@@ -431,18 +447,24 @@ def peers(args: argparse.Namespace, models: list[str]) -> dict:
                 )
         out["rows"] += rows
     out["ratios"] = serve_peer.ratios(out["rows"])
-    print("\nmodel      c    server    protocol       req/s     p50 ms     p99 ms  errors")
+    out["cpu_end"] = cpu_description()  # the load average after the run, beside the one before
+    for name, extra in variants.items():
+        print(f"{name}: bnexport serve {' '.join(extra)}")
+    print("\nmodel      c    server       protocol       req/s     p50 ms     p99 ms  errors")
     for r in out["rows"]:
         print(
-            f"{r['model']:<10} {r['concurrency']:<4} {r['server']:<9} {r['protocol']:<10} "
+            f"{r['model']:<10} {r['concurrency']:<4} {r['server']:<12} {r['protocol']:<10} "
             f"{r['throughput_rps']:9.1f} {r['p50_ms']:10.2f} {r['p99_ms']:10.2f} {r['errors']:7d}"
         )
-    print("\nbnexport / MLServer       c   req/s ratio  p50 ratio  p99 ratio")
+    print(
+        "\nbnexport / MLServer                              c   req/s ratio  p50 ratio  p99 ratio"
+    )
     for q in out["ratios"]:
         print(
-            f"{q['model']:<10} {q['comparison']:<20} {q['concurrency']:<4} "
+            f"{q['model']:<10} {q['server']:<12} {q['comparison']:<20} {q['concurrency']:<4} "
             f"{q['throughput_ratio']:9.2f} {q['p50_ratio']:10.2f} {q['p99_ratio']:10.2f}"
         )
+    print(f"load average at the end: {out['cpu_end']['loadavg']}")
     print("\noverhead over Session.run at 1 client (p50)")
     for o in out["overhead_ms"]:
         print(
@@ -480,6 +502,14 @@ def main() -> int:
         "/tmp/mlserver-venv); absent: MLServer rows are skipped",
     )
     parser.add_argument("--peer-concurrency", default="1,32", help="client counts of peers")
+    parser.add_argument(
+        "--peer-variant",
+        action="append",
+        default=[],
+        metavar="NAME=ARGS",
+        help="another bnexport server in the peers section, e.g. 'i2=--instances 2' (row "
+        "server bnexport-i2), driven in the same interleaved rounds; repeatable",
+    )
     parser.add_argument("--peer-digits-requests", type=int, default=1000, help="per target")
     parser.add_argument("--peer-resnet-requests", type=int, default=64, help="per target")
     parser.add_argument("--json", default=None, help="write the results here")

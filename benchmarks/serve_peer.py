@@ -14,7 +14,10 @@ them alike):
 
 MLServer has no binary-tensor extension over HTTP, so its HTTP rows use JSON;
 compare them with ``bnexport/http-json`` for the same encoding, and with
-``bnexport/http-bin`` for what each server offers at its best. Both servers merge
+``bnexport/http-bin`` for what each server offers at its best. The ratios also
+set each bnexport protocol against the better of MLServer's two rows (``vs best``).
+More bnexport servers with other settings (``variants``, e.g. ``--instances 2``)
+can run beside the default one in the same interleaved rounds. Both servers merge
 up to 32 requests (bnexport: ``--max-batch 32 --batch-timeout-ms 2``, adaptive;
 MLServer: ``max_batch_size 32, max_batch_time 0.002``). The clients are
 ``tritonclient.http.aio`` / ``tritonclient.grpc.aio`` in this process; every
@@ -235,11 +238,16 @@ def bench_peers(
     venv: Path | None,
     server_args: list[str],
     warmup: int,
+    variants: dict[str, list[str]] | None = None,
 ) -> list[dict]:
     """Rows ``{model, concurrency, server, protocol, req/s, p50, p99, errors}``.
 
     Args:
         requests: ``{concurrency: requests per target}`` (split over ``rounds``).
+        server_args: extra ``bnexport serve`` arguments of the server named ``bnexport``.
+        variants: more bnexport servers, ``{name: extra arguments}`` (e.g.
+            ``{"bnexport-i2": ["--instances", "2"]}``), started beside it and driven in the
+            same interleaved rounds, so that settings compare under the same load.
     """
     from bnexport.runtime.session import Session
 
@@ -252,12 +260,13 @@ def bench_peers(
     targets: list[tuple[str, str, str]] = []  # (server, protocol, url)
     why = peer_available(venv)
     try:
-        ours = servers["bnexport"] = BnexportServer(path, server_args)
-        targets += [
-            ("bnexport", "http-bin", ours.http),
-            ("bnexport", "http-json", ours.http),
-            ("bnexport", "grpc", ours.grpc),
-        ]
+        for name, args in {"bnexport": server_args, **(variants or {})}.items():
+            ours = servers[name] = BnexportServer(path, args)
+            targets += [
+                (name, "http-bin", ours.http),
+                (name, "http-json", ours.http),
+                (name, "grpc", ours.grpc),
+            ]
         if why is None:
             peer = servers["mlserver"] = MLServerPeer(venv, path, label)
             targets += [("mlserver", "http-json", peer.http), ("mlserver", "grpc", peer.grpc)]
@@ -328,26 +337,45 @@ def format_row(r: dict) -> str:
 
 
 def ratios(rows: list[dict]) -> list[dict]:
-    """bnexport / MLServer throughput and p50 per (model, concurrency, comparison)."""
+    """bnexport / MLServer throughput and p50 per (model, concurrency, bnexport server, comparison).
+
+    Same protocol (``grpc vs grpc``, ``http json vs json``), each server at its best over
+    HTTP (``http binary vs json``), and each bnexport protocol against the better of
+    MLServer's two rows (``grpc vs best``, ``http binary vs best``: MLServer's higher
+    throughput, its p50 and p99 from that row).
+    """
     by = {(r["model"], r["concurrency"], r["server"], r["protocol"]): r for r in rows}
     pairs = {
         "grpc vs grpc": ("grpc", "grpc"),
         "http json vs json": ("http-json", "http-json"),
         "http binary vs json": ("http-bin", "http-json"),
+        "grpc vs best": ("grpc", None),
+        "http binary vs best": ("http-bin", None),
     }
+    ours_names = sorted({r["server"] for r in rows if r["server"].startswith("bnexport")})
     out = []
     for model, c in sorted({(r["model"], r["concurrency"]) for r in rows}):
-        for what, (ours, theirs) in pairs.items():
-            a, b = by.get((model, c, "bnexport", ours)), by.get((model, c, "mlserver", theirs))
-            if a and b:
-                out.append(
-                    {
-                        "model": model,
-                        "concurrency": c,
-                        "comparison": what,
-                        "throughput_ratio": a["throughput_rps"] / b["throughput_rps"],
-                        "p50_ratio": a["p50_ms"] / b["p50_ms"],
-                        "p99_ratio": a["p99_ms"] / b["p99_ms"],
-                    }
-                )
+        theirs_rows = [
+            r
+            for r in rows
+            if r["server"] == "mlserver" and (r["model"], r["concurrency"]) == (model, c)
+        ]
+        best = max(theirs_rows, key=lambda r: r["throughput_rps"], default=None)
+        for name in ours_names:
+            for what, (ours, theirs) in pairs.items():
+                a = by.get((model, c, name, ours))
+                b = best if theirs is None else by.get((model, c, "mlserver", theirs))
+                if a and b:
+                    out.append(
+                        {
+                            "model": model,
+                            "concurrency": c,
+                            "server": name,
+                            "comparison": what,
+                            "mlserver_protocol": b["protocol"],
+                            "throughput_ratio": a["throughput_rps"] / b["throughput_rps"],
+                            "p50_ratio": a["p50_ms"] / b["p50_ms"],
+                            "p99_ratio": a["p99_ms"] / b["p99_ms"],
+                        }
+                    )
     return out
