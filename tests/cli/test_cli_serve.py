@@ -84,7 +84,11 @@ def test_curl_example_and_sigterm_drain(mlp_onnx):
         mlp_onnx, "--batch-timeout-ms", "1500", "--max-batch", "8", "--batch-policy", "window"
     )
     try:
-        curl = next(line.strip() for line in stdout if line.strip().startswith("curl "))
+        def curl_line() -> str | None:  # stdout is read by a thread: the line may lag /ready
+            return next((x.strip() for x in stdout if x.strip().startswith("curl ")), None)
+
+        wait_until(curl_line, 10, interval=0.05, message="no curl example printed")
+        curl = curl_line()
         answer = json.loads(
             subprocess.run(curl, shell=True, capture_output=True, check=True).stdout
         )
