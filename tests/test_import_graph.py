@@ -10,20 +10,12 @@ from __future__ import annotations
 import pytest
 from support import import_graph
 
-#: Edges allowed to close a circle, each with the reason it must exist for now.
-ALLOWED: dict[tuple[str, str], str] = {
-    ("bnexport_plugins.fused_norm.trt_plugin", "bnexport.runtime.trt_build"): (
-        "the deprecated alias trt_plugin.build_engine (README-documented; decisions.md keeps it "
-        "one release) calls the one builder; goes with the alias"
-    ),
-}
-
 
 @pytest.fixture(scope="module")
 def graph():
     modules = import_graph.project_modules()
     edges = import_graph.module_edges(modules)
-    for (source, target), _reason in ALLOWED.items():
+    for (source, target), _reason in import_graph.ALLOWED.items():
         assert target in edges[source], f"allowed edge {source} -> {target} is gone: drop it"
         edges[source].discard(target)
     return modules, edges

@@ -84,6 +84,7 @@ def test_curl_example_and_sigterm_drain(mlp_onnx):
         mlp_onnx, "--batch-timeout-ms", "1500", "--max-batch", "8", "--batch-policy", "window"
     )
     try:
+
         def curl_line() -> str | None:  # stdout is read by a thread: the line may lag /ready
             return next((x.strip() for x in stdout if x.strip().startswith("curl ")), None)
 

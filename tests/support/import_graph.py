@@ -28,6 +28,14 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+
+#: Edges allowed to close a circle, each with the reason it must exist for now.
+ALLOWED: dict[tuple[str, str], str] = {
+    ("bnexport_plugins.fused_norm.trt_plugin", "bnexport.runtime.trt_build"): (
+        "the deprecated alias trt_plugin.build_engine (README-documented; decisions.md keeps it "
+        "one release) calls the one builder; goes with the alias"
+    ),
+}
 #: Import name -> source folder (pyproject's ``package-dir``: ``plugins/`` installs as
 #: ``bnexport_plugins``).
 TOP_PACKAGES = {"bnexport": "bnexport", "bnexport_plugins": "plugins"}
@@ -219,6 +227,7 @@ class ImportGraphSummary:
     module_circles: list[list[str]]
     package_circles: list[list[str]]
     layer_circles: list[list[str]]
+    allowed: list[str]
     function_level_edges: int
 
     def lines(self) -> list[str]:
@@ -232,18 +241,26 @@ class ImportGraphSummary:
         out += [f"  - {' <-> '.join(c)}" for c in self.package_circles]
         out.append(f"layer circles (bnexport.X): {len(self.layer_circles)}")
         out += [f"  - {' <-> '.join(c)}" for c in self.layer_circles]
+        out.append(f"allowed edges left out of the circles: {len(self.allowed)}")
+        out += [f"  - {edge}" for edge in self.allowed]
         return out
 
 
 def summarize(root: Path = ROOT) -> ImportGraphSummary:
     modules = project_modules(root)
     edges = module_edges(modules)
+    allowed = []
+    for (source, target), reason in ALLOWED.items():
+        if target in edges.get(source, ()):
+            edges[source].discard(target)
+            allowed.append(f"{source} -> {target}: {reason}")
     return ImportGraphSummary(
         modules=len(modules),
         edges=sum(len(v) for v in edges.values()),
         module_circles=strongly_connected(edges),
         package_circles=strongly_connected(package_edges(modules, edges)),
         layer_circles=strongly_connected(package_edges(modules, edges, depth=2)),
+        allowed=allowed,
         function_level_edges=sum(
             len(edges[name] - top)
             for name, top in module_edges(modules, top_level_only=True).items()
