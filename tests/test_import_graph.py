@@ -47,6 +47,13 @@ def test_no_circle_between_layers(graph):
         ("bnexport.serve.core", "bnexport.serve.rest"),
         ("bnexport.serve.core", "bnexport.serve.grpc"),
         ("bnexport.serve.triton", "bnexport.serve.core"),
+        ("bnexport.serve.protocol", "bnexport.serve.rest"),
+        ("bnexport.serve.protocol", "bnexport.serve.grpc"),
+        ("bnexport.serve.grpc", "bnexport.serve.rest"),
+        ("bnexport.serve.rest", "bnexport.serve.grpc"),
+        ("bnexport.serve.settings", "bnexport.serve.core"),
+        ("bnexport.graph", "bnexport.export"),
+        ("bnexport.cuda_api", "bnexport.runtime"),
         ("bnexport.quickstart", "bnexport.cli"),
     ],
 )
