@@ -6,10 +6,11 @@ when the attribute that needs them is first used.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
 
 from bnexport.errors import BnexportError
+from bnexport.lazy_names import import_name as _import_name
+from bnexport.lazy_names import lazy_names as _lazy_names
 
 __version__ = "0.1.0"
 
@@ -59,25 +60,7 @@ def _resolve(name: str) -> Any:
         AttributeError: no such public name.
         MissingExtraError: the optional extra it needs is not installed (named).
     """
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'bnexport' has no attribute {name!r}")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except ModuleNotFoundError as exc:  # an optional extra is not installed: name it
-        from bnexport.extras import missing_extra_error
-
-        error = missing_extra_error(exc, f"bnexport.{name}")
-        if error is None:
-            raise
-        raise error from exc
+    return _import_name("bnexport", _LAZY, name)
 
 
-def __getattr__(name: str) -> Any:
-    value = _resolve(name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = _lazy_names("bnexport", _LAZY, globals(), public=__all__)

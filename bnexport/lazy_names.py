@@ -41,18 +41,7 @@ def lazy_names(
     listed = sorted(public if public is not None else table)
 
     def __getattr__(name: str) -> Any:
-        module = table.get(name)
-        if module is None:
-            raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        try:
-            value = getattr(importlib.import_module(module), name)
-        except ModuleNotFoundError as exc:  # an optional extra is not installed: name it
-            from bnexport.extras import missing_extra_error
-
-            error = missing_extra_error(exc, f"{package}.{name}")
-            if error is None:
-                raise
-            raise error from exc
+        value = import_name(package, table, name)
         namespace[name] = value
         return value
 
@@ -60,3 +49,24 @@ def lazy_names(
         return list(listed)
 
     return __getattr__, __dir__
+
+
+def import_name(package: str, table: Mapping[str, str], name: str) -> Any:
+    """The value the public name ``package.name`` stands for, imported from its module.
+
+    Raises:
+        AttributeError: ``name`` is not in ``table``.
+        MissingExtraError: the module needs an optional extra that is not installed (named).
+    """
+    module = table.get(name)
+    if module is None:
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ModuleNotFoundError as exc:  # an optional extra is not installed: name it
+        from bnexport.extras import missing_extra_error
+
+        error = missing_extra_error(exc, f"{package}.{name}")
+        if error is None:
+            raise
+        raise error from exc

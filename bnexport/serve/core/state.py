@@ -44,7 +44,7 @@ class ServerState:
     ):
         if batch_policy not in BATCH_POLICIES:
             raise ValueError(
-                f"batch_policy must be 'adaptive' or 'window'. Received: {batch_policy!r}"
+                f"batch_policy must be one of {BATCH_POLICIES}. Received: {batch_policy!r}"
             )
         self.repository = repository
         self.decoder = decoder
