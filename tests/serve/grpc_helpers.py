@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
-from support import wait_until
+from support.servers import serving_in_thread
 
 from bnexport.serve.grpc.server import GrpcFrontend
 from bnexport.serve.server import DrainingServer
@@ -66,14 +66,5 @@ def running_servers(
         request_timeout_s=request_timeout_s,
     )
     server = DrainingServer(config, app.state, grpc=grpc)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_until(lambda: server.started or not thread.is_alive(), 20, message="no server")
-    if not server.started:
-        raise RuntimeError("server stopped before it started serving")
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
+    with serving_in_thread(server, start_s=20, stop_s=30) as (port, thread):
         yield Servers(f"127.0.0.1:{port}", grpc.address, server, thread)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)

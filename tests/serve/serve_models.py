@@ -114,3 +114,14 @@ def log_model() -> onnx.ModelProto:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
         [],
     )
+
+
+def infer_json_body(x: np.ndarray, name: str = "image", **extra) -> dict:
+    """A KServe v2 JSON infer request with ``x`` as FP32 input ``name`` (``extra`` merged in)."""
+    body = {
+        "inputs": [
+            {"name": name, "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}
+        ]
+    }
+    body.update(extra)
+    return body

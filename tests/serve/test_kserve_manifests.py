@@ -30,7 +30,7 @@ import onnx
 import pytest
 import yaml
 from serve_helpers import make_app, metric, running_server
-from serve_models import digits_cnn, digits_reference, images
+from serve_models import digits_cnn, digits_reference, images, infer_json_body
 from support import wait_until
 from support.servers import free_port
 
@@ -364,16 +364,7 @@ def test_manifest_command_and_probes_serve_the_model(written):
         assert httpx.get(url(container["startupProbe"])).status_code == 200
         http = f"http://127.0.0.1:{ports[8080]}"
         x = images(3, seed=5)
-        body = {
-            "inputs": [
-                {
-                    "name": "image",
-                    "shape": list(x.shape),
-                    "datatype": "FP32",
-                    "data": x.ravel().tolist(),
-                }
-            ]
-        }
+        body = infer_json_body(x)
         infer = f"{http}/v2/models/digits_v2/infer"
         assert httpx.post(infer, json=body).status_code == 401  # the token still guards
         res = httpx.post(infer, json=body, headers={"Authorization": f"Bearer {TOKEN}"})

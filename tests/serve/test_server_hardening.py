@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 import pytest
 from serve_helpers import make_app, metric, running_server
-from serve_models import digits_reference, images, log_model
+from serve_models import digits_reference, images, infer_json_body, log_model
 from support import wait_until
 
 from bnexport.serve.core.logs import JsonLineFormatter, get_logger
@@ -33,21 +33,6 @@ INFER = "/v2/models/digits/infer"
 
 
 # -- helpers ----------------------------------------------------------------------------------
-def _infer_json(x: np.ndarray, **extra) -> dict:
-    body = {
-        "inputs": [
-            {
-                "name": "image",
-                "shape": list(x.shape),
-                "datatype": "FP32",
-                "data": x.ravel().tolist(),
-            }
-        ]
-    }
-    body.update(extra)
-    return body
-
-
 def _binary_body(x: np.ndarray, **params) -> tuple[bytes, dict]:
     header = {
         "inputs": [
@@ -157,7 +142,7 @@ def _metrics(url: str) -> str:
 def _still_serving(url: str) -> None:
     assert httpx.get(f"http://{url}/v2/health/live").status_code == 200
     x = images(1, 3)
-    resp = httpx.post(f"http://{url}{INFER}", json=_infer_json(x), headers=AUTH)
+    resp = httpx.post(f"http://{url}{INFER}", json=infer_json_body(x), headers=AUTH)
     assert resp.status_code == 200, resp.text
 
 
@@ -193,7 +178,7 @@ def test_unparsable_request_is_json_400(guarded, captured_logs, request_bytes, f
 
 
 def test_content_length_and_transfer_encoding_rejected_at_once(guarded):
-    body = json.dumps(_infer_json(images(1, 0))).encode()
+    body = json.dumps(infer_json_body(images(1, 0))).encode()
     head = (
         f"POST {INFER} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
         f"Content-Length: {len(body)}\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -279,7 +264,7 @@ def test_client_disconnect_mid_body_is_one_499_line(guarded, captured_logs):
 def test_bearer_scheme_is_case_insensitive(guarded, header, status):
     resp = httpx.post(
         f"http://{guarded}{INFER}",
-        json=_infer_json(images(1, 0)),
+        json=infer_json_body(images(1, 0)),
         headers={"Authorization": header},
     )
     if status == 200:
@@ -321,12 +306,12 @@ def test_inflight_bound_queues_then_503(repo_dir):
     app = make_app(repo_dir, max_inflight_requests=1, admission_wait_s=0.3, body_timeout_s=5)
     with running_server(app) as url:
         host, port = url.split(":")
-        body = json.dumps(_infer_json(images(2, 0))).encode()
+        body = json.dumps(infer_json_body(images(2, 0))).encode()
         head = f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
         with socket.create_connection((host, int(port))) as holder:
             holder.sendall(head.encode() + body[:10])  # admitted, body still arriving
             wait_until(lambda: app.admission.requests == 1, 5, message="never admitted")
-            resp = httpx.post(f"http://{url}{INFER}", json=_infer_json(images(1, 0)))
+            resp = httpx.post(f"http://{url}{INFER}", json=infer_json_body(images(1, 0)))
             _assert_error(resp, 503, "server busy", "--max-inflight")
             assert resp.headers["retry-after"] == "1"
             # health and metadata carry no body: never queued
@@ -337,7 +322,7 @@ def test_inflight_bound_queues_then_503(repo_dir):
             assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
         wait_until(lambda: app.admission.requests == 0, 2, message="the slot was never freed")
         assert app.admission.bytes == 0
-        assert httpx.post(f"http://{url}{INFER}", json=_infer_json(images(1, 0))).is_success
+        assert httpx.post(f"http://{url}{INFER}", json=infer_json_body(images(1, 0))).is_success
 
 
 # -- KServe parameters and framing ------------------------------------------------------------
@@ -361,7 +346,7 @@ def test_inflight_bound_queues_then_503(repo_dir):
     ids=["bdo-string", "bdo-int", "bd-string", "classification", "dup-output", "no-output", "id"],
 )
 def test_parameter_types_are_checked(guarded, extra, fragments):
-    body = _infer_json(images(1, 0), **extra)
+    body = infer_json_body(images(1, 0), **extra)
     resp = httpx.post(f"http://{guarded}{INFER}", json=body, headers=AUTH)
     _assert_error(resp, 400, *fragments)
 
@@ -437,12 +422,14 @@ def test_json_decoded_in_helper_process_matches(repo_dir):
     app = make_app(repo_dir, json_process_min_bytes=1024)
     x = images(16, 7)
     with running_server(app) as url:
-        resp = httpx.post(f"http://{url}/v2/models/digits/versions/1/infer", json=_infer_json(x))
+        resp = httpx.post(
+            f"http://{url}/v2/models/digits/versions/1/infer", json=infer_json_body(x)
+        )
         assert resp.status_code == 200, resp.text
         out = {o["name"]: o for o in resp.json()["outputs"]}
         got = np.array(out["probs"]["data"], np.float32).reshape(out["probs"]["shape"])
         np.testing.assert_allclose(got, digits_reference(x, 0)["probs"], rtol=RTOL, atol=ATOL)
-        bad = _infer_json(x)
+        bad = infer_json_body(x)
         bad["inputs"][0]["datatype"] = "FP33"
         resp = httpx.post(f"http://{url}{INFER}", json=bad)
         _assert_error(resp, 400, "input 'image'", "FP33")  # raised in the helper, sent back
@@ -451,7 +438,9 @@ def test_json_decoded_in_helper_process_matches(repo_dir):
         resp = httpx.post(f"http://{url}{INFER}", json=bad)
         _assert_error(resp, 400, "input 'image'")
         app.state.decoder._kill()  # a helper that died is replaced by the next large body
-        resp = httpx.post(f"http://{url}/v2/models/digits/versions/1/infer", json=_infer_json(x))
+        resp = httpx.post(
+            f"http://{url}/v2/models/digits/versions/1/infer", json=infer_json_body(x)
+        )
         assert resp.status_code == 200, resp.text
     assert app.state.decoder._proc is None  # stopped with the server
 
@@ -461,11 +450,11 @@ def test_json_over_its_limit_is_413_before_any_parse(repo_dir):
     app = make_app(repo_dir, json_process_min_bytes=1024, json_max_bytes=8192)
     x = images(16, 7)  # ~11 KB as JSON, 4 KiB of binary tensor data
     with running_server(app) as url:
-        resp = httpx.post(f"http://{url}{INFER}", json=_infer_json(x))
+        resp = httpx.post(f"http://{url}{INFER}", json=infer_json_body(x))
         _assert_error(resp, 413, "JSON request body", "8192 bytes", "binary")
         assert app.state.decoder._proc is None  # never handed to the helper process
         # the JSON header of a binary body counts too: all JSON, declared as a header
-        raw = json.dumps(_infer_json(x)).encode()
+        raw = json.dumps(infer_json_body(x)).encode()
         headers = {"Inference-Header-Content-Length": str(len(raw))}
         resp = httpx.post(f"http://{url}{INFER}", content=raw, headers=headers)
         _assert_error(resp, 413, "JSON request body")
@@ -477,7 +466,7 @@ def test_json_over_its_limit_is_413_before_any_parse(repo_dir):
         got = np.array(out["probs"]["data"], np.float32).reshape(out["probs"]["shape"])
         np.testing.assert_allclose(got, digits_reference(x, 0)["probs"], rtol=RTOL, atol=ATOL)
         small = httpx.post(f"http://{url}/v2/models/digits/versions/1/infer",
-                           json=_infer_json(x[:4]))  # fmt: skip
+                           json=infer_json_body(x[:4]))  # fmt: skip
         assert small.status_code == 200, small.text  # ~3 KB of JSON: under the limit
 
 

@@ -43,14 +43,31 @@ def running_server(
             **config,
         )
     )
+    with serving_in_thread(server, start_s=10, stop_s=10) as (port, _thread):
+        yield f"127.0.0.1:{port}"
+
+
+@contextlib.contextmanager
+def serving_in_thread(
+    server: Any, *, start_s: float, stop_s: float
+) -> Iterator[tuple[int, threading.Thread]]:
+    """Run a ``uvicorn.Server`` in a daemon thread; yield ``(port, thread)`` once it serves.
+
+    On exit the server is asked to stop and the thread is joined (``stop_s`` at most).
+
+    Raises:
+        AssertionError: it did not start within ``start_s``.
+        RuntimeError: it stopped before it started serving.
+    """
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    wait_until(lambda: server.started or not thread.is_alive(), 10, message="uvicorn did not start")
+    wait_until(
+        lambda: server.started or not thread.is_alive(), start_s, message="uvicorn did not start"
+    )
     if not server.started:
         raise RuntimeError("uvicorn stopped before it started serving")
-    port = server.servers[0].sockets[0].getsockname()[1]
     try:
-        yield f"127.0.0.1:{port}"
+        yield server.servers[0].sockets[0].getsockname()[1], thread
     finally:
         server.should_exit = True
-        thread.join(timeout=10)
+        thread.join(timeout=stop_s)
