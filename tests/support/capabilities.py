@@ -152,7 +152,9 @@ def skip_reason(item: Any) -> str | None:
             what = ", ".join(f"{name} ({why})" for name, why in absent.items())
             return f"needs {what}: {marker.kwargs['unverified']} not verified"
     for marker in item.iter_markers("needs_absent"):
+        if not marker.kwargs.get("why"):
+            raise pytest.UsageError(f"{item.nodeid}: needs_absent(...) without why=")
         present = [name for name in marker.args if missing(name) is None]
         if present:
-            return f"{', '.join(present)} present; {marker.kwargs.get('why', 'n/a')}"
+            return f"{', '.join(present)} present; {marker.kwargs['why']}"
     return None

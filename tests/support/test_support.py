@@ -107,3 +107,5 @@ def test_skip_reason_refuses_unknown_capabilities_and_missing_reasons(fake_capab
         skip_reason(_Item(pytest.mark.needs("tensorrtt", unverified="z").mark))
     with pytest.raises(pytest.UsageError, match="without unverified="):
         skip_reason(_Item(pytest.mark.needs("here").mark))
+    with pytest.raises(pytest.UsageError, match="without why="):
+        skip_reason(_Item(pytest.mark.needs_absent("gone").mark))
